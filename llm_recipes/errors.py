@@ -1,0 +1,15 @@
+"""User-facing errors: one line that names the problem and the fix, then a non-zero exit.
+
+Raise `UserError` for anything the user can correct (a flag, a path, a data set, a model pair).
+`finetuning.py` and the other entry points catch it, print `error: <message>` and exit with code 2.
+Bugs stay ordinary exceptions with their traceback.
+"""
+
+
+class UserError(Exception):
+    """A problem with the user's input; its message is shown as a single line."""
+
+    exit_code = 2
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))  # always one line
