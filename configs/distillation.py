@@ -12,6 +12,7 @@ class distillation_config:
     model_name: str = TINY_TEACHER  # teacher: local path or hub id
     tokenizer_name: Optional[str] = None
     encoder_decoder: bool = False  # teacher is a seq2seq model
+    trust_remote_code: bool = False  # only on request: runs code shipped with the teacher
 
     # teacher placement and precision
     enable_fsdp: bool = False  # shard the teacher too (frozen, never in the optimizer)
