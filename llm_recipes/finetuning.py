@@ -283,6 +283,7 @@ def train(cfg: RunConfig) -> dict:
     wrapped = distributed.wrap_student(student, info)
     optimizer = build_optimizer(student, t)
     scheduler = build_scheduler(optimizer, t, total_steps)
+    scaler = torch.amp.GradScaler("cuda", enabled=t.use_fp16)  # fp16 needs loss scaling; bf16 does not
     objective = Objective(cfg, spec, wrapped, teacher, info)
 
     state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "best_eval_loss": None, "best_checkpoint": None,
@@ -292,6 +293,8 @@ def train(cfg: RunConfig) -> dict:
              "loss": loss_name}
     if resume is not None:
         state = restore(resume, state, optimizer, scheduler, info)
+        if "grad_scaler" in state:
+            scaler.load_state_dict(state["grad_scaler"])
     log = MetricsLog(output / "metrics.jsonl", enabled=info.is_main)
     log_sums = {"loss": 0.0, "ce": 0.0, "distill": 0.0, "tokens": 0, "steps": 0, "time": 0.0, "lr": 0.0}
     eval_result = None
@@ -305,6 +308,8 @@ def train(cfg: RunConfig) -> dict:
         if result is not None and (state["best_eval_loss"] is None or result["eval_loss"] < state["best_eval_loss"]):
             state["best_eval_loss"], state["best_checkpoint"] = result["eval_loss"], name
         state["last_checkpoint"] = name
+        if scaler.is_enabled():
+            state["grad_scaler"] = scaler.state_dict()
         checkpoint.save_checkpoint(
             t.output_dir, name, rank=info.rank, model_saver=lambda path: save_model(student, path, info),
             tokenizer=student_tokenizer, run_config_json=cfg.to_json(), trainer_state=state,
@@ -354,12 +359,15 @@ def train(cfg: RunConfig) -> dict:
                         terms = objective.terms(batch)
                         loss = objective.combine(terms.ce_sum, terms.distill_sum, ce_total, units_total)
                         check_finite(loss, "the loss", where)
-                        (loss * info.world_size).backward()
+                        scaler.scale(loss * info.world_size).backward()
                     step_sums = [s + float(v.detach()) for s, v in zip(step_sums, (loss, terms.ce_sum, terms.distill_sum))]
                     log_sums["tokens"] += int(batch["student"]["attention_mask"].sum())
+                scaler.unscale_(optimizer)
                 grad_norm = clip_gradients(student, t)
-                check_finite(grad_norm, "the gradient norm", where)
-                optimizer.step()
+                if not scaler.is_enabled():  # with fp16 an overflow only skips the step and lowers the scale
+                    check_finite(grad_norm, "the gradient norm", where)
+                scaler.step(optimizer)
+                scaler.update()
                 step_loss, ce_sum, distill_sum = distributed.all_reduce_sum(step_sums, info.device)
                 log_sums["loss"] += step_loss
                 log_sums["ce"] += ce_sum / max(ce_total, 1.0)
@@ -430,8 +438,9 @@ def restore(resume: dict, state: dict, optimizer, scheduler, info: distributed.D
     optimizer.load_state_dict(resume["optimizer"])
     scheduler.load_state_dict(resume["scheduler"])
     checkpoint.set_rng_state(resume["rng"])
-    return {**state, **{k: saved[k] for k in ("global_step", "epoch", "step_in_epoch", "best_eval_loss",
-                                              "best_checkpoint", "last_checkpoint")}}
+    progress = ("global_step", "epoch", "step_in_epoch", "best_eval_loss", "best_checkpoint", "last_checkpoint",
+                "grad_scaler")
+    return {**state, **{k: saved[k] for k in progress if k in saved}}
 
 
 def save_model(model, path: Path, info: distributed.DistInfo) -> None:

@@ -70,6 +70,14 @@ def get_split(dataset_config, tokenizer, split):
     out = {"id": [], "input_ids": [], "labels": [], "attention_mask": []}
     for r in rows:
         prompt = f"context: {r['context']} question: {r['question']} answer:"
+        if dataset_config.encoder_decoder:
+            p = tokenizer.encode(prompt) + [tokenizer.eos_token_id]
+            a = tokenizer.encode(r["answer"]) + [tokenizer.eos_token_id]
+            out["id"].append(r["id"])
+            out["input_ids"].append(p)
+            out["labels"].append(a)
+            out["attention_mask"].append([1] * len(p))
+            continue
         if dataset_config.role == "teacher":
             p, a = tokenizer.encode(prompt), tokenizer.encode(" " + r["answer"])
         else:
@@ -115,6 +123,16 @@ def tiny(tmp_path_factory):
         eos_token_id=student_tok.eos_token_id, pad_token_id=student_tok.pad_token_id))
     student.save_pretrained(root / "student")
     paths["student"] = str(root / "student")
+
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    t5 = T5ForConditionalGeneration(T5Config(
+        vocab_size=len(student_tok), d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2,
+        pad_token_id=student_tok.pad_token_id, eos_token_id=student_tok.eos_token_id,
+        decoder_start_token_id=student_tok.pad_token_id))
+    t5.save_pretrained(root / "student_t5")
+    student_tok.save_pretrained(root / "student_t5")
+    paths["student_t5"] = str(root / "student_t5")
 
     same_tok = _train_tokenizer("bpe", corpus, root / "student_same", chat=False)
     same = LlamaForCausalLM(LlamaConfig(

@@ -249,3 +249,34 @@ def test_bad_input_is_a_one_line_error(tiny, tmp_path, capsys, case):
     elif case == "offline_hub_id":
         flags["distillation_config.model_name"] = "some-org/not-downloaded-model"
     assert expected in fails(capsys, flags)
+
+
+@pytest.mark.parametrize("precision", [{"pure_bf16": True}, {"mixed_precision": True},
+                                       {"distillation_config.pure_bf16": True}])
+def test_bf16_modes_train_without_nan(tiny, tmp_path, precision):
+    result = run(tiny, tmp_path, max_train_step=4, **precision)
+    assert 0 < result["eval"]["eval_loss"] < 100
+    saved = weights(tmp_path / "last")
+    expected = torch.bfloat16 if precision.get("pure_bf16") else torch.float32
+    assert {t.dtype for t in saved.values()} == {expected}
+
+
+def test_encoder_decoder_student_distils_from_a_causal_teacher(tiny, tmp_path):
+    result = run(tiny, tmp_path, model_name=tiny["student_t5"], encoder_decoder=True, lr=3e-3, num_epochs=2)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["type"] == "eval"]
+    assert evals[-1]["eval_ce"] < evals[0]["eval_ce"]
+    assert result["eval"]["eval_distill"] > 0
+
+
+def test_missing_pad_token_falls_back_to_eos(tiny, tmp_path):
+    from transformers import AutoTokenizer
+
+    from llm_recipes.models import load_tokenizer
+
+    folder = tmp_path / "nopad"
+    tokenizer = AutoTokenizer.from_pretrained(tiny["student"])
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(folder)
+    loaded = load_tokenizer(str(folder))
+    assert loaded.pad_token == loaded.eos_token and loaded.padding_side == "right"
