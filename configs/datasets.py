@@ -17,7 +17,7 @@ class dataset:
     answer_column: Optional[str] = None  # None: the loader's default (gold answers or answers_generated)
     training_size: float = 1.0  # seeded random fraction of the training split
     few_shot: Optional[int] = None  # teacher prompt shots; None: the task's default for that teacher
-    seed: int = 42
+    seed: int = 42  # training_size sampling and the choice of few-shot examples
 
     # Set by the trainer before each get_split call, not by users:
     role: str = "student"  # "student" | "teacher"

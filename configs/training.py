@@ -8,7 +8,7 @@ from configs.paths import TINY_STUDENT
 class train_config:
     """The student, the optimisation and the run. Undotted flags (`--lr 1e-6`) land here."""
 
-    project_name: Optional[str] = None
+    project_name: Optional[str] = None  # free-form run label, recorded in run_config.json
     model_name: str = TINY_STUDENT  # student: local path or hub id
     tokenizer_name: Optional[str] = None  # defaults to model_name
     trust_remote_code: bool = False  # only on request: runs code shipped with the model
@@ -22,26 +22,26 @@ class train_config:
     use_fp16: bool = False  # fp16 autocast with a gradient scaler (CUDA only)
 
     # multi-process (see fsdp_config for the sharding details)
-    enable_fsdp: bool = False
-    low_cpu_fsdp: bool = False
+    enable_fsdp: bool = False  # shard the student with FSDP2 under torchrun (DDP otherwise)
+    low_cpu_fsdp: bool = False  # FSDP: materialise the full weights on rank 0 only
 
     # data
-    batch_size_training: int = 4
-    val_batch_size: int = 4
-    batching_strategy: str = "padding"
+    batch_size_training: int = 4  # examples per micro-batch per process
+    val_batch_size: int = 4  # examples per evaluation batch per process
+    batching_strategy: str = "padding"  # only padding: packing would break teacher/student pairing
     context_length: Optional[int] = None  # longer examples are dropped (counted and reported)
-    num_workers_dataloader: int = 0
+    num_workers_dataloader: int = 0  # DataLoader worker processes collating batches
 
     # optimisation
-    num_epochs: int = 1
+    num_epochs: int = 1  # passes over the training split, each in a new seeded order
     max_train_step: int = 0  # optimizer steps; 0 = no limit
     max_eval_step: int = 0  # eval batches; 0 = all
-    gradient_accumulation_steps: int = 1
-    gradient_clipping: bool = True
-    gradient_clipping_threshold: float = 1.0
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (loss normalised over all of them)
+    gradient_clipping: bool = True  # clip the global gradient norm
+    gradient_clipping_threshold: float = 1.0  # the norm it is clipped to
     optimizer: str = "AdamW"  # AdamW | SGD | Adafactor
-    lr: float = 1e-6
-    weight_decay: float = 0.1
+    lr: float = 1e-6  # peak learning rate (the ULD runs used 1e-6 to 2e-6)
+    weight_decay: float = 0.1  # decoupled weight decay; biases and norms are not decayed
     momentum: float = 0.9  # SGD only
     scheduler: str = "onecycle"  # onecycle | cosine | linear | constant
     pct_start: float = 0.1  # onecycle
@@ -49,20 +49,20 @@ class train_config:
     final_div_factor: float = 5  # onecycle
     warmup_ratio: float = 0.0  # cosine / linear / constant
     warmup_steps: int = 0  # cosine / linear / constant; overrides warmup_ratio when > 0
-    seed: int = 42
+    seed: int = 42  # data order, dropout, everything random
 
     # what is trained
-    distillation: bool = False
-    use_peft: bool = False
-    peft_method: str = "lora"
-    freeze_layers: bool = False
-    num_freeze_layers: int = 1
-    quantization: bool = False
+    distillation: bool = False  # load the teacher and add its distillation term
+    use_peft: bool = False  # train a LoRA adapter (see lora_config) instead of all weights
+    peft_method: str = "lora"  # only lora
+    freeze_layers: bool = False  # freeze the first num_freeze_layers transformer blocks
+    num_freeze_layers: int = 1  # how many blocks --freeze_layers freezes
+    quantization: bool = False  # not supported (refused): use pure_bf16 or LoRA
 
     # output
-    output_dir: str = "output"
-    run_validation: bool = True
-    save_model: bool = True
+    output_dir: str = "output"  # checkpoints/, best, last, metrics.jsonl, run_config.json
+    run_validation: bool = True  # evaluate at every save_step and epoch end
+    save_model: bool = True  # write checkpoints
     save_step: int = 1000  # optimizer steps between validation + checkpoint; 0 = only at epoch ends
     save_all: bool = False  # keep every checkpoint (default: the best by eval loss and the last)
     save_optimizer: bool = True  # optimizer state in checkpoints, needed to resume exactly
