@@ -313,3 +313,9 @@ def _display_default(value: Any) -> str:
 
     text = str(value)
     return text.replace(str(REPO_ROOT) + "/", "") if isinstance(value, str) else text
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(flag_reference(markdown="--markdown" in sys.argv[1:]))

@@ -82,3 +82,11 @@ def test_cli_unknown_flag_exits_nonzero_with_one_line():
                             text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: unknown flag --num_epoch: did you mean --num_epochs?"
+
+
+def test_readme_flag_reference_is_up_to_date():
+    sys.path.insert(0, str(REPO / "scripts"))
+    from sync_readme import sync
+
+    text = (REPO / "README.md").read_text()
+    assert sync(text) == text, "run python scripts/sync_readme.py"
