@@ -15,15 +15,15 @@ class distillation_config:
     trust_remote_code: bool = False  # only on request: runs code shipped with the teacher
 
     # teacher placement and precision
-    enable_fsdp: bool = False  # shard the teacher too (frozen, never in the optimizer)
-    low_cpu_fsdp: bool = False
+    enable_fsdp: bool = False  # shard the teacher with FSDP2 too (frozen, never in the optimizer)
+    low_cpu_fsdp: bool = False  # not supported (refused): every process loads the teacher, then shards it
     pure_bf16: bool = False  # teacher weights in bf16
     mixed_precision: bool = False  # teacher forward under bf16 autocast
     use_fp16: bool = False
     quantization: bool = False
     use_fast_kernels: bool = False
-    sharding_strategy: str = "FULL_SHARD"
-    fsdp_cpu_offload: bool = False
+    sharding_strategy: str = "FULL_SHARD"  # as fsdp_config.sharding_strategy; NO_SHARD keeps a full teacher per process
+    fsdp_cpu_offload: bool = False  # keep the sharded teacher in CPU memory
     fsdp_activation_checkpointing: bool = False  # unused for a frozen teacher; accepted for compatibility
 
     # total loss = cross_entropy_factor * CE + distil_factor * term

@@ -23,7 +23,7 @@ class train_config:
 
     # multi-process (see fsdp_config for the sharding details)
     enable_fsdp: bool = False  # shard the student with FSDP2 under torchrun (DDP otherwise)
-    low_cpu_fsdp: bool = False  # FSDP: materialise the full weights on rank 0 only
+    low_cpu_fsdp: bool = False  # not supported (refused): every process loads the weights, then shards them
 
     # data
     batch_size_training: int = 4  # examples per micro-batch per process

@@ -6,6 +6,9 @@
       trainer_state.json     step, epoch, position in the epoch, best eval loss, what was trained
       optimizer.pt, scheduler.pt, rng_rank{R}.pt                  (loaded with torch.load(weights_only=True))
 
+optimizer.pt is the full (unsharded) state keyed by parameter name, the same for 1 process, DDP and
+FSDP (llm_recipes.distributed.optimizer_state_dict).
+
 Writes are atomic: everything goes to a hidden temporary folder that is renamed into place, so a
 crash never leaves a half-written checkpoint under a real name. Only the best (by eval loss) and the
 last checkpoints are kept unless `--save_all`.
@@ -113,9 +116,12 @@ def load_resume_state(path: str, rank: int) -> dict:
         raise UserError(f"--resume_from {path} has no RNG state for rank {rank}: resume with the number of "
                         "processes that wrote it")
     optimizer_file = folder / "optimizer.pt"
+    optimizer = None
+    if optimizer_file.is_file():  # rank 0 reads it and broadcasts (distributed.load_optimizer_state_dict)
+        optimizer = torch.load(optimizer_file, weights_only=True) if rank == 0 else {}
     return {
         "trainer_state": json.loads(state_file.read_text()),
-        "optimizer": torch.load(optimizer_file, weights_only=True) if optimizer_file.is_file() else None,
+        "optimizer": optimizer,
         "scheduler": torch.load(folder / "scheduler.pt", weights_only=True),
         "rng": torch.load(rng_file, weights_only=True),
     }

@@ -265,10 +265,38 @@ def validate(run: RunConfig, seen: dict) -> None:
     if t.quantization or d.quantization:
         raise UserError("--quantization is not supported by this trainer: use --pure_bf16 (student) and "
                         "--distillation_config.pure_bf16 (teacher) to halve memory, or LoRA (--use_peft)")
+    validate_sharding(run, seen)
     if t.use_fast_kernels and t.attn_implementation not in (None, "sdpa"):
         raise UserError("--use_fast_kernels means attn_implementation=sdpa: drop one of the two flags")
     if t.use_fast_kernels:
         t.attn_implementation = "sdpa"
+
+
+def validate_sharding(run: RunConfig, seen: dict) -> None:
+    """FSDP flags: supported strategies only, and no teacher sharding detail without the teacher's FSDP."""
+    from llm_recipes.distributed import SHARDING_STRATEGIES
+
+    t, d, f = run.train, run.distillation, run.fsdp
+    for flag, value in (("--fsdp_config.sharding_strategy", f.sharding_strategy),
+                        ("--distillation_config.sharding_strategy", d.sharding_strategy)):
+        if value not in SHARDING_STRATEGIES:
+            raise UserError(f"{flag} {value} is not supported with FSDP2: use one of {', '.join(SHARDING_STRATEGIES)}")
+    if f.sharding_group_size < 0:
+        raise UserError(f"--fsdp_config.sharding_group_size must be 0 or more, got {f.sharding_group_size}")
+    if f.sharding_group_size and f.sharding_strategy != "HYBRID_SHARD":
+        raise UserError("--fsdp_config.sharding_group_size only applies to HYBRID_SHARD: set "
+                        "--fsdp_config.sharding_strategy HYBRID_SHARD or remove it")
+    teacher_sharding = sorted(v for (c, name), v in seen.items() if c == "distillation_config"
+                              and name in ("sharding_strategy", "fsdp_cpu_offload"))
+    if teacher_sharding and not d.enable_fsdp:
+        raise UserError(f"{teacher_sharding[0]} has no effect without --distillation_config.enable_fsdp: add it "
+                        "or remove the flag")
+    if t.low_cpu_fsdp or d.low_cpu_fsdp:
+        raise UserError("--low_cpu_fsdp is not supported: every process loads the full weights before sharding "
+                        "them; remove the flag")
+    if t.enable_fsdp and t.use_fp16:
+        raise UserError("--use_fp16 is not supported with --enable_fsdp (its loss scaler would see only this "
+                        "process's shard): use --mixed_precision or --pure_bf16 (bf16 needs no scaler)")
 
 
 def _field_comments(cls) -> dict[str, str]:

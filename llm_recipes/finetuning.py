@@ -194,6 +194,8 @@ def evaluate(objective: Objective, split: data.PairedSplit, cfg: RunConfig, info
         terms = objective.terms(data.move(batch, info.device))
         sums = [s + float(v) for s, v in zip(sums, (terms.ce_sum, terms.ce_count, terms.distill_sum, terms.distill_count))]
     ce_sum, ce_count, distill_sum, distill_count = distributed.all_reduce_sum(sums, info.device)
+    distributed.release(objective.student)
+    distributed.release(objective.teacher)
     objective.student.train()
     ce = ce_sum / max(ce_count, 1.0)
     result = {"eval_ce": ce, "eval_ppl": math.exp(min(ce, 50.0)), "eval_tokens": int(ce_count)}
@@ -221,7 +223,7 @@ def quiet_libraries() -> None:
 def train(cfg: RunConfig) -> dict:
     t = cfg.train
     quiet_libraries()
-    info = distributed.setup()
+    info = distributed.setup(fsdp=t.enable_fsdp or cfg.distillation.enable_fsdp)
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     output = prepare_output_dir(t.output_dir)
@@ -275,12 +277,13 @@ def train(cfg: RunConfig) -> dict:
     models.check_output_head(student, probe["student"], t.encoder_decoder, "student")
     if use_teacher:
         models.check_output_head(teacher, probe["teacher"], cfg.distillation.encoder_decoder, "teacher")
+        teacher = distributed.shard_teacher(teacher, cfg.distillation, info)
     trainable, total = models.count_parameters(student)
     if info.is_main:
         print(f"student: {trainable:,} trainable of {total:,} parameters; loss: CE"
               + (f" + {cfg.distillation.distil_factor} x {loss_name}" if use_teacher else ""))
     student.train()
-    wrapped = distributed.wrap_student(student, info)
+    wrapped = distributed.wrap_student(student, cfg, info)
     optimizer = build_optimizer(student, t)
     scheduler = build_scheduler(optimizer, t, total_steps)
     scaler = torch.amp.GradScaler("cuda", enabled=t.use_fp16)  # fp16 needs loss scaling; bf16 does not
@@ -292,7 +295,7 @@ def train(cfg: RunConfig) -> dict:
              "seed": t.seed, "student": t.model_name, "teacher": cfg.distillation.model_name if t.distillation else None,
              "loss": loss_name}
     if resume is not None:
-        state = restore(resume, state, optimizer, scheduler, info)
+        state = restore(resume, state, student, optimizer, scheduler, info)
         if "grad_scaler" in state:
             scaler.load_state_dict(state["grad_scaler"])
     log = MetricsLog(output / "metrics.jsonl", enabled=info.is_main)
@@ -313,7 +316,7 @@ def train(cfg: RunConfig) -> dict:
         checkpoint.save_checkpoint(
             t.output_dir, name, rank=info.rank, model_saver=lambda path: save_model(student, path, info),
             tokenizer=student_tokenizer, run_config_json=cfg.to_json(), trainer_state=state,
-            optimizer_state=optimizer.state_dict() if t.save_optimizer else None,
+            optimizer_state=distributed.optimizer_state_dict(student, optimizer) if t.save_optimizer else None,
             scheduler_state=scheduler.state_dict(), barrier=distributed.barrier)
         if info.is_main:
             if not t.save_all:
@@ -360,6 +363,7 @@ def train(cfg: RunConfig) -> dict:
                         loss = objective.combine(terms.ce_sum, terms.distill_sum, ce_total, units_total)
                         check_finite(loss, "the loss", where)
                         scaler.scale(loss * info.world_size).backward()
+                    distributed.release(teacher)
                     step_sums = [s + float(v.detach()) for s, v in zip(step_sums, (loss, terms.ce_sum, terms.distill_sum))]
                     log_sums["tokens"] += int(batch["student"]["attention_mask"].sum())
                 scaler.unscale_(optimizer)
@@ -408,7 +412,7 @@ def clip_gradients(model, train_config) -> torch.Tensor:
     if not params:
         return torch.zeros(())
     max_norm = train_config.gradient_clipping_threshold if train_config.gradient_clipping else float("inf")
-    return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return distributed.clip_grad_norm(params, max_norm)
 
 
 def step_record(state: dict, sums: dict, objective: Objective, info: distributed.DistInfo) -> dict:
@@ -423,7 +427,7 @@ def step_record(state: dict, sums: dict, objective: Objective, info: distributed
     return record
 
 
-def restore(resume: dict, state: dict, optimizer, scheduler, info: distributed.DistInfo) -> dict:
+def restore(resume: dict, state: dict, model, optimizer, scheduler, info: distributed.DistInfo) -> dict:
     saved = resume["trainer_state"]
     for key in ("world_size", "batch_size_training", "gradient_accumulation_steps", "seed", "train_examples"):
         if saved.get(key) != state[key]:
@@ -435,7 +439,7 @@ def restore(resume: dict, state: dict, optimizer, scheduler, info: distributed.D
     if resume["optimizer"] is None:
         raise UserError("--resume_from holds no optimizer state (it was saved with --save_optimizer false): "
                         "start a new run with --model_name pointing at it instead")
-    optimizer.load_state_dict(resume["optimizer"])
+    distributed.load_optimizer_state_dict(model, optimizer, resume["optimizer"])
     scheduler.load_state_dict(resume["scheduler"])
     checkpoint.set_rng_state(resume["rng"])
     progress = ("global_step", "epoch", "step_in_epoch", "best_eval_loss", "best_checkpoint", "last_checkpoint",
@@ -444,9 +448,8 @@ def restore(resume: dict, state: dict, optimizer, scheduler, info: distributed.D
 
 
 def save_model(model, path: Path, info: distributed.DistInfo) -> None:
-    """save_pretrained with safetensors (the adapter only with LoRA); rank 0 writes."""
-    if info.is_main:
-        model.save_pretrained(path)
+    """save_pretrained with safetensors (the adapter only with LoRA); rank 0 writes, FSDP gathers to it."""
+    distributed.save_pretrained(model, path, info)
 
 
 def report(t, state: dict, eval_result: dict | None, output: Path) -> None:

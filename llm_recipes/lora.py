@@ -1,5 +1,7 @@
-"""LoRA adapters on the student through peft."""
+"""LoRA adapters on the student through peft, and merging a saved adapter into its base model."""
 from __future__ import annotations
+
+from pathlib import Path
 
 from torch import nn
 
@@ -26,3 +28,32 @@ def load_lora_checkpoint(model: nn.Module, path: str) -> nn.Module:
     from peft import PeftModel
 
     return PeftModel.from_pretrained(model, path, is_trainable=True)
+
+
+def merge_adapter(adapter_dir: str, output_dir: str, base_model: str | None = None, dtype: str = "auto") -> Path:
+    """Fold a saved LoRA adapter into its base model and write an ordinary Hugging Face folder
+    (safetensors, config, tokenizer) that loads without peft."""
+    import json
+
+    import torch
+    from peft import PeftModel
+
+    from llm_recipes import models
+
+    config_file = Path(adapter_dir) / "adapter_config.json"
+    if not config_file.is_file():
+        raise UserError(f"{adapter_dir} holds no adapter_config.json: pass a checkpoint folder of a --use_peft run")
+    adapter_config = json.loads(config_file.read_text())
+    base_name = base_model or adapter_config.get("base_model_name_or_path")
+    if not base_name:
+        raise UserError(f"{config_file} does not name its base model: pass --base_model")
+    if dtype != "auto" and not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise UserError(f"--dtype {dtype} is not a torch dtype: use auto, float32, bfloat16 or float16")
+    base = models.load_model(base_name, encoder_decoder=adapter_config.get("task_type") == "SEQ_2_SEQ_LM",
+                             dtype=dtype if dtype == "auto" else getattr(torch, dtype), what="LoRA base model")
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    output = Path(output_dir)
+    merged.save_pretrained(output)
+    tokenizer_source = adapter_dir if (Path(adapter_dir) / "tokenizer_config.json").is_file() else base_name
+    models.load_tokenizer(tokenizer_source, what="tokenizer").save_pretrained(output)
+    return output

@@ -1,0 +1,343 @@
+"""Multi-process training on CPU (2 gloo processes under torchrun).
+
+The claim under test: 2 processes with batch b train exactly what 1 process with batch 2b trains
+(same per-step losses, same final weights), with DDP, FSDP2 (every sharding strategy, the teacher
+sharded too, tied embeddings, activation checkpointing, CPU offload), LoRA, and LoRA + FSDP; the
+student is synchronized across ranks; FSDP checkpoints are ordinary Hugging Face folders and resume
+exactly. All 2-process runs share one torchrun launch (tests/multi_run.py) to pay start-up once.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO
+from llm_recipes import distributed
+from llm_recipes.config import parse_flags
+from llm_recipes.errors import UserError
+from llm_recipes.finetuning import train
+
+LOSS_RTOL, WEIGHT_ATOL = 1e-6, 1e-5  # fp32: only the summation order differs between 1 and 2 processes
+BF16_LOSS_RTOL, BF16_WEIGHT_ATOL = 5e-3, 5e-2  # bf16 compute: a few ulps of bf16 after 6 steps
+LORA = {"use_peft": True, "lora_config.r": 4, "lora_config.lora_dropout": 0.0}
+FSDP_TEACHER = {"enable_fsdp": True, "distillation_config.enable_fsdp": True}
+
+# name -> (flags of the 2-process run, name of its 1-process reference)
+TWO_PROCESS = {
+    "ddp": ({}, "plain"),
+    "fsdp": ({"enable_fsdp": True}, "plain"),
+    "fsdp_teacher_tied": ({**FSDP_TEACHER, "model_name": "TIED"}, "tied"),
+    "ddp_teacher_fsdp": ({"distillation_config.enable_fsdp": True}, "plain"),
+    "no_shard": ({"enable_fsdp": True, "fsdp_config.sharding_strategy": "NO_SHARD"}, "plain"),
+    "shard_grad_op": ({**FSDP_TEACHER, "fsdp_config.sharding_strategy": "SHARD_GRAD_OP",
+                       "distillation_config.sharding_strategy": "SHARD_GRAD_OP"}, "plain"),
+    "hybrid_shard": ({**FSDP_TEACHER, "fsdp_config.sharding_strategy": "HYBRID_SHARD",
+                      "distillation_config.sharding_strategy": "HYBRID_SHARD"}, "plain"),
+    "checkpointing_offload": ({**FSDP_TEACHER, "fsdp_config.fsdp_activation_checkpointing": True,
+                               "fsdp_config.fsdp_cpu_offload": True, "distillation_config.fsdp_cpu_offload": True},
+                              "plain"),
+    "adamw_fsdp": ({"enable_fsdp": True, "optimizer": "AdamW", "lr": 1e-3, "save_step": 3, "save_all": True}, "adamw"),
+    "lora": (LORA, "lora"),
+    "lora_fsdp": ({**LORA, "enable_fsdp": True, "save_step": 3, "save_all": True}, "lora"),
+    "mixed_precision_fsdp": ({**FSDP_TEACHER, "mixed_precision": True, "distillation_config.mixed_precision": True},
+                             "mixed_precision_fsdp"),
+    "pure_bf16_fsdp": ({**FSDP_TEACHER, "pure_bf16": True, "distillation_config.pure_bf16": True}, "pure_bf16_fsdp"),
+}
+ONE_PROCESS = {
+    "plain": {},
+    "tied": {"model_name": "TIED"},
+    "adamw": {"optimizer": "AdamW", "lr": 1e-3},
+    "lora": LORA,
+    # bf16 runs are compared with the same FSDP precision policy in one process (a one-process group)
+    "mixed_precision_fsdp": TWO_PROCESS["mixed_precision_fsdp"][0],
+    "pure_bf16_fsdp": TWO_PROCESS["pure_bf16_fsdp"][0],
+}
+BF16 = {"mixed_precision_fsdp", "pure_bf16_fsdp"}
+RESUMED = ("adamw_fsdp", "lora_fsdp")  # resumed from their step-3 checkpoints, in the same launch
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flags(tiny, tied: str, out: Path, batch: int, extra: dict) -> dict:
+    """6 optimizer steps of 2 micro-batches; SGD, constant rate, no dropout (the Llama student)."""
+    f = {"model_name": tiny["student_same"], "dataset.file": tiny["loader"], "output_dir": str(out),
+         "distillation": True, "distillation_config.model_name": tiny["teacher"], "optimizer": "SGD", "lr": 0.5,
+         "scheduler": "constant", "batch_size_training": batch, "gradient_accumulation_steps": 2,
+         "val_batch_size": 4, "num_epochs": 1, "save_step": 0}
+    f.update(extra)
+    if f["model_name"] == "TIED":
+        f["model_name"] = tied
+    return f
+
+
+@pytest.fixture(scope="module")
+def tied_student(tiny):
+    """The same-tokenizer Llama student with tied input and output embeddings."""
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    path = Path(tiny["root"]) / "student_tied"
+    if not path.exists():
+        config = AutoConfig.from_pretrained(tiny["student_same"])
+        config.tie_word_embeddings = True
+        torch.manual_seed(3)
+        model = LlamaForCausalLM(config)
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        model.save_pretrained(path)
+        AutoTokenizer.from_pretrained(tiny["student_same"]).save_pretrained(path)
+    return str(path)
+
+
+def launch(specs: list, folder: Path, name: str, processes: int) -> subprocess.Popen:
+    """Start tests/multi_run.py over `specs` (under torchrun when processes > 1); one thread per process."""
+    runs_file = folder / f"{name}.json"
+    runs_file.write_text(json.dumps(specs))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    for variable in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(variable, None)
+    command = [sys.executable, str(REPO / "tests" / "multi_run.py"), str(runs_file)]
+    if processes > 1:
+        command[1:1] = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr",
+                        "127.0.0.1", "--master_port", str(free_port())]
+    log = open(folder / f"{name}.log", "w")
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def wait(process: subprocess.Popen, folder: Path, name: str) -> None:
+    try:
+        code = process.wait(timeout=400)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    assert code == 0, (folder / f"{name}.log").read_text()[-6000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny, tied_student, tmp_path_factory):
+    """Output folders of every 2-process run and every 1-process reference (both launches run at once)."""
+    root = tmp_path_factory.mktemp("distributed")
+    two = [{"flags": flags(tiny, tied_student, root / name, 2, extra), "dump": name == "ddp"}
+           for name, (extra, _) in TWO_PROCESS.items()]
+    for name in RESUMED:
+        resume_from = root / name / "checkpoints" / "step-0000003"
+        two.append({"flags": flags(tiny, tied_student, root / f"{name}_resumed", 2,
+                                   {**TWO_PROCESS[name][0], "resume_from": str(resume_from)})})
+    two.append({"flags": flags(tiny, tied_student, root / "unsynchronized", 2, {"run_validation": False}),
+                "dump": True, "unsynchronized": True})
+    one = [{"flags": flags(tiny, tied_student, root / f"one_{name}", 4, extra)} for name, extra in ONE_PROCESS.items()]
+    started = [(launch(two, root, "two", 2), "two"), (launch(one, root, "one", 1), "one")]
+    for process, name in started:
+        wait(process, root, name)
+    return root
+
+
+def train_losses(folder: Path) -> dict:
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["type"] == "train"}
+
+
+def eval_loss(folder: Path) -> float:
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r["type"] == "eval"][-1]["eval_loss"]
+
+
+def saved_weights(folder: Path) -> dict:
+    last = folder / "last"
+    name = "model.safetensors" if (last / "model.safetensors").exists() else "adapter_model.safetensors"
+    return load_file(str(last / name))
+
+
+def differences(a: Path, b: Path) -> tuple[float, float]:
+    """(largest relative per-step loss difference, largest absolute final-weight difference)."""
+    la, lb = train_losses(a), train_losses(b)
+    assert la.keys() == lb.keys() and len(la) == 6
+    loss = max(abs(la[s] - lb[s]) / abs(la[s]) for s in la)
+    wa, wb = saved_weights(a), saved_weights(b)
+    assert wa.keys() == wb.keys()
+    weight = max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
+    return loss, weight
+
+
+@pytest.mark.parametrize("name", list(TWO_PROCESS))
+def test_two_processes_with_batch_b_match_one_process_with_batch_2b(runs, name):
+    reference = runs / f"one_{TWO_PROCESS[name][1]}"
+    loss, weight = differences(reference, runs / name)
+    print(f"{name}: per-step loss relative difference {loss:.1e}, final weights {weight:.1e}")
+    loss_rtol, weight_atol = (BF16_LOSS_RTOL, BF16_WEIGHT_ATOL) if name in BF16 else (LOSS_RTOL, WEIGHT_ATOL)
+    assert loss <= loss_rtol and weight <= weight_atol
+    assert abs(eval_loss(reference) - eval_loss(runs / name)) <= loss_rtol * abs(eval_loss(reference))
+    if name == "pure_bf16_fsdp":
+        assert {t.dtype for t in saved_weights(runs / name).values()} == {torch.bfloat16}
+    if name == "mixed_precision_fsdp":  # bf16 compute over fp32 master weights
+        assert {t.dtype for t in saved_weights(runs / name).values()} == {torch.float32}
+
+
+def test_training_moves_the_weights(runs, tiny):
+    """The equality above is not vacuous: 6 steps change every run's weights well beyond its tolerance."""
+    start = load_file(str(Path(tiny["student_same"]) / "model.safetensors"))
+    end = saved_weights(runs / "fsdp")
+    assert max((start[k] - end[k]).abs().max().item() for k in start) > 100 * WEIGHT_ATOL
+    lora_b = [v for k, v in saved_weights(runs / "lora_fsdp").items() if "lora_B" in k]
+    assert lora_b and max(v.abs().max().item() for v in lora_b) > 100 * WEIGHT_ATOL  # B starts at zero
+
+
+def test_student_is_synchronized_across_ranks(runs):
+    """After DDP training both ranks hold bit-identical students; without a wrapper (the published ULD
+    code's defect) the same run leaves two different students, so the check can fail."""
+    rank0, rank1 = (torch.load(runs / "ddp" / f"rank{r}.pt") for r in (0, 1))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    rank0, rank1 = (torch.load(runs / "unsynchronized" / f"rank{r}.pt") for r in (0, 1))
+    assert max((rank0[k] - rank1[k]).abs().max().item() for k in rank0) > 1e-3
+
+
+@pytest.mark.parametrize("name", RESUMED)
+def test_resume_under_fsdp_equals_the_straight_run(runs, name):
+    straight, resumed = runs / name, runs / f"{name}_resumed"
+    assert (straight / "last").resolve().name == (resumed / "last").resolve().name == "step-0000006"
+    a, b = saved_weights(straight), saved_weights(resumed)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    la, lb = train_losses(straight), train_losses(resumed)
+    assert sorted(lb) == [4, 5, 6] and all(abs(la[s] - lb[s]) <= 1e-6 * abs(la[s]) for s in lb)
+    optimizer = torch.load(straight / "checkpoints" / "step-0000003" / "optimizer.pt", weights_only=True)
+    names = list(optimizer["state"])  # full and keyed by name: 1 process, DDP and FSDP read the same file
+    assert names and all(isinstance(n, str) for n in names)
+    if name == "adamw_fsdp":
+        assert optimizer["state"]["model.embed_tokens.weight"]["exp_avg"].shape == (len_vocab(straight), 16)
+
+
+def len_vocab(folder: Path) -> int:
+    return json.loads((folder / "last" / "config.json").read_text())["vocab_size"]
+
+
+def test_fsdp_checkpoint_is_an_ordinary_hugging_face_folder(runs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    last = (runs / "fsdp_teacher_tied" / "last").resolve()
+    files = {p.name for p in last.iterdir()}
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "run_config.json",
+            "trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_rank0.pt", "rng_rank1.pt"} <= files
+    assert json.loads((last / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert "lm_head.weight" not in load_file(str(last / "model.safetensors"))  # tied: stored once
+    model = AutoModelForCausalLM.from_pretrained(last)
+    AutoTokenizer.from_pretrained(last)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    saved = load_file(str(last / "model.safetensors"))
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items() if k in saved)
+
+
+def test_lora_under_fsdp_saves_the_adapter_and_merges_into_a_full_model(runs, tiny, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from merge_lora import main as merge_main
+
+    last = (runs / "lora_fsdp" / "last").resolve()
+    files = {p.name for p in last.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "run_config.json"} <= files
+    assert "model.safetensors" not in files
+    merged_dir = tmp_path / "merged"
+    merge_main([str(last), str(merged_dir)])
+    assert (merged_dir / "model.safetensors").is_file() and (merged_dir / "tokenizer.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["student_same"]), last)
+    base = AutoModelForCausalLM.from_pretrained(tiny["student_same"])
+    ids = AutoTokenizer.from_pretrained(merged_dir)("context: ada lives in oslo. answer: oslo",
+                                                    return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        got, want, before = (m.eval()(input_ids=ids).logits for m in (merged, adapter, base))
+    assert (got - want).abs().max().item() <= 1e-5
+    assert (want - before).abs().max().item() > 1e-4  # the adapter does change the model
+
+
+def test_merge_lora_refuses_a_folder_without_adapter(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "scripts"))
+    from merge_lora import main as merge_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        merge_main([str(tmp_path), str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "holds no adapter_config.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"enable_fsdp": True, "fsdp_config.sharding_strategy": "_HYBRID_SHARD_ZERO2"}, "is not supported with FSDP2"),
+    ({"enable_fsdp": True, "fsdp_config.sharding_group_size": 2}, "only applies to HYBRID_SHARD"),
+    ({"distillation_config.sharding_strategy": "NO_SHARD"}, "has no effect without --distillation_config.enable_fsdp"),
+    ({"enable_fsdp": True, "use_fp16": True}, "--use_fp16 is not supported with --enable_fsdp"),
+    ({"low_cpu_fsdp": True}, "--low_cpu_fsdp is not supported"),
+])
+def test_unsupported_sharding_is_a_one_line_error(tiny, tmp_path, extra, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        parse_flags(flags(tiny, "", tmp_path, 4, extra))
+
+
+def test_hybrid_shard_group_must_divide_the_processes(tiny, tmp_path):
+    extra = {"enable_fsdp": True, "fsdp_config.sharding_strategy": "HYBRID_SHARD", "fsdp_config.sharding_group_size": 2,
+             "max_train_step": 1}
+    try:
+        with pytest.raises(UserError, match="HYBRID_SHARD needs the 1 processes to split into groups of"):
+            train(parse_flags(flags(tiny, "", tmp_path, 4, extra)))
+    finally:
+        distributed.teardown()
+
+
+def test_activation_checkpointing_recomputes_each_layer_and_keeps_the_gradients(tiny):
+    """--fsdp_config.fsdp_activation_checkpointing: every decoder layer runs twice per step (forward,
+    then its recompute in backward) and the gradients, lm_head's included, are unchanged."""
+    from transformers import AutoModelForCausalLM
+
+    from llm_recipes import models
+
+    def one_step(checkpointing: bool):
+        cfg = parse_flags({"model_name": tiny["student_same"], "enable_fsdp": True,
+                           "fsdp_config.fsdp_activation_checkpointing": checkpointing})
+        info = distributed.setup(fsdp=True)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(tiny["student_same"]).train()
+            calls = []
+            mlp = models.decoder_layers(model)[0].mlp  # its forward runs again in the recompute (hooks do not)
+            mlp_forward = mlp.forward
+            mlp.forward = lambda *args, **kwargs: calls.append(1) or mlp_forward(*args, **kwargs)
+            distributed.wrap_student(model, cfg, info)
+            ids = torch.arange(3, 19).reshape(2, 8)
+            hidden = models.forward_hidden(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, False)
+            logits = models.output_head(model)(hidden[:, :-1].reshape(-1, hidden.shape[-1]))
+            torch.nn.functional.cross_entropy(logits, ids[:, 1:].reshape(-1)).backward()
+            grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+        finally:
+            distributed.teardown()
+        return len(calls), grads
+
+    plain_calls, plain = one_step(False)
+    checkpointed_calls, checkpointed = one_step(True)
+    assert (plain_calls, checkpointed_calls) == (1, 2)
+    assert max((plain[k] - checkpointed[k]).abs().max().item() for k in plain) <= 1e-6
+    assert plain["lm_head.weight"].abs().max() > 0
+
+
+def test_torchrun_command_line_with_fsdp_for_student_and_teacher(tiny, tmp_path):
+    """The users' launch line, end to end: torchrun + finetuning.py + both enable_fsdp flags."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), "finetuning.py", "--model_name", tiny["student_same"],
+               "--dataset.file", tiny["loader"], "--output_dir", str(out), "--distillation",
+               "--distillation_config.model_name", tiny["teacher"], "--enable_fsdp", "--distillation_config.enable_fsdp",
+               "--batch_size_training", "2", "--max_train_step", "2", "--run_validation", "false", "--lr", "1e-3"]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "done: 2 optimizer steps" in result.stdout
+    AutoModelForCausalLM.from_pretrained(out / "last")
