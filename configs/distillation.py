@@ -30,3 +30,27 @@ class distillation_config:
     loss: str = "auto"  # auto | uld | multilevel_ot | kl | reverse_kl | jsd | skew_kl | skew_reverse_kl | tvd
     cross_entropy_factor: float = 1.0
     distil_factor: Optional[float] = None  # None: 1.5 (ULD/KL, the seeds' value), 0.15 for multilevel_ot (paper)
+
+    # loss constants (docs/losses.md); defaults are the papers' values
+    # ULD and MultiLevelOT
+    student_temperature: float = 1.0  # q = softmax(z_s / T_s)
+    teacher_temperature: float = 1.0  # p = softmax(z_t / T_t)
+    skip_student_eos: bool = True  # the student's last answer token (its EOS) only counts in CE
+    uld_top_k: int = 0  # 0: exact ULD (full sort); k > 0: top-k + one tail bucket (faster, lower bound)
+    # MultiLevelOT (paper: k=50, beta=0.1, gamma=0.1, tau_SL=1, tau_SD=2, lambda=0.1, N=20, alpha=0.15)
+    multilevel_ot_mode: str = "fast"  # fast (--f 1) | greedy (--f 2)
+    top_k: int = 50  # columns kept after the ranking
+    sl_weight: float = 0.1  # beta, sequential logarithmic loss
+    sd_weight: float = 0.1  # gamma, Sinkhorn distance
+    sl_temperature: float = 1.0
+    sd_temperature: float = 2.0
+    sinkhorn_reg: float = 0.1  # lambda in exp(-C / lambda)
+    sinkhorn_iters: int = 20  # public code: 10
+    multilevel_ot_ranking: str = "sequence"  # sequence (paper) | token (public code before Feb 2026)
+    multilevel_ot_logit_norm: str = "none"  # none (paper) | std (public code: z / (std(z) + 1e-4))
+    multilevel_ot_sl_form: str = "paper"  # paper: -sum T log S | public: -sum softmax(S) log softmax(T)
+    sd_scale: float = 1.0  # public code: 0.001
+    # same-tokenizer family (kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd); the term is x T^2
+    temperature: float = 1.0
+    jsd_beta: float = 0.5  # m = beta p + (1 - beta) q
+    skew_alpha: float = 0.1  # skew_kl: KL(p || a p + (1-a) q); skew_reverse_kl: KL(q || a q + (1-a) p)

@@ -1,0 +1,125 @@
+"""Which rows of the hidden states (or logits) take part in each loss, and how student and teacher
+rows are paired.
+
+Conventions (docs/losses.md, "Units and normalisation"):
+- an answer position is a label != -100;
+- causal models: the row at t-1 predicts the label at t (a label at position 0 has no predicting row);
+  encoder-decoder models: decoder row t predicts label t (no shift);
+- student and teacher answers are paired by index from the start of each answer and cropped to the
+  shorter one; `skip_student_eos` first drops the student's last answer position (it stays in CE).
+
+Everything here works on labels only, so the trainer can count units before any forward pass.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from llm_recipes.errors import UserError
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """Rows of one micro-batch, as flat indices into `hidden.reshape(B * S, H)`.
+
+    `student_rows` lists every student answer-predicting row (the CE rows): first the `num_paired`
+    rows that have a teacher partner, in (sequence, answer index) order, then the unpaired ones.
+    `teacher_rows[i]` is the partner of `student_rows[i]` for i < num_paired.
+    """
+
+    student_rows: torch.Tensor  # [N] long
+    student_targets: torch.Tensor  # [N] long, the token each row predicts
+    teacher_rows: torch.Tensor  # [num_paired] long
+    pairs_per_sequence: torch.Tensor  # [B] long, m_b
+    num_paired: int
+
+    @property
+    def ce_count(self) -> int:
+        return int(self.student_rows.numel())
+
+    @property
+    def sequences_with_pairs(self) -> int:
+        return int((self.pairs_per_sequence > 0).sum())
+
+
+def predicting_rows(labels: torch.Tensor, encoder_decoder: bool):
+    """-> (mask [B, S] bool: the row predicts an answer token, targets [B, S] long: that token)."""
+    if labels.dim() != 2:
+        raise UserError(f"labels must be [batch, seq], got shape {tuple(labels.shape)}")
+    labels = labels.long()
+    if encoder_decoder:
+        return labels != IGNORE_INDEX, labels
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    return targets != IGNORE_INDEX, targets
+
+
+def _rank_in_row(mask: torch.Tensor) -> torch.Tensor:
+    """0-based index of each True entry among the True entries of its row."""
+    return mask.long().cumsum(dim=1) - 1
+
+
+def pair_answers(
+    student_labels: torch.Tensor,
+    teacher_labels: Optional[torch.Tensor],
+    *,
+    student_encoder_decoder: bool = False,
+    teacher_encoder_decoder: bool = False,
+    skip_student_eos: bool = False,
+    check_same_targets: bool = False,
+) -> Pairing:
+    """Pair the answers of one micro-batch. `teacher_labels=None` (SFT) pairs nothing.
+
+    `check_same_targets` (same-tokenizer losses): paired rows must predict the same token id,
+    otherwise the two sides were tokenized differently and a token-wise KL would be meaningless.
+    """
+    s_mask, s_targets = predicting_rows(student_labels, student_encoder_decoder)
+    s_len = s_mask.sum(dim=1)
+    if teacher_labels is None:
+        rows = s_mask.reshape(-1).nonzero().squeeze(1)
+        empty = rows.new_zeros(0)
+        return Pairing(rows, s_targets.reshape(-1)[rows], empty, torch.zeros_like(s_len), 0)
+
+    if teacher_labels.shape[0] != student_labels.shape[0]:
+        raise UserError(
+            f"student and teacher batches differ in size ({student_labels.shape[0]} vs "
+            f"{teacher_labels.shape[0]}); the loader must yield one teacher row per student row"
+        )
+    teacher_labels = teacher_labels.to(student_labels.device)
+    t_mask, t_targets = predicting_rows(teacher_labels, teacher_encoder_decoder)
+    t_len = t_mask.sum(dim=1)
+    s_usable = (s_len - 1).clamp(min=0) if skip_student_eos else s_len
+    pairs = torch.minimum(s_usable, t_len)
+
+    s_paired = s_mask & (_rank_in_row(s_mask) < pairs[:, None])
+    t_paired = t_mask & (_rank_in_row(t_mask) < pairs[:, None])
+    s_paired_rows = s_paired.reshape(-1).nonzero().squeeze(1)
+    t_paired_rows = t_paired.reshape(-1).nonzero().squeeze(1)
+    s_unpaired_rows = (s_mask & ~s_paired).reshape(-1).nonzero().squeeze(1)
+    rows = torch.cat([s_paired_rows, s_unpaired_rows])
+    targets = s_targets.reshape(-1)[rows]
+
+    if check_same_targets and s_paired_rows.numel():
+        t_paired_targets = t_targets.reshape(-1)[t_paired_rows]
+        differ = (targets[: s_paired_rows.numel()] != t_paired_targets).nonzero()
+        if differ.numel():
+            i = int(differ[0])
+            b = int(s_paired_rows[i]) // student_labels.shape[1]
+            raise UserError(
+                f"student and teacher answer tokens differ at {differ.numel()} paired positions "
+                f"(first in sequence {b}: student id {int(targets[i])} vs teacher id "
+                f"{int(t_paired_targets[i])}); a same-tokenizer loss needs both sides tokenized "
+                f"identically: fix the loader, or use --distillation_config.loss uld or multilevel_ot"
+            )
+    return Pairing(rows, targets, t_paired_rows, pairs, int(s_paired_rows.numel()))
+
+
+def check_head_width(width: int, vocab_size: int, side: str) -> None:
+    """The head may have padding rows beyond the tokenizer, never fewer rows."""
+    if width < vocab_size:
+        raise UserError(
+            f"the {side} output layer has {width} rows but its tokenizer has {vocab_size} tokens; "
+            f"resize the model's embeddings to the tokenizer (model.resize_token_embeddings)"
+        )

@@ -1,0 +1,167 @@
+"""Public loss functions on full logits (stable API, documented in docs/losses.md and the README).
+
+Each returns the distillation term as a 0-d fp32 tensor: distill_sum / distill_count of the
+trainer's engine (per-sequence mean then batch mean for ULD / MultiLevelOT, mean over answer tokens
+for the KL family), 0 when nothing is paired. They run the same chunked code as the trainer, with
+the logits as "hidden states" and the identity as output layer, so both always agree.
+"""
+from typing import Optional
+
+import torch
+
+from llm_recipes.errors import UserError
+from llm_recipes.losses.engine import DistillationTerms, distillation_terms
+from llm_recipes.losses.multilevel_ot import MultiLevelOTOptions
+from llm_recipes.losses.spec import (
+    SAME_TOKENIZER_LOSSES,
+    KLOptions,
+    LossSpec,
+    ULDOptions,
+    validate_kl,
+    validate_multilevel_ot,
+)
+
+_KIND_TO_NAME = {kind: name for name, kind in SAME_TOKENIZER_LOSSES.items()}
+DEFAULT_CHUNK_SIZE = 1024
+
+
+def _identity(rows: torch.Tensor) -> torch.Tensor:
+    return rows
+
+
+def _mean(terms: DistillationTerms) -> torch.Tensor:
+    if terms.distill_count == 0:
+        return terms.distill_sum * 0.0
+    return terms.distill_sum / terms.distill_count
+
+
+def _check_logits(name, logits, labels):
+    if logits.dim() != 3 or not logits.is_floating_point():
+        raise UserError(f"{name} must be a float tensor [batch, seq, vocab], got {tuple(logits.shape)} {logits.dtype}")
+    if labels.shape != logits.shape[:2]:
+        raise UserError(f"{name} {tuple(logits.shape)} and its labels {tuple(labels.shape)} differ in [batch, seq]")
+
+
+def uld_loss(
+    student_logits: torch.Tensor,
+    student_labels: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    teacher_labels: torch.Tensor,
+    *,
+    student_temperature: float = 1.0,
+    teacher_temperature: float = 1.0,
+    skip_student_eos: bool = True,
+    encoder_decoder: bool = False,
+    top_k: int = 0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """Universal Logit Distillation: mean over sequences of the mean over paired answer positions of
+    sum_i |sort(q)_i - sort(p)_i|. `top_k > 0`: the faster top-k approximation (a lower bound)."""
+    _check_logits("student_logits", student_logits, student_labels)
+    _check_logits("teacher_logits", teacher_logits, teacher_labels)
+    for field, value in (("student_temperature", student_temperature), ("teacher_temperature", teacher_temperature)):
+        if not value > 0:
+            raise UserError(f"{field} must be > 0, got {value}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise UserError(f"top_k must be an integer >= 0, got {top_k!r}")
+    spec = LossSpec(
+        "uld",
+        student_encoder_decoder=encoder_decoder,
+        teacher_encoder_decoder=encoder_decoder,
+        chunk_size=chunk_size,
+        skip_student_eos=skip_student_eos,
+        options=ULDOptions(float(student_temperature), float(teacher_temperature), top_k),
+    )
+    return _mean(distillation_terms(spec, student_logits, student_labels, _identity,
+                                    teacher_logits, teacher_labels, _identity, with_ce=False))
+
+
+def multilevel_ot_loss(
+    student_logits: torch.Tensor,
+    student_labels: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    teacher_labels: torch.Tensor,
+    *,
+    mode: str = "fast",
+    top_k: int = 50,
+    sl_weight: float = 0.1,
+    sd_weight: float = 0.1,
+    sl_temperature: float = 1.0,
+    sd_temperature: float = 2.0,
+    sinkhorn_reg: float = 0.1,
+    sinkhorn_iters: int = 20,
+    skip_student_eos: bool = True,
+    encoder_decoder: bool = False,
+    student_temperature: float = 1.0,
+    teacher_temperature: float = 1.0,
+    ranking: str = "sequence",
+    logit_norm: str = "none",
+    sl_form: str = "paper",
+    sd_scale: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """MultiLevelOT: mean over sequences of mean_l(HAD_l + sl_weight SL_l) + sd_weight sd_scale SD.
+    Defaults are the paper's; `logit_norm="std"`, `sl_form="public"`, `sd_scale=0.001`,
+    `sinkhorn_iters=10`, `ranking="token"` reproduce the public code's variants (docs/losses.md)."""
+    _check_logits("student_logits", student_logits, student_labels)
+    _check_logits("teacher_logits", teacher_logits, teacher_labels)
+    opts = MultiLevelOTOptions(mode, top_k, sl_weight, sd_weight, sl_temperature, sd_temperature, sinkhorn_reg,
+                               sinkhorn_iters, student_temperature, teacher_temperature, ranking, logit_norm,
+                               sl_form, sd_scale)
+    validate_multilevel_ot(opts)
+    spec = LossSpec(
+        "multilevel_ot",
+        student_encoder_decoder=encoder_decoder,
+        teacher_encoder_decoder=encoder_decoder,
+        chunk_size=chunk_size,
+        skip_student_eos=skip_student_eos,
+        options=opts,
+    )
+    return _mean(distillation_terms(spec, student_logits, student_labels, _identity,
+                                    teacher_logits, teacher_labels, _identity, with_ce=False))
+
+
+def kl_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    kind: str = "forward",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew: float = 0.1,
+    encoder_decoder: bool = False,
+    vocab_size: Optional[int] = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """Same-tokenizer divergence (kind: forward | reverse | jsd | skew_forward | skew_reverse | tvd)
+    times T^2, mean over the answer tokens of the batch. Both logits share `labels`. Logits whose
+    widths differ only by padding rows need `vocab_size=len(tokenizer)`: both are cut to it."""
+    _check_logits("student_logits", student_logits, labels)
+    _check_logits("teacher_logits", teacher_logits, labels)
+    if kind not in _KIND_TO_NAME:
+        raise UserError(f"unknown kind {kind!r}; expected one of {', '.join(_KIND_TO_NAME)}")
+    widths = (student_logits.shape[-1], teacher_logits.shape[-1])
+    if vocab_size is None and widths[0] != widths[1]:
+        raise UserError(
+            f"student and teacher logits have different widths {widths}: if they share a tokenizer and differ "
+            f"only by padding rows pass vocab_size=len(tokenizer); for different tokenizers use uld_loss or "
+            f"multilevel_ot_loss"
+        )
+    if vocab_size is not None and not 0 < vocab_size <= min(widths):
+        raise UserError(f"vocab_size={vocab_size} must be in [1, {min(widths)}] (the narrower logits' width)")
+    opts = KLOptions(kind, float(temperature), float(beta), float(skew))
+    validate_kl(opts)
+    spec = LossSpec(
+        _KIND_TO_NAME[kind],
+        student_vocab_size=vocab_size,
+        teacher_vocab_size=vocab_size,
+        same_tokenizer=True,
+        student_encoder_decoder=encoder_decoder,
+        teacher_encoder_decoder=encoder_decoder,
+        chunk_size=chunk_size,
+        skip_student_eos=False,
+        options=opts,
+    )
+    return _mean(distillation_terms(spec, student_logits, labels, _identity, teacher_logits, labels, _identity,
+                                    with_ce=False))

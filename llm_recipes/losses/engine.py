@@ -1,0 +1,206 @@
+"""Chunked computation of the CE and distillation terms from last hidden states.
+
+Never builds [batch, seq, vocab]: the answer rows of the hidden states are gathered ([rows, H]),
+the output layer is applied to `spec.chunk_size` rows at a time, and every softmax / sort / loss
+runs in fp32 inside the chunk. Each chunk is wrapped in torch.utils.checkpoint (non-reentrant), so
+backward recomputes that chunk's logits (student and teacher) instead of keeping any chunk alive:
+peak extra memory is one chunk's [rows, vocab] working set, whatever the batch and sequence.
+MultiLevelOT ranks columns over a whole sequence, so its chunks hold whole sequences (a sequence
+longer than the chunk size becomes a chunk of its own).
+
+Units (see docs/losses.md): CE sums token losses over every student answer row; the distillation
+sum counts one unit per paired answer token (same-tokenizer family) or one per sequence with at
+least one paired position (ULD, MultiLevelOT: the sequence's mean over its positions).
+"""
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, List, NamedTuple, Optional, Tuple
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from llm_recipes.errors import UserError
+from llm_recipes.losses.alignment import Pairing, check_head_width, pair_answers
+from llm_recipes.losses.cross_entropy import cross_entropy_sum
+from llm_recipes.losses.kl import divergence_sum
+from llm_recipes.losses.multilevel_ot import multilevel_ot_sum
+from llm_recipes.losses.spec import SFT_ONLY, LossSpec
+from llm_recipes.losses.uld import teacher_sorted, uld_sum
+
+Head = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class DistillationTerms:
+    ce_sum: torch.Tensor  # 0-d fp32, summed token cross-entropy of the student's answer rows
+    distill_sum: torch.Tensor  # 0-d fp32, summed distillation units
+    ce_count: int  # answer tokens of the student
+    distill_count: int  # distillation units (tokens or sequences, see module docstring)
+
+
+def _pairing(spec: LossSpec, student_labels, teacher_labels) -> Pairing:
+    if spec.name == SFT_ONLY:
+        teacher_labels = None
+    return pair_answers(
+        student_labels,
+        teacher_labels,
+        student_encoder_decoder=spec.student_encoder_decoder,
+        teacher_encoder_decoder=spec.teacher_encoder_decoder,
+        skip_student_eos=spec.skip_student_eos and spec.per_sequence,
+        check_same_targets=spec.is_same_tokenizer_loss,
+    )
+
+
+def _distill_count(spec: LossSpec, pairing: Pairing) -> int:
+    if spec.name == SFT_ONLY:
+        return 0
+    return pairing.sequences_with_pairs if spec.per_sequence else pairing.num_paired
+
+
+def count_units(spec: LossSpec, student_labels: torch.Tensor, teacher_labels: Optional[torch.Tensor] = None) -> Tuple[int, int]:
+    """(ce_tokens, distill_units) of one micro-batch, from labels only (call before the forward).
+
+    Sum them over the micro-batches of an optimizer step and over ranks, and divide the summed
+    terms of `distillation_terms` by those totals."""
+    pairing = _pairing(spec, student_labels, teacher_labels)
+    return pairing.ce_count, _distill_count(spec, pairing)
+
+
+class _Chunk(NamedTuple):
+    start: int  # rows [start, end) of the gathered student rows
+    end: int
+    paired: int  # the first `paired` rows of the chunk have a teacher partner (same offsets)
+    lengths: Tuple[int, ...]  # MultiLevelOT: paired rows per sequence in the chunk
+
+
+def _plan_chunks(spec: LossSpec, pairing: Pairing) -> List[_Chunk]:
+    size, n_paired, n_rows = spec.chunk_size, pairing.num_paired, pairing.ce_count
+    chunks: List[_Chunk] = []
+    if spec.name == "multilevel_ot" and n_paired:
+        lengths = [int(m) for m in pairing.pairs_per_sequence.tolist() if m > 0]
+        start, group = 0, []
+        for length in lengths:
+            if group and sum(group) + length > size:
+                chunks.append(_Chunk(start, start + sum(group), sum(group), tuple(group)))
+                start, group = start + sum(group), []
+            group.append(length)
+        chunks.append(_Chunk(start, start + sum(group), sum(group), tuple(group)))
+        first_unpaired = n_paired
+    else:
+        first_unpaired = 0
+    for start in range(first_unpaired, n_rows, size):
+        end = min(start + size, n_rows)
+        chunks.append(_Chunk(start, end, max(0, min(end, n_paired) - start), ()))
+    return chunks
+
+
+@dataclass
+class _Batch:
+    """Everything a chunk needs besides its student hidden rows."""
+
+    spec: LossSpec
+    student_head: Head
+    targets: torch.Tensor  # [N]
+    max_target: int
+    teacher_rows: Optional[torch.Tensor]  # [P, H_t] hidden rows of the teacher, no grad
+    teacher_head: Optional[Head]
+    row_weights: Optional[torch.Tensor]  # [P] fp32: 1/m_b (ULD), 1 (KL family)
+    with_ce: bool
+
+
+def _chunk_terms(batch: _Batch, chunk: _Chunk, hidden: torch.Tensor):
+    spec = batch.spec
+    logits = batch.student_head(hidden)
+    width = logits.shape[-1]
+    if batch.max_target >= width:
+        raise UserError(
+            f"a label id ({batch.max_target}) is outside the student's output layer ({width} rows): "
+            f"the labels were made with another tokenizer"
+        )
+    z = logits.float()
+    ce = cross_entropy_sum(z, batch.targets[chunk.start:chunk.end]) if batch.with_ce else z[:0].sum()
+    if chunk.paired == 0:
+        return ce, z[:0].sum()
+    vocab_s = spec.student_vocab_size or width
+    check_head_width(width, vocab_s, "student")
+    zs = z[: chunk.paired, :vocab_s]
+    with torch.no_grad():
+        t_logits = batch.teacher_head(batch.teacher_rows[chunk.start:chunk.start + chunk.paired])
+        vocab_t = spec.teacher_vocab_size or t_logits.shape[-1]
+        check_head_width(t_logits.shape[-1], vocab_t, "teacher")
+        zt = t_logits[:, :vocab_t].float()
+        del t_logits
+    weights = batch.row_weights[chunk.start:chunk.start + chunk.paired] if batch.row_weights is not None else None
+    opts = spec.options
+    if spec.name == "uld":
+        with torch.no_grad():
+            teacher = teacher_sorted(zt, opts.teacher_temperature, opts.top_k)
+        del zt
+        distill = uld_sum(zs, teacher, weights, opts.student_temperature, opts.top_k)
+    elif spec.name == "multilevel_ot":
+        distill = multilevel_ot_sum(zs, zt, chunk.lengths, opts)
+    else:
+        if zs.shape[1] != zt.shape[1]:
+            raise UserError(
+                f"student and teacher vocabularies differ ({zs.shape[1]} vs {zt.shape[1]}); a same-tokenizer "
+                f"loss needs one vocabulary: use --distillation_config.loss uld or multilevel_ot"
+            )
+        distill = divergence_sum(zs, zt, weights, opts.kind, opts.temperature, opts.beta, opts.alpha)
+    return ce, distill
+
+
+def distillation_terms(
+    spec: LossSpec,
+    student_hidden: torch.Tensor,
+    student_labels: torch.Tensor,
+    student_head: Head,
+    teacher_hidden: Optional[torch.Tensor] = None,
+    teacher_labels: Optional[torch.Tensor] = None,
+    teacher_head: Optional[Head] = None,
+    *,
+    with_ce: bool = True,
+) -> DistillationTerms:
+    """CE and distillation sums of one micro-batch, computed chunk by chunk from hidden states.
+
+    student_hidden [B, S, H] (after the final norm; any float dtype), student_head maps rows [n, H]
+    to logits [n, V] (may have padding rows beyond the tokenizer). teacher_hidden [B, S', H'] or None
+    for SFT only. Works under torch.no_grad() too (evaluation): then nothing is checkpointed.
+    """
+    if teacher_hidden is None or spec.name == SFT_ONLY:
+        teacher_hidden = teacher_labels = None
+    elif teacher_head is None or teacher_labels is None:
+        raise ValueError("teacher_hidden needs teacher_labels and teacher_head")
+    if student_hidden.dim() != 3:
+        raise ValueError(f"student_hidden must be [batch, seq, hidden], got {tuple(student_hidden.shape)}")
+    pairing = _pairing(spec, student_labels, teacher_labels)
+    ce_count, distill_count = pairing.ce_count, _distill_count(spec, pairing)
+
+    hidden_size = student_hidden.shape[-1]
+    h_rows = student_hidden.reshape(-1, hidden_size).index_select(0, pairing.student_rows.to(student_hidden.device))
+    if ce_count == 0:  # keep the head in the graph: a zero that still reaches every parameter
+        zero = student_head(h_rows).float().sum()
+        return DistillationTerms(zero, zero.clone(), 0, 0)
+
+    teacher_rows = row_weights = None
+    if teacher_hidden is not None and pairing.num_paired:
+        with torch.no_grad():
+            teacher_rows = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).index_select(
+                0, pairing.teacher_rows.to(teacher_hidden.device))
+        seq = pairing.student_rows[: pairing.num_paired] // student_labels.shape[1]
+        if spec.name == "uld":  # per-sequence mean over its positions
+            row_weights = (1.0 / pairing.pairs_per_sequence[seq].float()).to(student_hidden.device)
+        else:
+            row_weights = torch.ones(pairing.num_paired, device=student_hidden.device)
+    targets = pairing.student_targets.to(student_hidden.device)
+    batch = _Batch(spec, student_head, targets, int(pairing.student_targets.max()), teacher_rows,
+                   teacher_head, row_weights, with_ce)
+
+    recompute = torch.is_grad_enabled() and student_hidden.requires_grad
+    ce_sum = distill_sum = None
+    for chunk in _plan_chunks(spec, pairing):
+        fn = partial(_chunk_terms, batch, chunk)
+        rows = h_rows[chunk.start:chunk.end]
+        ce, distill = checkpoint(fn, rows, use_reentrant=False) if recompute else fn(rows)
+        ce_sum = ce if ce_sum is None else ce_sum + ce
+        distill_sum = distill if distill_sum is None else distill_sum + distill
+    return DistillationTerms(ce_sum, distill_sum, ce_count, distill_count)

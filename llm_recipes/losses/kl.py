@@ -1,0 +1,96 @@
+"""Same-tokenizer divergences, row-wise, with analytic gradients.
+
+With p = softmax(z_t / T) (teacher) and q = softmax(z_s / T) (student) over the shared vocabulary,
+per answer position:
+    forward       KL(p || q)
+    reverse       KL(q || p)
+    jsd           beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q   (TRL GKD)
+    skew_forward  KL(p || alpha p + (1 - alpha) q)                                         (DistiLLM)
+    skew_reverse  KL(q || alpha q + (1 - alpha) p)                                         (DistiLLM)
+    tvd           0.5 sum |p - q|
+each multiplied by T^2 (Hinton's convention, kept for every kind so the temperature never changes
+the scale of the gradient).
+
+The gradient w.r.t. the student logits is written out (for f(q): q * (df/dq - <q, df/dq>) / T), so
+backward keeps only the two log-softmax tensors of the chunk, no autograd graph.
+"""
+import math
+
+import torch
+
+KL_KINDS = ("forward", "reverse", "jsd", "skew_forward", "skew_reverse", "tvd")
+
+
+def _p_log_ratio(p, log_p, log_r):
+    """sum_v p (log p - log r), with 0 log 0 = 0."""
+    return torch.where(p > 0, p * (log_p - log_r), 0.0).sum(dim=-1)
+
+
+def _project(q, g):
+    """q * (g - <q, g>): the softmax Jacobian applied to df/dq (up to 1/T)."""
+    return g.sub_((q * g).sum(dim=-1, keepdim=True)).mul_(q)
+
+
+def divergence_rows(kind, log_q, log_p, beta=0.5, alpha=0.1, with_grad=False):
+    """-> (value per row [n], T * d value / d z_s [n, V] or None). log_q, log_p: fp32 log-softmax."""
+    q, p = log_q.exp(), log_p.exp()
+    grad = None
+    if kind == "forward":
+        value = _p_log_ratio(p, log_p, log_q)
+        if with_grad:
+            grad = q - p
+    elif kind == "reverse":
+        value = _p_log_ratio(q, log_q, log_p)
+        if with_grad:
+            grad = (log_q - log_p).sub_(value[:, None]).mul_(q)
+    elif kind == "jsd":
+        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+        value = beta * _p_log_ratio(p, log_p, log_m) + (1 - beta) * _p_log_ratio(q, log_q, log_m)
+        if with_grad:
+            grad = _project(q, (log_q - log_m).mul_(1 - beta))
+    elif kind == "skew_forward":
+        log_m = torch.logaddexp(log_p + math.log(alpha) if alpha > 0 else torch.full_like(log_p, -math.inf),
+                                log_q + math.log1p(-alpha))
+        value = _p_log_ratio(p, log_p, log_m)
+        if with_grad:
+            grad = _project(q, (log_p - log_m).exp_().mul_(-(1 - alpha)))
+    elif kind == "skew_reverse":
+        log_m = torch.logaddexp(log_q + math.log(alpha) if alpha > 0 else torch.full_like(log_q, -math.inf),
+                                log_p + math.log1p(-alpha))
+        value = _p_log_ratio(q, log_q, log_m)
+        if with_grad:
+            grad = _project(q, (log_q - log_m).sub_((log_q - log_m).exp_().mul_(alpha)))
+    elif kind == "tvd":
+        diff = q - p
+        value = 0.5 * diff.abs().sum(dim=-1)
+        if with_grad:
+            grad = _project(q, diff.sign_().mul_(0.5))
+    else:
+        raise ValueError(f"unknown divergence kind {kind!r}; expected one of {KL_KINDS}")
+    return value, grad
+
+
+class _DivergenceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, weights, kind, temperature, beta, alpha):
+        log_q = torch.log_softmax(student_logits / temperature, dim=-1)
+        log_p = torch.log_softmax(teacher_logits / temperature, dim=-1)
+        value, _ = divergence_rows(kind, log_q, log_p, beta, alpha)
+        ctx.options = (kind, temperature, beta, alpha)
+        ctx.save_for_backward(log_q, log_p, weights)
+        return (weights * value).sum() * temperature**2
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        kind, temperature, beta, alpha = ctx.options
+        log_q, log_p, weights = ctx.saved_tensors
+        _, grad = divergence_rows(kind, log_q, log_p, beta, alpha, with_grad=True)
+        grad.mul_((weights * (grad_out * temperature))[:, None])  # T^2 / T
+        return grad, None, None, None, None, None, None
+
+
+def divergence_sum(student_logits, teacher_logits, weights, kind, temperature=1.0, beta=0.5, alpha=0.1):
+    """T^2 * sum_r weights_r * D_kind(row r); logits [n, V] fp32 (same V), weights [n] fp32."""
+    if kind not in KL_KINDS:
+        raise ValueError(f"unknown divergence kind {kind!r}; expected one of {KL_KINDS}")
+    return _DivergenceSum.apply(student_logits, teacher_logits, weights, kind, temperature, beta, alpha)

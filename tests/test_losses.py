@@ -1,0 +1,721 @@
+"""Loss library against plain float64 references written from the published definitions.
+
+The references below loop over sequences and positions, use the full softmax and a full sort, and
+share no code with llm_recipes.losses: they are the formulas of docs/losses.md, written obviously.
+"""
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from configs.distillation import distillation_config
+from llm_recipes.errors import UserError
+from llm_recipes.losses import (
+    LOSS_NAMES,
+    LossSpec,
+    count_units,
+    distillation_terms,
+    kl_loss,
+    multilevel_ot_loss,
+    uld_loss,
+)
+
+RTOL = 1e-5
+KINDS = ("forward", "reverse", "jsd", "skew_forward", "skew_reverse", "tvd")
+KIND_TO_LOSS = {"forward": "kl", "reverse": "reverse_kl", "jsd": "jsd", "skew_forward": "skew_kl",
+                "skew_reverse": "skew_reverse_kl", "tvd": "tvd"}
+
+
+# ----------------------------------------------------------------------------- references (float64)
+
+def answer_rows(labels_row, encoder_decoder):
+    """[(row, target)] in order: causal row t predicts label t+1; encoder-decoder row t predicts label t."""
+    labels_row = [int(x) for x in labels_row]
+    out = []
+    for t in range(len(labels_row)):
+        if encoder_decoder:
+            if labels_row[t] != -100:
+                out.append((t, labels_row[t]))
+        elif t + 1 < len(labels_row) and labels_row[t + 1] != -100:
+            out.append((t, labels_row[t + 1]))
+    return out
+
+
+def paired(s_labels, t_labels, skip_eos, s_ed=False, t_ed=False):
+    for b in range(s_labels.shape[0]):
+        s = answer_rows(s_labels[b], s_ed)
+        t = answer_rows(t_labels[b], t_ed)
+        if skip_eos:
+            s = s[:-1]
+        m = min(len(s), len(t))
+        yield b, s[:m], t[:m]
+
+
+def softmax(x):
+    x = x - x.max()
+    return x.exp() / x.exp().sum()
+
+
+def ref_ce_sum(z, labels, ed=False):
+    total = z.new_zeros(())
+    for b in range(z.shape[0]):
+        for row, target in answer_rows(labels[b], ed):
+            total = total - torch.log(softmax(z[b, row])[target])
+    return total
+
+
+def ref_uld(zs, s_labels, zt, t_labels, ts=1.0, tt=1.0, skip_eos=True, s_ed=False, t_ed=False):
+    per_sequence = []
+    for b, s, t in paired(s_labels, t_labels, skip_eos, s_ed, t_ed):
+        dists = []
+        for (rs, _), (rt, _) in zip(s, t):
+            q = torch.sort(softmax(zs[b, rs] / ts), descending=True).values
+            p = torch.sort(softmax(zt[b, rt] / tt), descending=True).values
+            width = max(len(q), len(p))
+            q = torch.cat([q, q.new_zeros(width - len(q))])
+            p = torch.cat([p, p.new_zeros(width - len(p))])
+            dists.append((q - p).abs().sum())
+        if dists:
+            per_sequence.append(sum(dists) / len(dists))
+    return sum(per_sequence) / len(per_sequence) if per_sequence else zs.sum() * 0
+
+
+def ref_uld_top_k(zs, s_labels, zt, t_labels, k, skip_eos=True):
+    """Top-k ULD as documented: the k largest compared index by index, the rest as one bucket."""
+    per_sequence = []
+    for b, s, t in paired(s_labels, t_labels, skip_eos):
+        dists = []
+        for (rs, _), (rt, _) in zip(s, t):
+            q = torch.sort(softmax(zs[b, rs]), descending=True).values[:k]
+            p = torch.sort(softmax(zt[b, rt]), descending=True).values[:k]
+            width = max(len(q), len(p))
+            qp = torch.cat([q, q.new_zeros(width - len(q))])
+            pp = torch.cat([p, p.new_zeros(width - len(p))])
+            dists.append((qp - pp).abs().sum() + ((1 - q.sum()) - (1 - p.sum())).abs())
+        if dists:
+            per_sequence.append(sum(dists) / len(dists))
+    return sum(per_sequence) / len(per_sequence)
+
+
+def kl(a, b):
+    return sum(a[i] * (torch.log(a[i]) - torch.log(b[i])) for i in range(len(a)) if a[i] > 0)
+
+
+def ref_divergence(p, q, kind, beta, alpha):
+    if kind == "forward":
+        return kl(p, q)
+    if kind == "reverse":
+        return kl(q, p)
+    if kind == "jsd":
+        m = beta * p + (1 - beta) * q
+        return beta * kl(p, m) + (1 - beta) * kl(q, m)
+    if kind == "skew_forward":
+        return kl(p, alpha * p + (1 - alpha) * q)
+    if kind == "skew_reverse":
+        return kl(q, alpha * q + (1 - alpha) * p)
+    if kind == "tvd":
+        return 0.5 * (p - q).abs().sum()
+    raise AssertionError(kind)
+
+
+def ref_kl(zs, zt, labels, kind="forward", temperature=1.0, beta=0.5, alpha=0.1, ed=False, t_labels=None):
+    values = []
+    t_labels = labels if t_labels is None else t_labels
+    for b, s, t in paired(labels, t_labels, False, ed, ed):
+        for (rs, _), (rt, _) in zip(s, t):
+            p = softmax(zt[b, rt] / temperature)
+            q = softmax(zs[b, rs] / temperature)
+            values.append(ref_divergence(p, q, kind, beta, alpha))
+    if not values:
+        return zs.sum() * 0
+    return temperature**2 * sum(values) / len(values)
+
+
+def ref_multilevel_ot(zs, s_labels, zt, t_labels, *, mode="fast", top_k=50, sl_weight=0.1, sd_weight=0.1,
+                      sl_temperature=1.0, sd_temperature=2.0, sinkhorn_reg=0.1, sinkhorn_iters=20,
+                      skip_eos=True, ts=1.0, tt=1.0, ranking="sequence", logit_norm="none",
+                      sl_form="paper", sd_scale=1.0, s_ed=False, t_ed=False):
+    per_sequence = []
+    for b, s, t in paired(s_labels, t_labels, skip_eos, s_ed, t_ed):
+        if not s:
+            continue
+        S = torch.stack([zs[b, r] for r, _ in s])
+        T = torch.stack([zt[b, r] for r, _ in t])
+        if logit_norm == "std":
+            S = S / (S.std(dim=-1, keepdim=True) + 1e-4)
+            T = T / (T.std(dim=-1, keepdim=True) + 1e-4)
+        L, k = S.shape[0], min(top_k, S.shape[1], T.shape[1])
+        q = torch.stack([softmax(row / ts) for row in S])
+        p = torch.stack([softmax(row / tt) for row in T])
+        if ranking == "token":
+            s_cols = [torch.argsort(q[l].detach(), descending=True)[:k] for l in range(L)]
+            t_cols = [torch.argsort(p[l].detach(), descending=True)[:k] for l in range(L)]
+        else:
+            tc = torch.argsort(p.detach().sum(0), descending=True)[:k]
+            t_cols = [tc] * L
+            if mode == "fast":
+                sc = torch.argsort(q.detach().sum(0), descending=True)[:k]
+            else:  # the public code's loop
+                available, picks = list(range(S.shape[1])), []
+                for j in range(k):
+                    best, best_cost = -1, math.inf
+                    for v in available:
+                        cost = (p[:, tc[j]] - q[:, v]).abs().sum().item()
+                        if cost < best_cost:
+                            best, best_cost = v, cost
+                    picks.append(best)
+                    available.remove(best)
+                sc = torch.tensor(picks)
+            s_cols = [sc] * L
+
+        def pick(probs, cols):
+            return torch.stack([probs[l, cols[l]] for l in range(L)])
+
+        had = (pick(q, s_cols) - pick(p, t_cols)).abs().sum(-1)
+        q_sl = pick(torch.stack([softmax(r / sl_temperature) for r in S]), s_cols)
+        p_sl = pick(torch.stack([softmax(r / sl_temperature) for r in T]), t_cols)
+        if sl_form == "paper":
+            sl = -(p_sl * torch.log(q_sl)).sum(-1)
+        else:
+            sl = -torch.stack([(softmax(q_sl[l]) * torch.log(softmax(p_sl[l]))).sum() for l in range(L)])
+        q_sd = pick(torch.stack([softmax(r / sd_temperature) for r in S]), s_cols)
+        p_sd = pick(torch.stack([softmax(r / sd_temperature) for r in T]), t_cols)
+        cost = torch.stack([torch.stack([(p_sd[i] - q_sd[j]).abs().sum() for j in range(L)]) for i in range(L)])
+        plan = torch.exp(-cost / sinkhorn_reg)
+        for _ in range(sinkhorn_iters):
+            plan = plan / plan.sum(1, keepdim=True) / L
+            plan = plan / plan.sum(0, keepdim=True) / L
+        sd = (plan * cost).sum()
+        per_sequence.append((had + sl_weight * sl).mean() + sd_weight * sd_scale * sd)
+    return sum(per_sequence) / len(per_sequence) if per_sequence else zs.sum() * 0
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def make_labels(answer_lengths, seq_len, vocab, seed, prompt=None):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.full((len(answer_lengths), seq_len), -100, dtype=torch.long)
+    for b, n in enumerate(answer_lengths):
+        start = prompt[b] if prompt else int(torch.randint(1, seq_len - n + 1, (1,), generator=g)) if n else 0
+        labels[b, start:start + n] = torch.randint(0, vocab, (n,), generator=g)
+    return labels
+
+
+def logits(batch, seq, vocab, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (3 * torch.randn(batch, seq, vocab, generator=g)).to(dtype).requires_grad_()
+
+
+def assert_close(actual, expected, rtol=RTOL):
+    """Elementwise |a - e| <= rtol * max|e| (relative to the tensor's scale; exact relative for scalars)."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    assert actual.shape == expected.shape
+    scale = expected.abs().max().clamp(min=1e-12)
+    err = (actual - expected).abs().max()
+    assert err <= rtol * scale, f"max error {err:.3e} > {rtol} x {scale:.3e}"
+
+
+def value_and_grad(fn, *tensors):
+    value = fn(*tensors)
+    grads = torch.autograd.grad(value, tensors)
+    return value, grads
+
+
+# ragged answers (student: one answer-free row, a single-token answer); teacher longer in row 0
+S_LEN, T_LEN, VS, VT = 12, 14, 23, 31
+S_ANS, T_ANS = [5, 0, 1, 4], [7, 3, 2, 2]
+
+
+@pytest.fixture
+def cross_batch():
+    s_labels = make_labels(S_ANS, S_LEN, VS, seed=1)
+    t_labels = make_labels(T_ANS, T_LEN, VT, seed=2)
+    return logits(4, S_LEN, VS, 3), s_labels, logits(4, T_LEN, VT, 4).detach(), t_labels
+
+
+# ----------------------------------------------------------------------------- ULD
+
+@pytest.mark.parametrize("skip_eos", [True, False])
+@pytest.mark.parametrize("temps", [(1.0, 1.0), (2.0, 0.5)])
+def test_uld_matches_reference(cross_batch, skip_eos, temps):
+    zs, sl, zt, tl = cross_batch
+    ours, (g_ours,) = value_and_grad(lambda z: uld_loss(z, sl, zt, tl, student_temperature=temps[0],
+                                                        teacher_temperature=temps[1], skip_student_eos=skip_eos), zs)
+    zs64 = zs.detach().double().requires_grad_()
+    ref, (g_ref,) = value_and_grad(lambda z: ref_uld(z, sl, zt.double(), tl, *temps, skip_eos=skip_eos), zs64)
+    assert ours.dtype == torch.float32 and ours.dim() == 0
+    assert_close(ours, ref)
+    assert_close(g_ours, g_ref)
+
+
+def test_uld_teacher_vocab_smaller_than_student():
+    sl, tl = make_labels([3, 2], 8, 40, 5), make_labels([2, 4], 9, 17, 6)
+    zs, zt = logits(2, 8, 40, 7), logits(2, 9, 17, 8).detach()
+    ours, (g,) = value_and_grad(lambda z: uld_loss(z, sl, zt, tl), zs)
+    zs64 = zs.detach().double().requires_grad_()
+    ref, (g_ref,) = value_and_grad(lambda z: ref_uld(z, sl, zt.double(), tl), zs64)
+    assert_close(ours, ref)
+    assert_close(g, g_ref)
+
+
+def test_uld_bf16_inputs(cross_batch):
+    zs, sl, zt, tl = cross_batch
+    zs16 = zs.detach().bfloat16().requires_grad_()
+    zt16 = zt.bfloat16()
+    ours, (g,) = value_and_grad(lambda z: uld_loss(z, sl, zt16, tl), zs16)
+    zs64 = zs16.detach().double().requires_grad_()
+    ref, (g_ref,) = value_and_grad(lambda z: ref_uld(z, sl, zt16.double(), tl), zs64)
+    assert ours.dtype == torch.float32
+    assert_close(ours, ref)
+    assert g.dtype == torch.bfloat16  # the gradient has the input's dtype: compare at bf16 precision
+    assert_close(g, g_ref, rtol=2**-8)
+
+
+def test_uld_encoder_decoder_has_no_shift():
+    sl, tl = make_labels([3, 1], 6, 11, 9, prompt=[0, 2]), make_labels([4, 2], 7, 13, 10, prompt=[0, 1])
+    zs, zt = logits(2, 6, 11, 11), logits(2, 7, 13, 12).detach()
+    ours, (g,) = value_and_grad(lambda z: uld_loss(z, sl, zt, tl, encoder_decoder=True), zs)
+    zs64 = zs.detach().double().requires_grad_()
+    ref, (g_ref,) = value_and_grad(lambda z: ref_uld(z, sl, zt.double(), tl, s_ed=True, t_ed=True), zs64)
+    assert_close(ours, ref)
+    assert_close(g, g_ref)
+    causal = ref_uld(zs.detach().double(), sl, zt.double(), tl)
+    assert not torch.isclose(ours.double(), causal, rtol=1e-3)  # the shift matters here
+
+
+@pytest.mark.parametrize("k", [1, 4, 17, 40])
+def test_uld_top_k_matches_its_definition_and_bounds_exact(cross_batch, k):
+    zs, sl, zt, tl = cross_batch
+    ours, (g,) = value_and_grad(lambda z: uld_loss(z, sl, zt, tl, top_k=k), zs)
+    zs64 = zs.detach().double().requires_grad_()
+    ref, (g_ref,) = value_and_grad(lambda z: ref_uld_top_k(z, sl, zt.double(), tl, k), zs64)
+    assert_close(ours, ref)
+    assert_close(g, g_ref)
+    exact = uld_loss(zs, sl, zt, tl)
+    assert ours <= exact + 1e-6
+    if k >= max(VS, VT):
+        assert_close(ours, exact)
+
+
+def test_uld_answer_free_batch_is_zero_not_nan():
+    sl = torch.full((2, 6), -100)
+    tl = make_labels([2, 2], 6, 9, 1)
+    zs = logits(2, 6, 9, 2)
+    value = uld_loss(zs, sl, logits(2, 6, 9, 3).detach(), tl)
+    value.backward()
+    assert value.item() == 0.0 and torch.isfinite(zs.grad).all() and zs.grad.abs().sum() == 0
+
+
+def test_uld_normalisation_is_mean_of_sequence_means():
+    """Two sequences of 1 and 3 paired positions: (d0 + mean(d1, d2, d3)) / 2, not the token mean."""
+    sl = torch.full((2, 8), -100)
+    sl[0, 3:5] = 1  # 2 answer tokens -> 1 after skipping EOS
+    sl[1, 2:6] = 2  # 4 -> 3
+    tl = sl.clone()
+    zs, zt = logits(2, 8, 7, 4), logits(2, 8, 7, 5).detach()
+    total = uld_loss(zs, sl, zt, tl).item()
+
+    def single(b, row):
+        lab = torch.tensor([[-100, 0]])  # one answer token, predicted by the first row
+        return uld_loss(zs[b:b + 1, row:row + 2], lab, zt[b:b + 1, row:row + 2], lab, skip_student_eos=False).item()
+
+    d0 = single(0, 2)
+    d1 = [single(1, r) for r in (1, 2, 3)]
+    assert total == pytest.approx((d0 + sum(d1) / 3) / 2, rel=1e-6)
+    assert total != pytest.approx((d0 + sum(d1)) / 4, rel=1e-3)
+
+
+# ----------------------------------------------------------------------------- KL family
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_kl_family_matches_reference(kind, temperature):
+    labels = make_labels([5, 0, 1, 4], S_LEN, VS, seed=7)
+    zs, zt = logits(4, S_LEN, VS, 8), logits(4, S_LEN, VS, 9).detach()
+    kw = dict(kind=kind, temperature=temperature, beta=0.3, skew=0.2)
+    ours, (g,) = value_and_grad(lambda z: kl_loss(z, zt, labels, **kw), zs)
+    zs64 = zs.detach().double().requires_grad_()
+    ref, (g_ref,) = value_and_grad(lambda z: ref_kl(z, zt.double(), labels, kind, temperature, 0.3, 0.2), zs64)
+    assert_close(ours, ref)
+    assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("kind", ["forward", "jsd", "tvd"])
+def test_kl_bf16_and_encoder_decoder(kind):
+    labels = make_labels([3, 2, 1], 7, 19, seed=3, prompt=[0, 4, 6])
+    zs = logits(3, 7, 19, 1, torch.bfloat16)
+    zt = logits(3, 7, 19, 2, torch.bfloat16).detach()
+    ours, (g,) = value_and_grad(lambda z: kl_loss(z, zt, labels, kind=kind, encoder_decoder=True), zs)
+    zs64 = zs.detach().double().requires_grad_()
+    ref, (g_ref,) = value_and_grad(lambda z: ref_kl(z, zt.double(), labels, kind, ed=True), zs64)
+    assert_close(ours, ref)
+    assert_close(g, g_ref, rtol=2**-8)
+
+
+def test_kl_shift_and_token_mean():
+    """Identical predicting rows give 0 only with the causal shift; the mean is over tokens."""
+    labels = torch.full((2, 6), -100)
+    labels[0, 2:4] = 1
+    labels[1, 5] = 2
+    zt = logits(2, 6, 5, 1).detach()
+    zs = logits(2, 6, 5, 2).detach().clone()
+    rows = [(0, 1), (0, 2), (1, 4)]
+    for b, r in rows:
+        zs[b, r] = zt[b, r]
+    assert kl_loss(zs, zt, labels).item() == pytest.approx(0.0, abs=1e-7)
+    assert kl_loss(zs, zt, labels, encoder_decoder=True).item() > 1e-3
+    zs[1, 4] += torch.tensor([3.0, 0, 0, 0, 0])
+    one = ref_kl(zs.double(), zt.double(), labels).item()
+    assert kl_loss(zs, zt, labels).item() == pytest.approx(one, rel=1e-5)
+    lone = ref_divergence(softmax(zt[1, 4].double()), softmax(zs[1, 4].double()), "forward", 0.5, 0.1).item()
+    assert one == pytest.approx(lone / 3, rel=1e-9)  # token mean over 3 answer tokens
+
+
+def test_kl_vocab_padding_rows_are_truncated():
+    labels = make_labels([3, 2], 6, 10, seed=1)
+    zs, zt = logits(2, 6, 12, 2), logits(2, 6, 16, 3).detach()
+    with pytest.raises(UserError, match="vocab_size"):
+        kl_loss(zs, zt, labels)
+    ours, (g,) = value_and_grad(lambda z: kl_loss(z, zt, labels, vocab_size=10), zs)
+    zs64 = zs.detach().double().requires_grad_()
+    ref, (g_ref,) = value_and_grad(lambda z: ref_kl(z[..., :10], zt.double()[..., :10], labels), zs64)
+    assert_close(ours, ref)
+    assert_close(g, g_ref)
+    assert g[..., 10:].abs().sum() == 0
+
+
+def test_kl_bad_arguments():
+    labels = make_labels([2], 5, 4, 0)
+    zs, zt = logits(1, 5, 4, 1), logits(1, 5, 4, 2).detach()
+    with pytest.raises(UserError, match="kind"):
+        kl_loss(zs, zt, labels, kind="kld")
+    with pytest.raises(UserError, match="jsd_beta"):
+        kl_loss(zs, zt, labels, kind="jsd", beta=0.0)
+    with pytest.raises(UserError, match="temperature"):
+        kl_loss(zs, zt, labels, temperature=-1.0)
+    with pytest.raises(UserError, match="batch, seq"):
+        kl_loss(zs, zt[:, :4], labels)
+
+
+# ----------------------------------------------------------------------------- MultiLevelOT
+
+MLOT_CASES = {
+    "paper_fast": dict(),
+    "paper_greedy": dict(mode="greedy"),
+    "temperatures": dict(ts=1.5, tt=0.7, sl_temperature=2.0, sd_temperature=3.0, sinkhorn_iters=5),
+    "public_variants": dict(logit_norm="std", sl_form="public", sd_scale=0.001, sinkhorn_iters=10),
+    "public_greedy": dict(mode="greedy", logit_norm="std", sl_form="public"),
+    "token_ranking": dict(ranking="token"),
+    "no_eos_skip": dict(skip_eos=False, sd_weight=0.5),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MLOT_CASES))
+def test_multilevel_ot_matches_reference(cross_batch, case):
+    zs, sl, zt, tl = cross_batch
+    kw = dict(MLOT_CASES[case])
+    kw.setdefault("top_k", 6)
+    api = {("student_temperature" if k == "ts" else "teacher_temperature" if k == "tt" else
+            "skip_student_eos" if k == "skip_eos" else k): v for k, v in kw.items()}
+    ours, (g,) = value_and_grad(lambda z: multilevel_ot_loss(z, sl, zt, tl, **api), zs)
+    zs64 = zs.detach().double().requires_grad_()
+    ref, (g_ref,) = value_and_grad(lambda z: ref_multilevel_ot(z, sl, zt.double(), tl, **kw), zs64)
+    assert_close(ours, ref)
+    assert_close(g, g_ref)
+
+
+def test_multilevel_ot_top_k_capped_by_vocabulary_and_bf16():
+    sl, tl = make_labels([3, 1], 7, 9, 1), make_labels([2, 3], 8, 12, 2)
+    zs, zt = logits(2, 7, 9, 3, torch.bfloat16), logits(2, 8, 12, 4, torch.bfloat16).detach()
+    for mode in ("fast", "greedy"):
+        ours, (g,) = value_and_grad(lambda z: multilevel_ot_loss(z, sl, zt, tl, mode=mode), zs)  # k=50 > 9
+        zs64 = zs.detach().double().requires_grad_()
+        ref, (g_ref,) = value_and_grad(lambda z: ref_multilevel_ot(z, sl, zt.double(), tl, mode=mode), zs64)
+        assert_close(ours, ref)
+        assert_close(g, g_ref, rtol=2**-8)
+
+
+def test_multilevel_ot_greedy_differs_from_fast(cross_batch):
+    zs, sl, zt, tl = cross_batch
+    fast = multilevel_ot_loss(zs, sl, zt, tl, top_k=6)
+    greedy = multilevel_ot_loss(zs, sl, zt, tl, top_k=6, mode="greedy")
+    assert greedy < fast  # greedy minimises each column's L1 distance: HAD can only go down
+
+
+def test_multilevel_ot_bad_arguments(cross_batch):
+    zs, sl, zt, tl = cross_batch
+    with pytest.raises(UserError, match="multilevel_ot_mode"):
+        multilevel_ot_loss(zs, sl, zt, tl, mode="optimal")
+    with pytest.raises(UserError, match="ranking sequence"):
+        multilevel_ot_loss(zs, sl, zt, tl, mode="greedy", ranking="token")
+    with pytest.raises(UserError, match="sinkhorn_reg"):
+        multilevel_ot_loss(zs, sl, zt, tl, sinkhorn_reg=0.0)
+
+
+# ----------------------------------------------------------------------------- engine (trainer path)
+
+H, HT = 6, 5
+
+
+class CountingHead:
+    """A linear output layer that checks it never sees more rows than one chunk."""
+
+    def __init__(self, weight, max_rows):
+        self.weight, self.max_rows, self.calls = weight, max_rows, 0
+
+    def __call__(self, rows):
+        assert rows.dim() == 2 and rows.shape[0] <= self.max_rows, rows.shape
+        self.calls += 1
+        return rows @ self.weight.t()
+
+
+def engine_case(name, chunk, student_vocab=VS, teacher_vocab=VT, student_pad=3, teacher_pad=2, same=False,
+                seed=0, dtype=torch.float32, s_ed=False, t_ed=False, **cfg):
+    g = torch.Generator().manual_seed(seed)
+    config = distillation_config()
+    for key, value in cfg.items():
+        setattr(config, key, value)
+    spec = LossSpec.from_config(config, name=name, student_vocab_size=student_vocab, teacher_vocab_size=teacher_vocab,
+                                same_tokenizer=same, student_encoder_decoder=s_ed, teacher_encoder_decoder=t_ed,
+                                chunk_size=chunk)
+    hidden = torch.randn(4, S_LEN, H, generator=g).to(dtype).requires_grad_()
+    w_s = (torch.randn(student_vocab + student_pad, H, generator=g)).requires_grad_()
+    t_hidden = torch.randn(4, T_LEN, HT, generator=g).to(dtype)
+    w_t = torch.randn(teacher_vocab + teacher_pad, HT, generator=g)
+    s_labels = make_labels(S_ANS, S_LEN, student_vocab, seed + 1)
+    t_labels = s_labels.clone() if same and T_LEN == S_LEN else make_labels(T_ANS, T_LEN, teacher_vocab, seed + 2)
+    return spec, hidden, w_s, t_hidden, w_t, s_labels, t_labels
+
+
+def run_engine(spec, hidden, w_s, t_hidden, w_t, s_labels, t_labels, chunk):
+    s_head, t_head = CountingHead(w_s, chunk), CountingHead(w_t, chunk)
+    terms = distillation_terms(spec, hidden, s_labels, s_head, t_hidden, t_labels, t_head)
+    loss = 0.7 * terms.ce_sum + 1.3 * terms.distill_sum
+    g_h, g_w = torch.autograd.grad(loss, (hidden, w_s))
+    return terms, g_h, g_w
+
+
+def reference_terms(ref_distill, spec, hidden, w_s, t_hidden, w_t, s_labels, t_labels, distill_count):
+    """CE over the full head width, the distillation term on the real vocabularies, as sums."""
+    h64 = hidden.detach().double().requires_grad_()
+    w64 = w_s.detach().double().requires_grad_()
+    z = h64 @ w64.t()
+    zt = t_hidden.double() @ w_t.double().t()
+    ce = ref_ce_sum(z, s_labels, spec.student_encoder_decoder)
+    distill = ref_distill(z[..., :spec.student_vocab_size], zt[..., :spec.teacher_vocab_size]) * distill_count
+    g_h, g_w = torch.autograd.grad(0.7 * ce + 1.3 * distill, (h64, w64))
+    return ce, distill, g_h, g_w
+
+
+def check_engine(case, ref_distill, chunk, expected_count):
+    spec, hidden, w_s, t_hidden, w_t, s_labels, t_labels = case
+    terms, g_h, g_w = run_engine(spec, hidden, w_s, t_hidden, w_t, s_labels, t_labels, chunk)
+    assert (terms.ce_count, terms.distill_count) == count_units(spec, s_labels, t_labels)
+    assert terms.distill_count == expected_count
+    ce, distill, r_h, r_w = reference_terms(ref_distill, spec, hidden, w_s, t_hidden, w_t, s_labels, t_labels,
+                                            terms.distill_count)
+    assert terms.ce_count == sum(S_ANS)
+    assert terms.ce_sum.dtype == terms.distill_sum.dtype == torch.float32
+    assert_close(terms.ce_sum, ce)
+    assert_close(terms.distill_sum, distill)
+    rtol = RTOL if hidden.dtype == torch.float32 else 2**-8
+    assert_close(g_h, r_h, rtol)
+    assert_close(g_w, r_w, rtol if hidden.dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1000])
+def test_engine_uld(chunk):
+    case = engine_case("uld", chunk)
+    _, _, _, _, _, sl, tl = case
+    check_engine(case, lambda z, zt: ref_uld(z, sl, zt, tl), chunk, expected_count=2)
+
+
+def test_engine_uld_top_k_and_temperatures():
+    case = engine_case("uld", 4, uld_top_k=5, student_temperature=2.0)
+    _, _, _, _, _, sl, tl = case
+
+    def ref(z, zt):
+        return ref_uld_top_k(z / 2.0, sl, zt, tl, 5)
+
+    check_engine(case, ref, 4, expected_count=2)
+
+
+@pytest.mark.parametrize("mode,chunk", [("fast", 1), ("fast", 5), ("greedy", 3), ("greedy", 1000)])
+def test_engine_multilevel_ot(mode, chunk):
+    case = engine_case("multilevel_ot", chunk, multilevel_ot_mode=mode, top_k=7)
+    spec, hidden, w_s, t_hidden, w_t, sl, tl = case
+    longest = max(min(s - 1, t) for s, t in zip(S_ANS, T_ANS))  # a sequence is never split
+    run_engine(spec, hidden, w_s, t_hidden, w_t, sl, tl, max(chunk, longest))
+    check_engine(case, lambda z, zt: ref_multilevel_ot(z, sl, zt, tl, mode=mode, top_k=7), max(chunk, longest), 2)
+
+
+@pytest.mark.parametrize("loss", ["kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"])
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_engine_same_tokenizer_family_with_padding_rows(loss, chunk):
+    """Same tokenizer, heads padded differently (like 151936 vs 152064): truncated to the tokenizer."""
+    case = engine_case(loss, chunk, student_vocab=VS, teacher_vocab=VS, student_pad=3, teacher_pad=9, same=True,
+                       temperature=2.0, jsd_beta=0.3, skew_alpha=0.2)
+    spec, hidden, w_s, t_hidden, _, sl, _ = case
+    t_hidden = torch.randn(4, S_LEN, HT)  # teacher sees the same tokens
+    w_t = case[4]
+    case = (spec, hidden, w_s, t_hidden, w_t, sl, sl)
+    kind = {v: k for k, v in KIND_TO_LOSS.items()}[loss]
+    check_engine(case, lambda z, zt: ref_kl(z, zt, sl, kind, 2.0, 0.3, 0.2), chunk, expected_count=sum(S_ANS))
+
+
+def test_engine_same_tokenizer_pairs_by_answer_index_with_different_prompts():
+    """Teacher prompt longer than the student's (teacher-specific prompt), same answer tokens."""
+    spec = LossSpec.from_config(distillation_config(), name="kl", student_vocab_size=VS, teacher_vocab_size=VS,
+                                same_tokenizer=True, chunk_size=2)
+    sl = make_labels([3, 2], 8, VS, 1, prompt=[2, 5])
+    tl = torch.full((2, 11), -100)
+    tl[0, 6:9] = sl[0, 2:5]
+    tl[1, 3:5] = sl[1, 5:7]
+    hidden, t_hidden = torch.randn(2, 8, H, requires_grad=True), torch.randn(2, 11, HT)
+    w_s, w_t = torch.randn(VS, H), torch.randn(VS, HT)
+    terms = distillation_terms(spec, hidden, sl, lambda r: r @ w_s.t(), t_hidden, tl, lambda r: r @ w_t.t())
+    z, zt = hidden.detach().double() @ w_s.double().t(), t_hidden.double() @ w_t.double().t()
+    assert terms.distill_count == 5
+    assert_close(terms.distill_sum, 5 * ref_kl(z, zt, sl, t_labels=tl))
+    tl[1, 4] = (tl[1, 4] + 1) % VS
+    with pytest.raises(UserError, match="tokenized"):
+        distillation_terms(spec, hidden, sl, lambda r: r @ w_s.t(), t_hidden, tl, lambda r: r @ w_t.t())
+
+
+def test_engine_encoder_decoder_student_causal_teacher():
+    case = engine_case("uld", 3, s_ed=True)
+    spec, hidden, w_s, t_hidden, w_t, sl, tl = case
+    sl = make_labels(S_ANS, S_LEN, VS, 11, prompt=[0, 0, 0, 0])  # decoder labels start at 0
+    terms, g_h, g_w = run_engine(spec, hidden, w_s, t_hidden, w_t, sl, tl, 3)
+    ce, distill, r_h, r_w = reference_terms(lambda z, zt: ref_uld(z, sl, zt, tl, s_ed=True), spec, hidden, w_s,
+                                            t_hidden, w_t, sl, tl, terms.distill_count)
+    assert_close(terms.ce_sum, ce)
+    assert_close(terms.distill_sum, distill)
+    assert_close(g_h, r_h)
+    assert_close(g_w, r_w)
+
+
+def test_engine_bf16_hidden():
+    """A bf16 model: values equal the reference on the same bf16 logits, upcast. (Gradients in bf16
+    are checked against the reference through an identity head in test_uld_bf16_inputs.)"""
+    spec, hidden, w_s, t_hidden, w_t, sl, tl = engine_case("uld", 4, dtype=torch.bfloat16)
+    w_s16, w_t16 = w_s.detach().bfloat16().requires_grad_(), w_t.bfloat16()
+    terms = distillation_terms(spec, hidden, sl, lambda r: r @ w_s16.t(), t_hidden, tl, lambda r: r @ w_t16.t())
+    g_h, g_w = torch.autograd.grad(terms.ce_sum + terms.distill_sum, (hidden, w_s16))
+    z = (hidden.detach() @ w_s16.detach().t()).double()
+    zt = (t_hidden @ w_t16.t()).double()
+    assert terms.ce_sum.dtype == terms.distill_sum.dtype == torch.float32
+    assert_close(terms.ce_sum, ref_ce_sum(z, sl))
+    assert_close(terms.distill_sum, terms.distill_count * ref_uld(z[..., :VS], sl, zt[..., :VT], tl))
+    assert g_h.dtype == g_w.dtype == torch.bfloat16
+    assert torch.isfinite(g_h.float()).all() and torch.isfinite(g_w.float()).all()
+
+
+def test_engine_sft_only_and_answer_free_batch():
+    spec = LossSpec.from_config(distillation_config(), name="none", student_vocab_size=VS, teacher_vocab_size=VS,
+                                same_tokenizer=True, chunk_size=4)
+    hidden = torch.randn(4, S_LEN, H, requires_grad=True)
+    w = torch.randn(VS, H, requires_grad=True)
+    sl = make_labels(S_ANS, S_LEN, VS, 3)
+    terms = distillation_terms(spec, hidden, sl, lambda r: r @ w.t())
+    assert (terms.ce_count, terms.distill_count) == (sum(S_ANS), 0) == count_units(spec, sl, sl)
+    assert_close(terms.ce_sum, ref_ce_sum(hidden.detach().double() @ w.detach().double().t(), sl))
+    assert terms.distill_sum.item() == 0
+    empty = torch.full_like(sl, -100)
+    uld = LossSpec.from_config(distillation_config(), name="uld", student_vocab_size=VS, teacher_vocab_size=VT,
+                               same_tokenizer=False, chunk_size=4)
+    terms = distillation_terms(uld, hidden, empty, lambda r: r @ w.t(), torch.randn(4, 5, HT), empty[:, :5],
+                               lambda r: r @ torch.randn(VT, HT).t())
+    (terms.ce_sum + terms.distill_sum).backward()  # still differentiable, reaches the head
+    assert terms.ce_count == terms.distill_count == 0 and w.grad is not None and w.grad.abs().sum() == 0
+
+
+def test_engine_eval_under_no_grad_matches_training_values():
+    case = engine_case("multilevel_ot", 4, multilevel_ot_mode="greedy", top_k=5)
+    spec, hidden, w_s, t_hidden, w_t, sl, tl = case
+    train = distillation_terms(spec, hidden, sl, lambda r: r @ w_s.t(), t_hidden, tl, lambda r: r @ w_t.t())
+    with torch.no_grad():
+        ev = distillation_terms(spec, hidden, sl, lambda r: r @ w_s.t(), t_hidden, tl, lambda r: r @ w_t.t())
+    assert ev.ce_sum.item() == train.ce_sum.item() and ev.distill_sum.item() == train.distill_sum.item()
+    assert ev.distill_sum.grad_fn is None
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any torch op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("loss", ["uld", "multilevel_ot", "kl"])
+def test_engine_never_builds_batch_seq_vocab(loss):
+    batch, seq, vocab, hidden_size, chunk = 8, 64, 500, 4, 8
+    spec = LossSpec.from_config(distillation_config(), name=loss, student_vocab_size=vocab, teacher_vocab_size=vocab,
+                                same_tokenizer=True, chunk_size=chunk)
+    labels = make_labels([6] * batch, seq, vocab, 0)  # 5 paired per sequence (EOS skipped), 6 for KL
+    hidden = torch.randn(batch, seq, hidden_size, requires_grad=True)
+    w = torch.randn(vocab, hidden_size, requires_grad=True)
+    with LargestTensor() as mode:
+        terms = distillation_terms(spec, hidden, labels, lambda r: r @ w.t(), torch.randn(batch, seq, hidden_size),
+                                   labels, lambda r: r @ w.detach().t())
+        (terms.ce_sum + terms.distill_sum).backward()
+    assert mode.largest <= max(chunk * vocab, vocab * hidden_size), mode.largest
+    assert mode.largest * 20 < batch * seq * vocab
+
+
+# ----------------------------------------------------------------------------- LossSpec / config
+
+def test_spec_validation_messages():
+    cfg = distillation_config()
+    base = dict(student_vocab_size=10, teacher_vocab_size=12, same_tokenizer=False, chunk_size=8)
+    with pytest.raises(UserError, match="must be one of auto, uld"):
+        LossSpec.from_config(cfg, name="kd", **base)
+    with pytest.raises(UserError, match="uld or multilevel_ot"):
+        LossSpec.from_config(cfg, name="kl", **base)
+    cfg.student_temperature = -1.0
+    with pytest.raises(UserError, match="student_temperature"):
+        LossSpec.from_config(cfg, name="uld", **base)
+    cfg = distillation_config()
+    cfg.multilevel_ot_mode = "2"
+    with pytest.raises(UserError, match="multilevel_ot_mode"):
+        LossSpec.from_config(cfg, name="multilevel_ot", **base)
+    cfg = distillation_config()
+    cfg.skew_alpha = 1.0
+    with pytest.raises(UserError, match="skew_alpha"):
+        LossSpec.from_config(cfg, name="skew_kl", **dict(base, teacher_vocab_size=10, same_tokenizer=True))
+    with pytest.raises(UserError, match="logits_chunk_size"):
+        LossSpec.from_config(distillation_config(), name="uld", **dict(base, chunk_size=0))
+
+
+def test_spec_auto_and_defaults():
+    cfg = distillation_config()
+    same = LossSpec.from_config(cfg, student_vocab_size=10, teacher_vocab_size=10, same_tokenizer=True)
+    cross = LossSpec.from_config(cfg, student_vocab_size=10, teacher_vocab_size=12, same_tokenizer=False)
+    assert (same.name, cross.name) == ("kl", "uld")
+    assert set(LOSS_NAMES) == {"auto", "uld", "multilevel_ot", "kl", "reverse_kl", "jsd", "skew_kl",
+                               "skew_reverse_kl", "tvd"}
+    mlot = LossSpec.from_config(cfg, name="multilevel_ot", student_vocab_size=10, teacher_vocab_size=12,
+                                same_tokenizer=False).options
+    assert (mlot.top_k, mlot.sl_weight, mlot.sd_weight, mlot.sl_temperature, mlot.sd_temperature,
+            mlot.sinkhorn_reg, mlot.sinkhorn_iters, mlot.mode) == (50, 0.1, 0.1, 1.0, 2.0, 0.1, 20, "fast")
+
+
+def test_count_units_before_forward():
+    spec = LossSpec.from_config(distillation_config(), name="uld", student_vocab_size=VS, teacher_vocab_size=VT,
+                                same_tokenizer=False)
+    sl, tl = make_labels(S_ANS, S_LEN, VS, 1), make_labels(T_ANS, T_LEN, VT, 2)
+    # student answers 5, 0, 1, 4 -> usable 4, 0, 0, 3 after EOS; teacher 7, 3, 2, 2 -> sequences 0 and 3
+    assert count_units(spec, sl, tl) == (10, 2)
+    kl = LossSpec.from_config(distillation_config(), name="kl", student_vocab_size=VS, teacher_vocab_size=VS,
+                              same_tokenizer=True)
+    assert count_units(kl, sl, sl) == (10, 10)
+    assert count_units(kl, sl, None) == (10, 0)
