@@ -140,6 +140,9 @@ def runs(tiny, tied_student, tmp_path_factory):
         resume_from = root / name / "checkpoints" / "step-0000003"
         two.append({"flags": flags(tiny, tied_student, root / f"{name}_resumed", 2,
                                    {**TWO_PROCESS[name][0], "resume_from": str(resume_from)})})
+    ddp_extra = {k: v for k, v in TWO_PROCESS["adamw_fsdp"][0].items() if k != "enable_fsdp"}
+    two.append({"flags": flags(tiny, tied_student, root / "adamw_fsdp_resumed_under_ddp", 2,
+                               {**ddp_extra, "resume_from": str(root / "adamw_fsdp" / "checkpoints" / "step-0000003")})})
     two.append({"flags": flags(tiny, tied_student, root / "unsynchronized", 2, {"run_validation": False}),
                 "dump": True, "unsynchronized": True})
     one = [{"flags": flags(tiny, tied_student, root / f"one_{name}", 4, extra)} for name, extra in ONE_PROCESS.items()]
@@ -208,9 +211,11 @@ def test_student_is_synchronized_across_ranks(runs):
     assert max((rank0[k] - rank1[k]).abs().max().item() for k in rank0) > 1e-3
 
 
-@pytest.mark.parametrize("name", RESUMED)
-def test_resume_under_fsdp_equals_the_straight_run(runs, name):
-    straight, resumed = runs / name, runs / f"{name}_resumed"
+@pytest.mark.parametrize("name, resumed_name", [(n, f"{n}_resumed") for n in RESUMED]
+                         + [("adamw_fsdp", "adamw_fsdp_resumed_under_ddp")])
+def test_resume_under_fsdp_equals_the_straight_run(runs, name, resumed_name):
+    """Also across wrappers: an FSDP checkpoint resumed under DDP (same process count)."""
+    straight, resumed = runs / name, runs / resumed_name
     assert (straight / "last").resolve().name == (resumed / "last").resolve().name == "step-0000006"
     a, b = saved_weights(straight), saved_weights(resumed)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
