@@ -103,9 +103,10 @@ def is_fsdp(model: nn.Module) -> bool:
 
 
 def wrap_student(model: nn.Module, cfg, info: DistInfo) -> nn.Module:
-    """Always synchronise the student across processes: FSDP2 with --enable_fsdp, DDP otherwise.
+    """Put the student on the device, synchronised across processes: FSDP2 with --enable_fsdp, DDP otherwise.
 
-    FSDP2 shards in place (the returned module is `model`); DDP returns a wrapper around it.
+    FSDP2 shards in place (the returned module is `model`) and moves one unit at a time to the device,
+    so a model larger than one device can be sharded from CPU memory; DDP returns a wrapper around it.
     """
     t, f = cfg.train, cfg.fsdp
     if t.enable_fsdp:
@@ -116,6 +117,7 @@ def wrap_student(model: nn.Module, cfg, info: DistInfo) -> nn.Module:
         shard(model, f.sharding_strategy, info, precision=precision_policy(t.pure_bf16, t.mixed_precision),
               cpu_offload=f.fsdp_cpu_offload, group_size=f.sharding_group_size)
         return model
+    model.to(info.device)
     if not info.enabled:
         return model
     from torch.nn.parallel import DistributedDataParallel
@@ -125,12 +127,11 @@ def wrap_student(model: nn.Module, cfg, info: DistInfo) -> nn.Module:
 
 
 def shard_teacher(model: nn.Module, distillation_config, info: DistInfo) -> nn.Module:
-    """With --distillation_config.enable_fsdp, shard the frozen teacher (forward only, no optimizer)."""
+    """Put the frozen teacher on the device; with --distillation_config.enable_fsdp shard it on the way
+    (forward only, never in the optimizer)."""
     d = distillation_config
-    if not d.enable_fsdp:
-        return model
-    if d.sharding_strategy == "NO_SHARD":  # a frozen replica needs no FSDP at all
-        return model
+    if not d.enable_fsdp or d.sharding_strategy == "NO_SHARD":  # a frozen replica needs no FSDP at all
+        return model.to(info.device)
     shard(model, d.sharding_strategy, info, precision=precision_policy(False, d.mixed_precision),
           cpu_offload=d.fsdp_cpu_offload, group_size=0)
     return model

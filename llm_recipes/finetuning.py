@@ -269,21 +269,20 @@ def train(cfg: RunConfig) -> dict:
     if t.max_train_step:
         total_steps = min(total_steps, t.max_train_step)
 
-    student.to(info.device)
-    if teacher is not None:
-        teacher.to(info.device)
     pad_ids = (student_tokenizer.pad_token_id, teacher_tokenizer.pad_token_id if teacher_tokenizer is not None else None)
     probe = data.move(data.PairedBatches(train_split, *pad_ids)[[0]], info.device)
+    student.train()
+    wrapped = distributed.wrap_student(student, cfg, info)  # moves it to the device (FSDP: shard by shard)
     models.check_output_head(student, probe["student"], t.encoder_decoder, "student")
+    distributed.release(student)
     if use_teacher:
-        models.check_output_head(teacher, probe["teacher"], cfg.distillation.encoder_decoder, "teacher")
         teacher = distributed.shard_teacher(teacher, cfg.distillation, info)
+        models.check_output_head(teacher, probe["teacher"], cfg.distillation.encoder_decoder, "teacher")
+        distributed.release(teacher)
     trainable, total = models.count_parameters(student)
     if info.is_main:
         print(f"student: {trainable:,} trainable of {total:,} parameters; loss: CE"
               + (f" + {cfg.distillation.distil_factor} x {loss_name}" if use_teacher else ""))
-    student.train()
-    wrapped = distributed.wrap_student(student, cfg, info)
     optimizer = build_optimizer(student, t)
     scheduler = build_scheduler(optimizer, t, total_steps)
     scaler = torch.amp.GradScaler("cuda", enabled=t.use_fp16)  # fp16 needs loss scaling; bf16 does not
