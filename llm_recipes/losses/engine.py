@@ -11,6 +11,11 @@ longer than the chunk size becomes a chunk of its own).
 Units (see docs/losses.md): CE sums token losses over every student answer row; the distillation
 sum counts one unit per paired answer token (same-tokenizer family) or one per sequence with at
 least one paired position (ULD, MultiLevelOT: the sequence's mean over its positions).
+
+Token selection (`spec.token_selection`, llm_recipes.losses.selection): a scoring pass without
+gradient, chunked like the rest, scores every paired position; each sequence keeps its top
+ceil(ratio * m) pairs and the distillation term sees only those (counts follow: kept tokens, or
+sequences with a kept pair). CE is unchanged.
 """
 from dataclasses import dataclass
 from functools import partial
@@ -23,7 +28,16 @@ from llm_recipes.errors import UserError
 from llm_recipes.losses.alignment import Pairing, check_head_width, pair_answers
 from llm_recipes.losses.cross_entropy import cross_entropy_sum
 from llm_recipes.losses.kl import divergence_sum
+from llm_recipes.losses.kl import divergence_rows
 from llm_recipes.losses.multilevel_ot import multilevel_ot_sum
+from llm_recipes.losses.selection import (
+    cross_entropy_rows,
+    entropy_rows,
+    kept_per_sequence,
+    select_pairs,
+    select_top,
+    uld_rows,
+)
 from llm_recipes.losses.spec import SFT_ONLY, LossSpec
 from llm_recipes.losses.uld import teacher_sorted, uld_sum
 
@@ -36,6 +50,8 @@ class DistillationTerms:
     distill_sum: torch.Tensor  # 0-d fp32, summed distillation units
     ce_count: int  # answer tokens of the student
     distill_count: int  # distillation units (tokens or sequences, see module docstring)
+    candidate_positions: int = 0  # paired answer positions before token selection
+    kept_positions: int = 0  # paired answer positions the distillation term used
 
 
 def _pairing(spec: LossSpec, student_labels, teacher_labels) -> Pairing:
@@ -51,6 +67,13 @@ def _pairing(spec: LossSpec, student_labels, teacher_labels) -> Pairing:
     )
 
 
+def _kept(spec: LossSpec, pairing: Pairing):
+    """Pairs kept per sequence by token selection (None without selection)."""
+    if not spec.selects_tokens or pairing.num_paired == 0:
+        return None
+    return kept_per_sequence(pairing.pairs_per_sequence, spec.token_selection_ratio)
+
+
 def _distill_count(spec: LossSpec, pairing: Pairing) -> int:
     if spec.name == SFT_ONLY:
         return 0
@@ -63,7 +86,11 @@ def count_units(spec: LossSpec, student_labels: torch.Tensor, teacher_labels: Op
     Sum them over the micro-batches of an optimizer step and over ranks, and divide the summed
     terms of `distillation_terms` by those totals."""
     pairing = _pairing(spec, student_labels, teacher_labels)
-    return pairing.ce_count, _distill_count(spec, pairing)
+    kept = _kept(spec, pairing)
+    if kept is None:
+        return pairing.ce_count, _distill_count(spec, pairing)
+    units = int((kept > 0).sum()) if spec.per_sequence else int(kept.sum())
+    return pairing.ce_count, units
 
 
 class _Chunk(NamedTuple):
@@ -149,6 +176,39 @@ def _chunk_terms(batch: _Batch, chunk: _Chunk, hidden: torch.Tensor):
     return ce, distill
 
 
+@torch.no_grad()
+def _selection_scores(spec: LossSpec, pairing: Pairing, h_rows: torch.Tensor, student_head: Head,
+                      teacher_rows: torch.Tensor, teacher_head: Head) -> torch.Tensor:
+    """Score of every paired position (llm_recipes.losses.selection), chunk by chunk, without gradient."""
+    method, opts, scores = spec.token_selection, spec.options, []
+    targets = pairing.student_targets[: pairing.num_paired].to(h_rows.device)
+    for start in range(0, pairing.num_paired, spec.chunk_size):
+        end = min(start + spec.chunk_size, pairing.num_paired)
+        zt = None
+        if method in ("teacher_entropy", "divergence"):
+            t_logits = teacher_head(teacher_rows[start:end])
+            zt = t_logits[:, : spec.teacher_vocab_size or t_logits.shape[-1]].float()
+        zs = None
+        if method != "teacher_entropy":
+            s_logits = student_head(h_rows[start:end].detach())
+            zs = s_logits[:, : spec.student_vocab_size or s_logits.shape[-1]].float()
+        if method == "teacher_entropy":
+            score = entropy_rows(zt)
+        elif method == "student_entropy":
+            score = entropy_rows(zs)
+        elif method == "student_ce":
+            score = cross_entropy_rows(zs, targets[start:end])
+        elif spec.name == "uld":
+            teacher = teacher_sorted(zt, opts.teacher_temperature, opts.top_k)
+            score = uld_rows(zs, teacher, opts.student_temperature, opts.top_k)
+        else:  # the KL family (MultiLevelOT is refused by LossSpec)
+            temperature = opts.temperature
+            score, _ = divergence_rows(opts.kind, torch.log_softmax(zs / temperature, dim=-1),
+                                       torch.log_softmax(zt / temperature, dim=-1), opts.beta, opts.alpha)
+        scores.append(score.float())
+    return torch.cat(scores)
+
+
 def distillation_terms(
     spec: LossSpec,
     student_hidden: torch.Tensor,
@@ -173,13 +233,24 @@ def distillation_terms(
     if student_hidden.dim() != 3:
         raise ValueError(f"student_hidden must be [batch, seq, hidden], got {tuple(student_hidden.shape)}")
     pairing = _pairing(spec, student_labels, teacher_labels)
-    ce_count, distill_count = pairing.ce_count, _distill_count(spec, pairing)
+    candidates = pairing.num_paired
 
     hidden_size = student_hidden.shape[-1]
     h_rows = student_hidden.reshape(-1, hidden_size).index_select(0, pairing.student_rows.to(student_hidden.device))
+    kept = _kept(spec, pairing) if teacher_hidden is not None else None
+    if kept is not None:
+        with torch.no_grad():
+            t_rows = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).index_select(
+                0, pairing.teacher_rows.to(teacher_hidden.device))
+        scores = _selection_scores(spec, pairing, h_rows[: pairing.num_paired], student_head, t_rows, teacher_head)
+        sequence = pairing.student_rows[: pairing.num_paired] // student_labels.shape[1]
+        keep = select_top(scores.cpu(), sequence.cpu(), kept.cpu())
+        pairing = select_pairs(pairing, keep, kept)
+        h_rows = student_hidden.reshape(-1, hidden_size).index_select(0, pairing.student_rows.to(student_hidden.device))
+    ce_count, distill_count = pairing.ce_count, _distill_count(spec, pairing)
     if ce_count == 0:  # keep the head in the graph: a zero that still reaches every parameter
         zero = student_head(h_rows).float().sum()
-        return DistillationTerms(zero, zero.clone(), 0, 0)
+        return DistillationTerms(zero, zero.clone(), 0, 0, candidates, 0)
 
     teacher_rows = row_weights = None
     if teacher_hidden is not None and pairing.num_paired:
@@ -203,4 +274,4 @@ def distillation_terms(
         ce, distill = checkpoint(fn, rows, use_reentrant=False) if recompute else fn(rows)
         ce_sum = ce if ce_sum is None else ce_sum + ce
         distill_sum = distill if distill_sum is None else distill_sum + distill
-    return DistillationTerms(ce_sum, distill_sum, ce_count, distill_count)
+    return DistillationTerms(ce_sum, distill_sum, ce_count, distill_count, candidates, pairing.num_paired)

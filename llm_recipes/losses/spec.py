@@ -8,6 +8,7 @@ from typing import Optional, Union
 
 from llm_recipes.errors import UserError
 from llm_recipes.losses.multilevel_ot import LOGIT_NORMS, MODES, RANKINGS, SL_FORMS, MultiLevelOTOptions
+from llm_recipes.losses.selection import TOKEN_SELECTIONS
 
 # names accepted by --distillation_config.loss ("auto" is resolved by `resolve_loss_name`)
 SAME_TOKENIZER_LOSSES = {
@@ -59,10 +60,16 @@ class LossSpec:
     chunk_size: int = 1024  # answer rows per chunk (MultiLevelOT: whole sequences, up to this many rows)
     skip_student_eos: bool = True  # ULD / MultiLevelOT only
     options: Options = None
+    token_selection: str = "none"  # a TOKEN_SELECTIONS entry (llm_recipes.losses.selection)
+    token_selection_ratio: float = 1.0  # fraction of each answer's paired positions kept
 
     @property
     def is_same_tokenizer_loss(self) -> bool:
         return self.name in SAME_TOKENIZER_LOSSES
+
+    @property
+    def selects_tokens(self) -> bool:
+        return self.token_selection != "none" and self.name != SFT_ONLY
 
     @property
     def per_sequence(self) -> bool:
@@ -100,6 +107,9 @@ class LossSpec:
                     f"{teacher_vocab_size} tokens; use --distillation_config.loss uld or multilevel_ot"
                 )
         options = _options(name, cfg)
+        selection = getattr(cfg, "token_selection", "none") if name != SFT_ONLY else "none"
+        ratio = getattr(cfg, "token_selection_ratio", 1.0)
+        validate_token_selection(name, selection, ratio)
         return cls(
             name=name,
             student_vocab_size=int(student_vocab_size),
@@ -110,6 +120,8 @@ class LossSpec:
             chunk_size=int(chunk_size),
             skip_student_eos=bool(cfg.skip_student_eos),
             options=options,
+            token_selection=selection,
+            token_selection_ratio=float(ratio),
         )
 
 
@@ -162,6 +174,18 @@ def validate_multilevel_ot(opts: MultiLevelOTOptions) -> None:
     for field in ("sl_weight", "sd_weight", "sd_scale"):
         if not getattr(opts, field) >= 0:
             raise UserError(f"--distillation_config.{field} must be >= 0, got {getattr(opts, field)}")
+
+
+def validate_token_selection(name: str, selection: str, ratio) -> None:
+    _choice("token_selection", selection, TOKEN_SELECTIONS)
+    if selection == "none":
+        return
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise UserError(f"--distillation_config.token_selection_ratio must be in (0, 1], got {ratio!r}")
+    if selection == "divergence" and name == "multilevel_ot":
+        raise UserError("--distillation_config.token_selection divergence needs a per-position loss value, which "
+                        "MultiLevelOT (per-sequence ranking and transport) does not have: use teacher_entropy, "
+                        "student_entropy or student_ce")
 
 
 def validate_kl(opts: KLOptions) -> None:
