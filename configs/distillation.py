@@ -54,3 +54,20 @@ class distillation_config:
     temperature: float = 1.0
     jsd_beta: float = 0.5  # m = beta p + (1 - beta) q
     skew_alpha: float = 0.1  # skew_kl: KL(p || a p + (1-a) q); skew_reverse_kl: KL(q || a q + (1-a) p)
+
+    # token selection (docs/methods.md): the logit term only at each answer's top positions
+    token_selection: str = "none"  # none | teacher_entropy | student_entropy | student_ce | divergence (highest kept)
+    token_selection_ratio: float = 0.5  # fraction of each answer's paired positions kept: ceil(ratio * m), at least 1
+
+    # hidden-state distillation (DistillKit): total += hidden_weight * hidden term (docs/methods.md)
+    hidden_weight: float = 0.0  # 0: off; weight of the hidden-state term
+    hidden_layer_map: Optional[str] = None  # "s:t,s:t" hidden_states indices (0 embeddings, L last, -1 = L); None: student i=1..L_s -> teacher round(i*L_t/L_s)
+    hidden_distance: str = "mse"  # mse: ||P h_s - h_t||^2 / d_t | cosine: 1 - cos(P h_s, h_t); P = learned Linear(d_s, d_t) when widths differ
+    hidden_positions: str = "answer"  # answer: answer-predicting rows | all: every non-pad position (identical inputs only)
+    hidden_alignment: str = "none"  # none: same tokenizer, paired answer tokens must be identical | answer_index: i-th answer token with i-th (ULD's pairing); also for the feature term
+
+    # feature selection (seed 003, fixed): total += feature_weight * correlation term (docs/methods.md)
+    feature_weight: float = 0.0  # 0: off; weight of the correlation term on the teacher's top-attributed units
+    feature_layer_map: Optional[str] = None  # "s:t,s:t" as hidden_layer_map; None: the last layers (L_s:L_t)
+    feature_attribution: str = "abs"  # abs: sum |d log p(y) / d h_t| | signed: sum d log p(y) / d h_t (the seed's ranking)
+    feature_offdiag_weight: float = 0.005  # w in sum_i (C_ii - 1)^2 + w sum_{i != j} C_ij^2

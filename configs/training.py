@@ -1,5 +1,5 @@
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 from configs.paths import TINY_STUDENT
 
@@ -57,6 +57,9 @@ class train_config:
     peft_method: str = "lora"  # only lora
     freeze_layers: bool = False  # freeze the first num_freeze_layers transformer blocks
     num_freeze_layers: int = 1  # how many blocks --freeze_layers freezes
+    freeze_regex: Optional[List[str]] = None  # freeze parameters whose name matches one of these regexes (re.search; a,b or [a,b])
+    unfreeze_regex: Optional[List[str]] = None  # train only parameters whose name matches one of these regexes (re.search)
+    spectrum_yaml: Optional[str] = None  # Spectrum YAML: train only its unfrozen_parameters (re.match); combines with the above
     quantization: bool = False  # not supported (refused): use pure_bf16 or LoRA
 
     # output

@@ -266,6 +266,7 @@ def validate(run: RunConfig, seen: dict) -> None:
         raise UserError("--quantization is not supported by this trainer: use --pure_bf16 (student) and "
                         "--distillation_config.pure_bf16 (teacher) to halve memory, or LoRA (--use_peft)")
     validate_sharding(run, seen)
+    validate_methods(run, seen)
     if t.use_fast_kernels and t.attn_implementation not in (None, "sdpa"):
         raise UserError("--use_fast_kernels means attn_implementation=sdpa: drop one of the two flags")
     if t.use_fast_kernels:
@@ -297,6 +298,56 @@ def validate_sharding(run: RunConfig, seen: dict) -> None:
     if t.enable_fsdp and t.use_fp16:
         raise UserError("--use_fp16 is not supported with --enable_fsdp (its loss scaler would see only this "
                         "process's shard): use --mixed_precision or --pure_bf16 (bf16 needs no scaler)")
+
+
+# flag -> (what turns it on, whether it is on): a detail flag of a method that is off has no effect
+METHOD_SWITCHES = {
+    "token_selection_ratio": ("--distillation_config.token_selection", lambda d: d.token_selection != "none"),
+    "hidden_layer_map": ("--distillation_config.hidden_weight > 0", lambda d: d.hidden_weight > 0),
+    "hidden_distance": ("--distillation_config.hidden_weight > 0", lambda d: d.hidden_weight > 0),
+    "hidden_positions": ("--distillation_config.hidden_weight > 0", lambda d: d.hidden_weight > 0),
+    "hidden_alignment": ("--distillation_config.hidden_weight or feature_weight > 0",
+                         lambda d: d.hidden_weight > 0 or d.feature_weight > 0),
+    "feature_layer_map": ("--distillation_config.feature_weight > 0", lambda d: d.feature_weight > 0),
+    "feature_attribution": ("--distillation_config.feature_weight > 0", lambda d: d.feature_weight > 0),
+    "feature_offdiag_weight": ("--distillation_config.feature_weight > 0", lambda d: d.feature_weight > 0),
+}
+
+
+def validate_methods(run: RunConfig, seen: dict) -> None:
+    """Hidden-state, selective and freezing flags: valid values, and no detail flag of a method that is off."""
+    from llm_recipes.losses.hidden import HIDDEN_ALIGNMENTS, HIDDEN_DISTANCES, HIDDEN_POSITIONS
+    from llm_recipes.losses.selection import FEATURE_ATTRIBUTIONS, TOKEN_SELECTIONS
+
+    t, d = run.train, run.distillation
+    choices_of = {"token_selection": TOKEN_SELECTIONS, "hidden_distance": HIDDEN_DISTANCES,
+                  "hidden_positions": HIDDEN_POSITIONS, "hidden_alignment": HIDDEN_ALIGNMENTS,
+                  "feature_attribution": FEATURE_ATTRIBUTIONS}
+    for name, choices in choices_of.items():
+        if getattr(d, name) not in choices:
+            raise UserError(f"--distillation_config.{name} must be one of {', '.join(choices)}, got {getattr(d, name)!r}")
+    for name in ("hidden_weight", "feature_weight", "feature_offdiag_weight"):
+        if not getattr(d, name) >= 0:
+            raise UserError(f"--distillation_config.{name} must be 0 or more, got {getattr(d, name)}")
+    if not 0 < d.token_selection_ratio <= 1:
+        raise UserError(f"--distillation_config.token_selection_ratio must be in (0, 1], got {d.token_selection_ratio}")
+    for name, (switch, is_on) in METHOD_SWITCHES.items():
+        if ("distillation_config", name) in seen and not is_on(d):
+            raise UserError(f"--distillation_config.{name} has no effect without {switch}: set it or remove the flag")
+    if d.token_selection != "none" and d.distil_factor == 0:
+        raise UserError("--distillation_config.token_selection selects positions for the logit term, which "
+                        "--distillation_config.distil_factor 0 turns off: raise distil_factor or remove the flag")
+    if d.hidden_positions == "all":
+        if d.hidden_alignment != "none":
+            raise UserError("--distillation_config.hidden_positions all pairs identical inputs position by position; "
+                            "hidden_alignment answer_index only pairs answers: use hidden_positions answer")
+        if t.encoder_decoder or d.encoder_decoder:
+            raise UserError("--distillation_config.hidden_positions all needs two causal models (an encoder-decoder "
+                            "decoder does not see the prompt): use hidden_positions answer")
+    freezing = [f"--{name}" for name in ("freeze_regex", "unfreeze_regex", "spectrum_yaml") if getattr(t, name)]
+    if freezing and t.use_peft:
+        raise UserError(f"{freezing[0]} chooses which student weights train, but --use_peft trains only a LoRA "
+                        "adapter: drop one of the two")
 
 
 def _field_comments(cls) -> dict[str, str]:

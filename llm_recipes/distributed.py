@@ -224,12 +224,51 @@ def no_sync(model: nn.Module, skip_sync: bool):
     return contextlib.nullcontext()
 
 
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """The global gradient norm (clipped to max_norm) as a plain tensor, also for FSDP's sharded grads."""
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float, extra: list[torch.Tensor] = ()) -> torch.Tensor:
+    """The global gradient norm (clipped to max_norm) as a plain tensor, also for FSDP's sharded grads.
+
+    `extra`: replicated parameters outside the student (hidden-state projections), clipped together
+    with it; their norm is combined with the student's (torch cannot mix DTensors and tensors)."""
     from torch.distributed.tensor import DTensor
 
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+    if not extra:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+    norms = []
+    for group in (params, extra):
+        grads = [p.grad for p in group if p.grad is not None]
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads)
+            norms.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).float())
+    total = torch.stack(norms).norm() if norms else torch.zeros(())
+    coefficient = max_norm / (float(total) + 1e-6)
+    if coefficient < 1.0:  # as torch.nn.utils.clip_grad_norm_
+        for p in list(params) + list(extra):
+            if p.grad is not None:
+                p.grad.mul_(coefficient)
+    return total
+
+
+def broadcast_parameters(module: nn.Module) -> None:
+    """Copy rank 0's values of a replicated module (hidden-state projections) to every process."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        with torch.no_grad():
+            for tensor in module.parameters():
+                dist.broadcast(tensor.data, src=0)
+
+
+def all_reduce_gradients(module: nn.Module) -> None:
+    """Average the gradients of a replicated module over processes, as DDP does for the student.
+
+    Each process's loss is scaled by the world size before backward (see the training loop), so the
+    average is the gradient of the whole step's loss."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for p in module.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad.div_(dist.get_world_size())
 
 
 # ------------------------------------------------------------------------------------- state dicts
@@ -269,21 +308,49 @@ def drop_tied_copies(model: nn.Module, state: dict) -> dict:
     return state
 
 
-def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+STUDENT_PREFIX = "student."
+
+
+def trainables(model: nn.Module, extra: nn.Module | None = None) -> nn.Module:
+    """The module whose parameters the optimizer holds: the student, or (with `extra`, the hidden-state
+    projections) a holder of both, `student.<name>` and `hidden_projections.<name>`."""
+    if extra is None:
+        return unwrap(model)
+    holder = nn.Module()
+    holder.student = unwrap(model)
+    holder.hidden_projections = extra
+    return holder
+
+
+def _rename(state: dict, rename) -> dict:
+    if not state:
+        return state
+    groups = [{**g, "params": [rename(k) for k in g["params"]]} for g in state["param_groups"]]
+    return {"state": {rename(k): v for k, v in state["state"].items()}, "param_groups": groups}
+
+
+def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, extra: nn.Module | None = None) -> dict:
     """The optimizer's full state keyed by parameter name (on rank 0; {} elsewhere under a group).
 
-    Keyed by name and unsharded, it is the same file for 1 process, DDP and FSDP.
+    Keyed by name and unsharded, it is the same file for 1 process, DDP and FSDP. Student parameters
+    keep their own names; `extra` (hidden-state projections) adds `hidden_projections.*` entries.
     """
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     release(model)
-    return get_optimizer_state_dict(unwrap(model), optimizer, options=_full())
+    state = get_optimizer_state_dict(trainables(model, extra), optimizer, options=_full())
+    if extra is None:
+        return state
+    return _rename(state, lambda k: k[len(STUDENT_PREFIX):] if k.startswith(STUDENT_PREFIX) else k)
 
 
-def load_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+def load_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
+                              extra: nn.Module | None = None) -> None:
     """Inverse of `optimizer_state_dict`: rank 0 holds the file's content and broadcasts it (re-sharded
     to this run's FSDP layout); the other ranks pass {}."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+    if extra is not None:
+        state = _rename(state, lambda k: k if k.startswith("hidden_projections.") else STUDENT_PREFIX + k)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized())
-    set_optimizer_state_dict(unwrap(model), optimizer, optim_state_dict=state, options=options)
+    set_optimizer_state_dict(trainables(model, extra), optimizer, optim_state_dict=state, options=options)

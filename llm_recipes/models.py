@@ -193,12 +193,19 @@ def forward_hidden(model: nn.Module, batch: dict, encoder_decoder: bool,
     `model` is what is called (possibly a DDP/FSDP wrapper), `inner` the Hugging Face model inside it.
     For an encoder-decoder these are the decoder's hidden states, aligned with `labels` (no shift).
     """
+    return forward_outputs(model, batch, encoder_decoder, inner)[0]
+
+
+def forward_outputs(model: nn.Module, batch: dict, encoder_decoder: bool, inner: Optional[nn.Module] = None,
+                    **extra) -> tuple:
+    """(what the output projection would see, the model's output object), e.g. with
+    `output_hidden_states=True` for the intermediate layers (llm_recipes.intermediate)."""
     inner = inner if inner is not None else model
     with _capture_head_input(inner) as captured:
-        model(**model_inputs(inner, batch, encoder_decoder))
+        outputs = model(**model_inputs(inner, batch, encoder_decoder), **extra)
     if "hidden" not in captured:
         raise UserError(f"{type(model).__name__} never called its output projection in forward")
-    return captured["hidden"]
+    return captured["hidden"], outputs
 
 
 def output_head(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
