@@ -27,6 +27,8 @@ LOSS_RTOL, WEIGHT_ATOL = 1e-6, 1e-5  # fp32: only the summation order differs be
 BF16_LOSS_RTOL, BF16_WEIGHT_ATOL = 5e-3, 5e-2  # bf16 compute: a few ulps of bf16 after 6 steps
 LORA = {"use_peft": True, "lora_config.r": 4, "lora_config.lora_dropout": 0.0}
 FSDP_TEACHER = {"enable_fsdp": True, "distillation_config.enable_fsdp": True}
+# hidden-state term (projections 16 -> 32, replicated, all-reduced) and token selection on the KL term
+METHODS = {"distillation_config.hidden_weight": 1.0, "distillation_config.token_selection": "teacher_entropy"}
 
 # name -> (flags of the 2-process run, name of its 1-process reference)
 TWO_PROCESS = {
@@ -54,6 +56,8 @@ TWO_PROCESS = {
     "mixed_precision_fsdp": ({**FSDP_TEACHER, "mixed_precision": True, "distillation_config.mixed_precision": True},
                              "mixed_precision_fsdp"),
     "pure_bf16_fsdp": ({**FSDP_TEACHER, "pure_bf16": True, "distillation_config.pure_bf16": True}, "pure_bf16_fsdp"),
+    "ddp_methods": (METHODS, "methods"),
+    "fsdp_methods": ({**METHODS, "enable_fsdp": True, "save_step": 3, "save_all": True}, "methods"),
 }
 ONE_PROCESS = {
     "plain": {},
@@ -61,12 +65,13 @@ ONE_PROCESS = {
     "uld": {"distillation_config.loss": "uld", "max_train_step": 2},
     "adamw": {"optimizer": "AdamW", "lr": 1e-3},
     "lora": LORA,
+    "methods": METHODS,
     # bf16 runs are compared with the same FSDP precision policy in one process (a one-process group)
     "mixed_precision_fsdp": TWO_PROCESS["mixed_precision_fsdp"][0],
     "pure_bf16_fsdp": TWO_PROCESS["pure_bf16_fsdp"][0],
 }
 BF16 = {"mixed_precision_fsdp", "pure_bf16_fsdp"}
-RESUMED = ("adamw_fsdp", "lora_fsdp")  # resumed from their step-3 checkpoints, in the same launch
+RESUMED = ("adamw_fsdp", "lora_fsdp", "fsdp_methods")  # resumed from their step-3 checkpoints, in the same launch
 
 
 def free_port() -> int:
@@ -226,6 +231,19 @@ def test_resume_under_fsdp_equals_the_straight_run(runs, name, resumed_name):
     assert names and all(isinstance(n, str) for n in names)
     if name == "adamw_fsdp":
         assert optimizer["state"]["model.embed_tokens.weight"]["exp_avg"].shape == (len_vocab(straight), 16)
+
+
+def test_hidden_state_projections_are_synchronised_and_resumed(runs):
+    """The projections live outside the DDP/FSDP wrapper: 2 processes must still train what 1 trains,
+    and an FSDP run resumed from its step-3 checkpoint must end with the same projections."""
+    def projections(folder):
+        return load_file(str(folder / "last" / "hidden_projections.safetensors"))
+
+    reference = projections(runs / "one_methods")
+    for name in ("ddp_methods", "fsdp_methods", "fsdp_methods_resumed"):
+        other = projections(runs / name)
+        assert other.keys() == reference.keys() == {f"s{i}_t{i}.{p}" for i in (1, 2) for p in ("weight", "bias")}
+        assert max((reference[k] - other[k]).abs().max().item() for k in reference) <= WEIGHT_ATOL, name
 
 
 def len_vocab(folder: Path) -> int:
