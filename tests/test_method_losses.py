@@ -169,6 +169,8 @@ def test_correlation_loss_matches_reference(dtype):
     assert_close(value, ref)
     assert_close(grad, ref_grad, 1e-4 if dtype == torch.float32 else 2e-2)
     assert correlation_loss(t.float(), t.float(), 0.0) < 1e-4  # a perfect match costs nothing
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the trainer's --mixed_precision
+        assert_close(correlation_loss(s, t, 0.3), ref)
 
 
 def test_feature_sum_weights_by_rows_and_is_zero_below_two_rows():

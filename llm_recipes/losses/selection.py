@@ -123,9 +123,10 @@ def correlation_loss(student: torch.Tensor, teacher: torch.Tensor, offdiag_weigh
         raise ValueError(f"student {tuple(student.shape)} and selected teacher {tuple(teacher.shape)} rows differ")
     s, t = student.float(), teacher.float()
     n = s.shape[0]
-    z_s = (s - s.mean(dim=0)) / torch.sqrt(s.var(dim=0, unbiased=False) + eps)
-    z_t = (t - t.mean(dim=0)) / torch.sqrt(t.var(dim=0, unbiased=False) + eps)
-    c = z_s.t() @ z_t / n
+    with torch.autocast(s.device.type, enabled=False):  # the [d, d] product in fp32 under bf16 autocast too
+        z_s = (s - s.mean(dim=0)) / torch.sqrt(s.var(dim=0, unbiased=False) + eps)
+        z_t = (t - t.mean(dim=0)) / torch.sqrt(t.var(dim=0, unbiased=False) + eps)
+        c = z_s.t() @ z_t / n
     diagonal = torch.diagonal(c)
     return (diagonal - 1.0).pow(2).sum() + offdiag_weight * (c.pow(2).sum() - diagonal.pow(2).sum())
 
