@@ -192,6 +192,21 @@ def test_hidden_states_only_without_a_logit_term(tiny, tmp_path, capsys):
     assert "distill" not in line and line["loss"] == pytest.approx(line["ce"] + 2.0 * line["hidden"], rel=1e-5)
 
 
+def test_hidden_states_at_every_position_with_identical_inputs(tiny, tmp_path):
+    """--hidden_positions all (DistillKit's setting: the same text for both models), embeddings included."""
+    from conftest import LOADER_SOURCE
+
+    loader = tmp_path / "same_inputs.py"  # the tiny loader, with the student's tokenization for both roles
+    loader.write_text(f"DATA = {tiny['data']!r}\n" + LOADER_SOURCE.replace('dataset_config.role == "teacher"', "False"))
+    run(tiny, tmp_path / "out", model_name=tiny["student_same"], max_train_step=2, run_validation=False,
+        **{"dataset.file": str(loader), **HIDDEN, "distillation_config.hidden_positions": "all",
+           "distillation_config.hidden_distance": "cosine", "distillation_config.hidden_layer_map": "0:0,2:2"})
+    assert projections(tmp_path / "out" / "last").keys() == {f"s{i}_t{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
+    line = records(tmp_path / "out")[0]
+    assert 0 < line["hidden"] < 2 and line["loss"] == pytest.approx(line["ce"] + 1.5 * line["distill"]
+                                                                     + 2.0 * line["hidden"], rel=1e-5)
+
+
 @pytest.mark.parametrize("case", ["tokenizers_differ", "student_wider", "inputs_differ", "resume_without_hidden"])
 def test_intermediate_terms_refuse_what_cannot_pair(tiny, tmp_path, capsys, case):
     flags = base_flags(tiny, tmp_path / "out", max_train_step=1, run_validation=False)
