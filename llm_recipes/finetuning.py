@@ -7,7 +7,9 @@ Per optimizer step: count the answer tokens (and distillation units) of all its 
 processes first, so that every micro-batch's loss is divided by the step's totals (a per-token mean
 over the whole step, not a mean of per-micro-batch means); then forward the teacher (no grad) and the
 student to their last hidden states, compute CE and the distillation term from logits at answer
-positions only (`llm_recipes.losses`), backward, clip, step.
+positions only (`llm_recipes.losses`), backward, clip, step. With a hidden-state or feature term
+(docs/methods.md) both models also return their intermediate hidden states, the learned projections
+train in the same optimizer, and their gradients are all-reduced before the clip.
 """
 from __future__ import annotations
 
