@@ -269,8 +269,27 @@ def student_bart(tiny):
     return str(path)
 
 
-@pytest.mark.parametrize("student, loss", [("t5", "multilevel_ot"), ("bart", "uld"), ("bart", "multilevel_ot")])
-def test_encoder_decoder_student_distils_saves_and_generates(tiny, student_bart, tmp_path, student, loss):
+@pytest.fixture(scope="module")
+def student_mt5(tiny):
+    """A tiny mT5 (the mT0 family: untied output layer, gated GELU) with the GPT-NeoX student's tokenizer."""
+    from transformers import AutoTokenizer, MT5Config, MT5ForConditionalGeneration
+
+    path = Path(tiny["root"]) / "student_mt5"
+    if not path.exists():
+        tokenizer = AutoTokenizer.from_pretrained(tiny["student"])
+        torch.manual_seed(6)
+        MT5ForConditionalGeneration(MT5Config(
+            vocab_size=len(tokenizer), d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id)).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("student, loss", [("t5", "multilevel_ot"), ("mt5", "uld"), ("bart", "uld"),
+                                           ("bart", "multilevel_ot")])
+def test_encoder_decoder_student_distils_saves_and_generates(tiny, student_bart, student_mt5, tmp_path, student,
+                                                              loss):
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     from llm_recipes.generation import generate_answers
@@ -278,7 +297,7 @@ def test_encoder_decoder_student_distils_saves_and_generates(tiny, student_bart,
     extra = {"distillation_config.distil_factor": 1.5} if loss == "multilevel_ot" else {}
     if student == "bart" and loss == "uld":  # and the hidden-state term on the decoder's states
         extra.update({**HIDDEN, "distillation_config.hidden_alignment": "answer_index"})
-    name = student_bart if student == "bart" else tiny["student_t5"]
+    name = {"bart": student_bart, "mt5": student_mt5, "t5": tiny["student_t5"]}[student]
     run(tiny, tmp_path, model_name=name, encoder_decoder=True, lr=1e-2, max_train_step=6, save_step=3,
         **{"distillation_config.loss": loss}, **extra)
     evals = records(tmp_path, "eval")
