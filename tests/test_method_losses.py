@@ -33,14 +33,6 @@ from test_losses import (
 RTOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation. On a busy 2-core machine a small
-    index_add_ took 80 ms with 2 threads and 8 us with 1 (this file: about 50 s vs 10 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------ hidden states
