@@ -93,3 +93,16 @@ def test_shipped_models_load_offline_with_different_tokenizers():
 def test_the_teacher_answers_and_the_untrained_student_does_not(name, low, high):
     scores = tiny_assets.answer_scores(str(TINY_ASSETS / name), _rows("test")[:40], max_new_tokens=8)
     assert low <= scores["f1"] <= high
+
+
+def test_the_untrained_students_are_the_seeded_initialisation():
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for name, kind, shape in (("student", "gpt_neox", tiny_assets.STUDENT_CONFIG),
+                              ("student_same", "llama", tiny_assets.STUDENT_SAME_CONFIG)):
+        folder = TINY_ASSETS / name
+        fresh = tiny_assets.new_model(kind, AutoTokenizer.from_pretrained(folder), shape, tiny_assets.SEED)
+        shipped = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+        for key, value in fresh.state_dict().items():
+            assert torch.equal(value, shipped[key]), f"{name}: {key}"
