@@ -106,6 +106,8 @@ def read_progress(path: Path) -> dict[str, str]:
     good_bytes = 0
     with open(path, "rb") as handle:
         for raw in handle:
+            if not raw.endswith(b"\n"):  # the write of this line never finished
+                break
             try:
                 record = json.loads(raw)
                 finished[str(record["id"])] = record["answer"]

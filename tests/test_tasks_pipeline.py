@@ -366,3 +366,48 @@ def test_benchmark_lora_adapter_loads_base_and_adapter(tiny, squad_source, tmp_p
     benchmark.benchmark(bench_args(str(adapter), squad_source, tmp_path / "bench", number_of_examples=4))
     result, _ = check_scores_match_predictions(tmp_path / "bench", 4)
     assert result["model"] == str(adapter)
+
+
+def test_dialogsum_generates_summary_generated_and_benchmarks_on_merged_references(tiny, tmp_path):
+    """DialogSum in its source schema: the generated column is summary_generated; its test split
+    (3 summaries per dialogue, merged into one example) is copied into the output and scored against
+    every reference."""
+    import datasets
+
+    from llm_distillation import benchmark, generate
+    from llm_distillation.datasets.tasks import load_examples
+
+    source = str(Path(__file__).parent / "fixtures" / "tasks" / "dialogsum")
+    out = tmp_path / "gen"
+    summary = generate.generate(gen_args(tiny["student"], source, out, task="dialogsum", few_shot=0,
+                                         number_of_examples=None, max_new_tokens=3))
+    assert summary["column"] == "summary_generated"
+    saved = datasets.load_from_disk(str(out))
+    assert "summary_generated" in saved["train"].column_names and set(saved) == {"train", "validation", "test"}
+    loaded = load_examples("dialogsum", "train", source=str(out), answer_column="summary_generated")
+    assert len(loaded) == summary["train"]
+
+    benchmark.benchmark(bench_args(tiny["student"], str(out), tmp_path / "bench", task="dialogsum"))  # split: test
+    result, rows = check_scores_match_predictions(tmp_path / "bench", len(saved["test"]))
+    assert result["split"] == "test" and max(len(r["references"]) for r in rows) == 3
+    assert rows[0]["prompt"].startswith("Dialogue: ") and rows[0]["prompt"].endswith("\nSummary:")
+
+
+def test_generate_train_benchmark_end_to_end(tiny, teacher512, squad_source, tmp_path):
+    """The three published steps glued together: teacher answers -> a student distilled on them (the
+    SQuAD loader file reading the generated folder) -> its last checkpoint benchmarked."""
+    from llm_distillation import benchmark, generate
+    from llm_recipes.config import parse_flags
+    from llm_recipes.finetuning import train
+
+    generated = tmp_path / "generated"
+    generate.generate(gen_args(teacher512, squad_source, generated, number_of_examples=16, val_fraction=0.25))
+    run = tmp_path / "run"
+    loader = Path(__file__).resolve().parent.parent / "llm_distillation" / "datasets" / "loader" / "squad.py"
+    train(parse_flags({"model_name": tiny["student"], "dataset.file": str(loader), "dataset.source": str(generated),
+                       "dataset.answer_column": "answers_generated", "output_dir": str(run), "distillation": True,
+                       "distillation_config.model_name": teacher512, "lr": 1e-3, "batch_size_training": 4,
+                       "val_batch_size": 4, "num_epochs": 1, "save_step": 0, "scheduler": "constant"}))
+    benchmark.benchmark(bench_args(str(run / "last"), squad_source, tmp_path / "bench", number_of_examples=4))
+    result, _ = check_scores_match_predictions(tmp_path / "bench", 4)
+    assert result["model"] == str(run / "last")
