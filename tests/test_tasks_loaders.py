@@ -390,3 +390,19 @@ def test_a_training_run_with_a_task_loader(tiny, tmp_path):
     assert [r["step"] for r in records if r["type"] == "train"] == [1, 2, 3, 4, 5, 6]
     assert all(r["distill"] > 0 for r in records if r["type"] == "train")
     assert json.loads((out / "run_config.json").read_text())["dataset"]["source"] == str(folder)
+
+
+def test_chat_template_without_a_system_role(tiny):
+    """Mistral-style templates reject a system turn: the instruction opens the first user turn instead."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny["teacher"])
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+        "[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}")
+    shot = {"id": "s", "context": "bo lives in rome.", "question": "where does bo live?", "answers": ["rome"]}
+    example = {"id": "e", "context": "ada lives in oslo.", "question": "where does ada live?", "answers": ["oslo"]}
+    assert prompts.build_prompt("squad", example, tokenizer, [shot]) == (
+        f"[user] {QA_SYSTEM}\n\nContext: bo lives in rome.\nQuestion: where does bo live?\n[assistant] rome\n"
+        "[user] Context: ada lives in oslo.\nQuestion: where does ada live?\n[assistant]")
+    assert prompts.build_prompt("squad", example, tokenizer, [shot], chat=False) == (
+        "Context: bo lives in rome.\nQuestion: where does bo live?\nAnswer: rome\n\n"
+        "Context: ada lives in oslo.\nQuestion: where does ada live?\nAnswer:")
