@@ -54,7 +54,8 @@ _INSTRUCTION = PromptSpec(
 TASKS: dict[str, PromptSpec] = {
     "squad": _QA,
     "qed": _QA,
-    "tiny_qa": _QA,
+    # the demo set: the QA prompt without the system turn, so the tiny demo models' short contexts hold it
+    "tiny_qa": PromptSpec(request=_QA.request, cue="Answer:", title=True),
     "fairytaleqa": PromptSpec(
         request=_QA.request, cue="Answer:", title=True,
         system=("You are an expert agent in reading comprehension (question answering). You must read and "

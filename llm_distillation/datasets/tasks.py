@@ -130,6 +130,7 @@ def default_eval_split(task: str) -> str:
 
 # ------------------------------------------------------------------------------------------- splits
 def _source_splits(task: str, data: TaskData, source: str) -> dict:
+    """The source's splits under the names the task uses (aliases applied)."""
     hub_config = data.hub_config if source == data.source else None
     splits = load_splits(source, hub_config=hub_config)
     named = {}
@@ -147,13 +148,8 @@ def _carve_size(size, pool: int, name: str, source: str) -> int:
     return count
 
 
-def resolve_split(task: str, split: str, source: Optional[str] = None):
-    """(raw rows of `split`, their row numbers in the source split they come from, that split's name)."""
-    data = task_data(task)
-    source = source or data.source
-    if not source:
-        raise UserError(f"the {task} task has no default data: pass --dataset.source (a file, a folder, or a Hub id)")
-    splits = _source_splits(task, data, source)
+def _pick_split(task: str, data: TaskData, splits: dict, split: str, source: str):
+    """(rows of `split`, their row numbers in the source split they come from, that split's name)."""
     missing = [name for name in data.carve if name not in splits]
     if split in splits and not (split == "train" and missing):
         return splits[split], list(range(len(splits[split]))), split
@@ -169,6 +165,15 @@ def resolve_split(task: str, split: str, source: Optional[str] = None):
         cut[name], order = sorted(order[:count]), order[count:]
     rows = cut.get(split, sorted(order))
     return splits["train"].select(rows), rows, "train"
+
+
+def resolve_split(task: str, split: str, source: Optional[str] = None):
+    """(raw rows of `split`, their row numbers in the source split they come from, that split's name)."""
+    data = task_data(task)
+    source = source or data.source
+    if not source:
+        raise UserError(f"the {task} task has no default data: pass --dataset.source (a file, a folder, or a Hub id)")
+    return _pick_split(task, data, _source_splits(task, data, source), split, source)
 
 
 # ------------------------------------------------------------------------------------- normalization
@@ -309,14 +314,19 @@ def load_examples(task: str, split: str, *, source: Optional[str] = None, answer
 
     data = task_data(task)
     fraction = _check_fraction(training_size)
-    source_name = source or data.source
-    raw, rows, origin = resolve_split(task, split, source)
-    columns = list(raw.column_names)
-    schema = None
-    if task == "generic":
-        schema, fields, answers, id_column = _generic_plan(columns, source_name, answer_column)
-    else:
-        fields, answers, id_column = _column_plan(task, data, columns, source_name, answer_column)
+    source = source or data.source
+    if not source:
+        raise UserError(f"the {task} task has no default data: pass --dataset.source (a file, a folder, or a Hub id)")
+    splits = _source_splits(task, data, source)
+
+    def plan(columns: list[str]):
+        if task == "generic":
+            return _generic_plan(columns, source, answer_column)
+        return (None,) + _column_plan(task, data, columns, source, answer_column)
+
+    plan(list(next(iter(splits.values())).column_names))  # a wrong schema is the more useful error: check it first
+    raw, rows, origin = _pick_split(task, data, splits, split, source)
+    schema, fields, answers, id_column = plan(list(raw.column_names))
     normalized = [
         _normalize_row(row, fields, answers, id_column, f"{origin}-{rows[i]}", schema)
         for i, row in enumerate(tqdm(raw, desc=f"{task} {split} examples", disable=len(raw) < 20000, leave=False))]
@@ -472,7 +482,7 @@ def make_get_split(task: str):
             separators.append("" if chat else answer_separator(task, row))
         encoded = tokenize_examples(prompts, answers, tokenizer, role=role, encoder_decoder=encoder_decoder,
                                     separators=separators)
-        columns = {"id": examples["id"]}
+        columns = {"id": list(examples["id"])}
         for key in ("input_ids", "labels", "attention_mask"):
             columns[key] = [e[key] for e in encoded]
         return datasets.Dataset.from_dict(columns)
