@@ -50,7 +50,7 @@ def load_for_generation(name: str, *, tokenizer_name: Optional[str] = None, base
 
 def max_prompt_positions(model) -> Optional[int]:
     """Longest input the model accepts (None: no fixed limit, e.g. T5's relative positions)."""
-    from llm_recipes.finetuning import max_positions
+    from llm_recipes.models import max_positions
 
     return max_positions(model.config)
 

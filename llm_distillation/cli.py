@@ -14,8 +14,8 @@ import typing
 from dataclasses import MISSING, fields
 from typing import Callable
 
-from llm_recipes.config import _coerce as coerce_value
-from llm_recipes.config import _field_comments as field_comments
+from llm_recipes.config import coerce_value
+from llm_recipes.config import field_comments
 from llm_recipes.errors import UserError
 
 

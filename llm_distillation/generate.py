@@ -32,7 +32,7 @@ from typing import Optional
 from llm_distillation import answering
 from llm_distillation.cli import run_command
 from llm_recipes.errors import UserError
-from llm_recipes.finetuning import prepare_output_dir
+from llm_recipes.checkpoint import prepare_output_dir
 from llm_recipes.generation import first_line, generate_batches, is_encoder_decoder
 
 PROGRESS_FILE = "progress.jsonl"
