@@ -63,10 +63,11 @@ _SQUAD_FIELDS = {"title": ("title",), "context": ("context",), "question": ("que
 
 TASK_DATA: dict[str, TaskData] = {
     # SQuAD v1.1: answers = {"text": [...], "answer_start": [...]}
-    "squad": TaskData(source="squad", fields=_SQUAD_FIELDS, answers=(("answers",),)),
+    "squad": TaskData(source="rajpurkar/squad", fields=_SQUAD_FIELDS, answers=(("answers",),)),
     # QED (Hub): example_id, title_text, question, paragraph_text, original_nq_answers = [{start, end, string}]
     "qed": TaskData(
-        source="qed", id=("id", "example_id"), answers=(("answers",), ("original_nq_answers",)),
+        source="google-research-datasets/qed", id=("id", "example_id"),
+        answers=(("answers",), ("original_nq_answers",)),
         fields={"title": ("title", "title_text"), "context": ("context", "paragraph_text"),
                 "question": ("question", "question_text")}),
     # FairytaleQA: WorkInTheDark (story_name, story_section, question, answer1, answer2) or the GEM copy
@@ -79,7 +80,7 @@ TASK_DATA: dict[str, TaskData] = {
     # PubMedQA pqa_labeled (1000 rows, one `train` split): pubid, question, context = {contexts: [...], ...},
     # long_answer, final_decision. The reference is the long answer (scored with ROUGE); half (500) is the test set.
     "pubmedqa": TaskData(
-        source="pubmed_qa", hub_config="pqa_labeled", eval_split="test", id=("id", "pubid"), optional=(),
+        source="qiaojin/PubMedQA", hub_config="pqa_labeled", eval_split="test", id=("id", "pubid"), optional=(),
         fields={"context": ("context",), "question": ("question",)}, answers=(("answers",), ("long_answer",)),
         carve={"test": 0.5, "validation": 0.1}),
     # DialogSum: id, dialogue, summary, topic. Its test split has 3 summaries per dialogue (1500 rows,
@@ -309,7 +310,6 @@ def load_examples(task: str, split: str, *, source: Optional[str] = None, answer
     training_size < 1 keeps a seeded random fraction (same seed, same examples), still in source order.
     answer_column names the column whose text becomes `answers` (e.g. the teacher's `answers_generated`).
     """
-    import datasets
     from tqdm.auto import tqdm
 
     data = task_data(task)
@@ -329,7 +329,8 @@ def load_examples(task: str, split: str, *, source: Optional[str] = None, answer
     schema, fields, answers, id_column = plan(list(raw.column_names))
     normalized = [
         _normalize_row(row, fields, answers, id_column, f"{origin}-{rows[i]}", schema)
-        for i, row in enumerate(tqdm(raw, desc=f"{task} {split} examples", disable=len(raw) < 20000, leave=False))]
+        for i, row in enumerate(tqdm(raw.to_list(), desc=f"{task} {split} examples", disable=len(raw) < 20000,
+                                     leave=False))]
     if data.merge_on:
         normalized = _merge(normalized, data.merge_on)
     if fraction < 1:
@@ -337,7 +338,16 @@ def load_examples(task: str, split: str, *, source: Optional[str] = None, answer
         keep = sorted(int(i) for i in np.random.default_rng(seed).permutation(len(normalized))[:count])
         normalized = [normalized[i] for i in keep]
     names = [n for n in fields if n != "messages"]
-    return datasets.Dataset.from_list(normalized, features=_features(names, schema == "messages"))
+    return _in_memory(normalized, _features(names, schema == "messages"))
+
+
+def _in_memory(rows: list[dict], features):
+    """A Dataset from python rows, built by arrow in one go (from_list encodes row by row: 10x slower)."""
+    import datasets
+    import pyarrow as pa
+
+    table = pa.Table.from_pylist(rows, schema=features.arrow_schema)
+    return datasets.Dataset(datasets.table.InMemoryTable(table))
 
 
 def _draw_order(size: int, seed: int) -> Iterator[int]:
@@ -441,12 +451,18 @@ def tokenize_example(prompt: str, answer: Optional[str], tokenizer, *, role: str
 
 
 # ------------------------------------------------------------------------------------ loader contract
+def _tokenized_features():
+    import datasets
+
+    ids = datasets.Sequence(datasets.Value("int64"))
+    return datasets.Features({"id": datasets.Value("string"), "input_ids": ids, "labels": ids, "attention_mask": ids})
+
+
 def make_get_split(task: str):
     """A `get_split(dataset_config, tokenizer, split)` for the task (llm_recipes/data.py's loader contract)."""
     data = task_data(task)
 
     def get_split(dataset_config, tokenizer, split):
-        import datasets
         from tqdm.auto import tqdm
 
         role = getattr(dataset_config, "role", "student")
@@ -472,7 +488,7 @@ def make_get_split(task: str):
         pool = load_examples(task, "train", source=source, seed=seed) if shots else None
         candidates = list(itertools.islice(_shot_candidates(pool, seed), shots + 1)) if shots else []
         prompts, answers, separators = [], [], []
-        for row in tqdm(examples, desc=f"{role} {split} prompts", disable=len(examples) < 5000, leave=False):
+        for row in tqdm(examples.to_list(), desc=f"{role} {split} prompts", disable=len(examples) < 5000, leave=False):
             chosen = [c for c in candidates if c["id"] != row["id"]][:shots]
             if len(chosen) < shots:
                 chosen = select_shots(pool, shots, seed=seed, exclude_id=row["id"])  # raises: too few
@@ -482,10 +498,7 @@ def make_get_split(task: str):
             separators.append("" if chat else answer_separator(task, row))
         encoded = tokenize_examples(prompts, answers, tokenizer, role=role, encoder_decoder=encoder_decoder,
                                     separators=separators)
-        columns = {"id": list(examples["id"])}
-        for key in ("input_ids", "labels", "attention_mask"):
-            columns[key] = [e[key] for e in encoded]
-        return datasets.Dataset.from_dict(columns)
+        return _in_memory([{"id": i, **e} for i, e in zip(examples["id"], encoded)], _tokenized_features())
 
     get_split.task = task
     return get_split
