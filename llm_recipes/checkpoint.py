@@ -31,6 +31,19 @@ TRAINER_STATE = "trainer_state.json"
 RUN_CONFIG = "run_config.json"
 
 
+def prepare_output_dir(path: str) -> Path:
+    """Create the output folder and prove it is writable now, not after an hour of training."""
+    output = Path(path)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe = output / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"cannot write to --output_dir {path}: {error.strerror or error}; choose a writable folder") from None
+    return output
+
+
 def checkpoint_name(global_step: int) -> str:
     return f"step-{global_step:07d}"
 

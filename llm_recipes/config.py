@@ -118,7 +118,7 @@ def resolve_flag(flag: str) -> tuple[str, str]:
     raise _unknown(flag)
 
 
-def _coerce(flag: str, value: Any, annotation: Any) -> Any:
+def coerce_value(flag: str, value: Any, annotation: Any) -> Any:
     """Convert a fire-parsed value to the field's type, or raise a UserError naming the flag."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
@@ -126,14 +126,14 @@ def _coerce(flag: str, value: Any, annotation: Any) -> Any:
         inner = [a for a in args if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() == "none"):
             return None
-        return _coerce(flag, value, inner[0])
+        return coerce_value(flag, value, inner[0])
     if origin in (list, typing.List):
         items = value
         if isinstance(value, str):
             items = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(items, (list, tuple)):
             raise UserError(f"--{flag} expects a list such as a,b or [a,b], got {value!r}")
-        return [_coerce(flag, v, args[0] if args else str) for v in items]
+        return [coerce_value(flag, v, args[0] if args else str) for v in items]
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -187,14 +187,14 @@ def parse_flags(kwargs: dict) -> RunConfig:
     seen: dict[tuple[str, str], str] = {}
     for flag, value in kwargs.items():
         if flag == "f":
-            mode = _coerce("f", value, int)
+            mode = coerce_value("f", value, int)
             if mode not in MULTILEVEL_OT_MODES:
                 raise UserError(f"--f expects 1 (MultiLevelOT fast) or 2 (MultiLevelOT greedy), got {value!r}")
             for name, v in (("loss", "multilevel_ot"), ("multilevel_ot_mode", MULTILEVEL_OT_MODES[mode])):
                 _set(run, seen, "distillation_config", name, v, f"--f {mode}")
             continue
         config_name, name = resolve_flag(flag)
-        coerced = _coerce(flag, value, _field_type(config_name, name))
+        coerced = coerce_value(flag, value, _field_type(config_name, name))
         _set(run, seen, config_name, name, coerced, f"--{flag}")
     run.given = {f"{c}.{n}" if c != "train_config" else n: getattr(run.section(c), n) for (c, n) in seen}
     validate(run, seen)
@@ -350,7 +350,7 @@ def validate_methods(run: RunConfig, seen: dict) -> None:
                         "adapter: drop one of the two")
 
 
-def _field_comments(cls) -> dict[str, str]:
+def field_comments(cls) -> dict[str, str]:
     """The `# comment` written after each field in configs/*.py: the single source of the flag docs."""
     import inspect
     import re
@@ -367,7 +367,7 @@ def flag_reference(markdown: bool = False) -> str:
     """Every flag with its default and meaning, for --help and the README."""
     lines = []
     for config_name, cls in CONFIG_CLASSES.items():
-        comments = _field_comments(cls)
+        comments = field_comments(cls)
         title = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
         lines += ["", f"### {config_name}" if markdown else f"{config_name}: {title}"]
         if markdown:

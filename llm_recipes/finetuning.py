@@ -54,18 +54,6 @@ def main(**kwargs) -> None:
 
 
 # ------------------------------------------------------------------------------------------ set-up
-def prepare_output_dir(path: str) -> Path:
-    output = Path(path)
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-        probe = output / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as error:
-        raise UserError(f"cannot write to --output_dir {path}: {error.strerror or error}; choose a writable folder") from None
-    return output
-
-
 def dtype_of(pure_bf16: bool) -> torch.dtype:
     return torch.bfloat16 if pure_bf16 else torch.float32
 
@@ -93,15 +81,6 @@ def resolve_loss(cfg: RunConfig, student_tokenizer, teacher_tokenizer) -> tuple[
     if cfg.distillation.distil_factor is None:
         cfg.distillation.distil_factor = 0.15 if name == "multilevel_ot" else 1.5
     return name, same
-
-
-def max_positions(config, limit=None):
-    """Longest sequence a model accepts (None: no fixed limit), capped by `limit`."""
-    found = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if getattr(config, "is_encoder_decoder", False) and getattr(config, "relative_attention_num_buckets", None):
-        found = None  # relative positions (T5 family)
-    candidates = [v for v in (found, limit) if v]
-    return min(candidates) if candidates else None
 
 
 def load_tokenizers(cfg: RunConfig):
@@ -303,7 +282,7 @@ def train(cfg: RunConfig) -> dict:
     info = distributed.setup(fsdp=t.enable_fsdp or cfg.distillation.enable_fsdp)
     torch.manual_seed(t.seed)
     random.seed(t.seed)
-    output = prepare_output_dir(t.output_dir)
+    output = checkpoint.prepare_output_dir(t.output_dir)
     if info.is_main:
         print("resolved configuration:\n" + cfg.to_json())
         (output / checkpoint.RUN_CONFIG).write_text(cfg.to_json())
@@ -325,10 +304,10 @@ def train(cfg: RunConfig) -> dict:
 
     loader_module = data.import_loader(cfg.dataset.file)
     split_args = dict(student_tokenizer=student_tokenizer, student_name=t.model_name,
-                      student_encoder_decoder=t.encoder_decoder, student_max=max_positions(student.config, t.context_length),
+                      student_encoder_decoder=t.encoder_decoder, student_max=models.max_positions(student.config, t.context_length),
                       teacher_tokenizer=teacher_tokenizer, teacher_name=cfg.distillation.model_name,
                       teacher_encoder_decoder=cfg.distillation.encoder_decoder,
-                      teacher_max=max_positions(teacher.config if teacher is not None else models.load_config(
+                      teacher_max=models.max_positions(teacher.config if teacher is not None else models.load_config(
                           cfg.distillation.model_name, trust_remote_code=cfg.distillation.trust_remote_code,
                           what="teacher model")) if t.distillation else None)
     train_split = data.build_paired_split(loader_module, cfg.dataset, "train", **split_args)

@@ -30,30 +30,49 @@ def load_lora_checkpoint(model: nn.Module, path: str) -> nn.Module:
     return PeftModel.from_pretrained(model, path, is_trainable=True)
 
 
-def merge_adapter(adapter_dir: str, output_dir: str, base_model: str | None = None, dtype: str = "auto") -> Path:
-    """Fold a saved LoRA adapter into its base model and write an ordinary Hugging Face folder
-    (safetensors, config, tokenizer) that loads without peft."""
+def is_adapter_dir(path: str) -> bool:
+    """A checkpoint folder of a --use_peft run (peft's adapter_config.json next to the adapter weights)."""
+    return (Path(path).expanduser() / "adapter_config.json").is_file()
+
+
+def load_adapter_model(adapter_dir: str, *, dtype, base_model: str | None = None,
+                       trust_remote_code: bool = False) -> tuple[nn.Module, str]:
+    """(the base model named in adapter_config.json with the adapter on it, frozen; where its tokenizer is:
+    the adapter folder when it holds one, else the base model)."""
     import json
 
-    import torch
     from peft import PeftModel
 
     from llm_recipes import models
 
-    config_file = Path(adapter_dir) / "adapter_config.json"
-    if not config_file.is_file():
+    adapter_dir = str(Path(adapter_dir).expanduser())
+    if not is_adapter_dir(adapter_dir):
         raise UserError(f"{adapter_dir} holds no adapter_config.json: pass a checkpoint folder of a --use_peft run")
+    config_file = Path(adapter_dir) / "adapter_config.json"
     adapter_config = json.loads(config_file.read_text())
     base_name = base_model or adapter_config.get("base_model_name_or_path")
     if not base_name:
         raise UserError(f"{config_file} does not name its base model: pass --base_model")
+    base = models.load_model(base_name, encoder_decoder=adapter_config.get("task_type") == "SEQ_2_SEQ_LM",
+                             dtype=dtype, trust_remote_code=trust_remote_code, what="LoRA base model")
+    model = PeftModel.from_pretrained(base, adapter_dir)
+    tokenizer_source = adapter_dir if (Path(adapter_dir) / "tokenizer_config.json").is_file() else base_name
+    return model, tokenizer_source
+
+
+def merge_adapter(adapter_dir: str, output_dir: str, base_model: str | None = None, dtype: str = "auto") -> Path:
+    """Fold a saved LoRA adapter into its base model and write an ordinary Hugging Face folder
+    (safetensors, config, tokenizer) that loads without peft."""
+    import torch
+
+    from llm_recipes import models
+
     if dtype != "auto" and not isinstance(getattr(torch, dtype, None), torch.dtype):
         raise UserError(f"--dtype {dtype} is not a torch dtype: use auto, float32, bfloat16 or float16")
-    base = models.load_model(base_name, encoder_decoder=adapter_config.get("task_type") == "SEQ_2_SEQ_LM",
-                             dtype=dtype if dtype == "auto" else getattr(torch, dtype), what="LoRA base model")
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    model, tokenizer_source = load_adapter_model(
+        adapter_dir, dtype=dtype if dtype == "auto" else getattr(torch, dtype), base_model=base_model)
+    merged = model.merge_and_unload()
     output = Path(output_dir)
     merged.save_pretrained(output)
-    tokenizer_source = adapter_dir if (Path(adapter_dir) / "tokenizer_config.json").is_file() else base_name
     models.load_tokenizer(tokenizer_source, what="tokenizer").save_pretrained(output)
     return output

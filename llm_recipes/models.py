@@ -242,3 +242,12 @@ def check_output_head(model: nn.Module, batch: dict, encoder_decoder: bool, what
     if ours.shape != expected.shape or not error <= tolerance:
         raise UserError(f"the {what} ({type(model).__name__}) post-processes its logits in a way this trainer "
                         f"does not reproduce (relative difference {error:.2e}): please report the architecture")
+
+
+def max_positions(config, limit=None):
+    """Longest sequence a model accepts (None: no fixed limit), capped by `limit`."""
+    found = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if getattr(config, "is_encoder_decoder", False) and getattr(config, "relative_attention_num_buckets", None):
+        found = None  # relative positions (T5 family)
+    candidates = [v for v in (found, limit) if v]
+    return min(candidates) if candidates else None

@@ -1,0 +1,1 @@
+"""Task data: sources (sources.py), normalized examples and the loader contract (tasks.py), loader files (loader/)."""

@@ -1,0 +1,7 @@
+"""FairytaleQA (Hub `WorkInTheDark/FairytaleQA`, or the GEM copy), evaluated on test with ROUGE-Lsum.
+
+See docs/tasks.md.
+"""
+from llm_distillation.datasets.tasks import make_get_split
+
+get_split = make_get_split("fairytaleqa")

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The published pipeline at toy scale, offline, on a CPU (about 15 minutes on 2 cores):
+# a tiny teacher trained on a synthetic QA task, its answers, students trained by SFT, ULD,
+# MultiLevelOT (fast, greedy) and KL, every model benchmarked; a table and a plot in OUTPUT.
+#   bash scripts/demo.sh                      # one seed
+#   bash scripts/demo.sh --seeds 3            # each student 3 times: mean and spread
+#   bash scripts/demo.sh --quick              # a smoke run of the mechanics (a minute)
+# Details: llm_distillation/demo.py
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+python -m llm_distillation.demo --output_dir "${OUTPUT:-output/demo}" "$@"
