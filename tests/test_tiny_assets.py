@@ -106,3 +106,18 @@ def test_the_untrained_students_are_the_seeded_initialisation():
         shipped = AutoModelForCausalLM.from_pretrained(folder).state_dict()
         for key, value in fresh.state_dict().items():
             assert torch.equal(value, shipped[key]), f"{name}: {key}"
+
+
+def test_teacher_data_is_fresh_and_keeps_the_held_out_splits(tmp_path):
+    folder = tiny_assets.write_teacher_data(tmp_path, size=300)
+    rows = {split: tiny_assets.read_split(folder, split) for split in SPLITS}
+    assert len(rows["train"]) == 300
+    assert rows["validation"] == _rows("validation") and rows["test"] == _rows("test")
+    shipped = {r["context"] for split in SPLITS for r in _rows(split)}
+    assert not shipped & {r["context"] for r in rows["train"]}
+    for row in rows["train"]:
+        _check_squad_row(row)
+    flags = tiny_assets.teacher_training_flags("M", str(folder), "OUT")
+    assert flags["dataset.source"] == str(folder) and flags["model_name"] == "M"
+    assert flags["dataset.file"].endswith("llm_distillation/datasets/loader/tiny_qa.py")
+    assert "distillation" not in flags  # the teacher trains alone, in the student slot
