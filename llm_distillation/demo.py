@@ -281,6 +281,9 @@ def plot(results: dict, path: Path) -> None:
     ax_teacher.set(title="teacher training (gold answers)", xlabel="optimizer step", ylabel="cross-entropy")
     if ax_teacher.lines:
         ax_teacher.legend(fontsize=7)
+    else:
+        ax_teacher.text(0.5, 0.5, "teacher given (--teacher):\nnot trained in this run", ha="center", va="center",
+                        transform=ax_teacher.transAxes)
     ax_train.set(title="student train CE (seed 0)", xlabel="optimizer step", ylabel="cross-entropy")
     ax_eval.set(title="student eval CE on the teacher's answers\n(per token of each student's own tokenizer)",
                 xlabel="optimizer step")

@@ -53,3 +53,12 @@ def test_methods_cover_the_issue():
     sft = demo.METHODS[0]
     assert sft.flags == {"distillation_config.distil_factor": 0} and sft.student == "student"
     assert {m.student for m in demo.METHODS if "same" in m.name} == {"student_same"}
+
+
+def test_report_with_a_given_teacher_has_no_teacher_curve(tmp_path):
+    """--teacher PATH: the teacher is not trained, its row has no time, memory or curve."""
+    results = _results(1)
+    results["rows"][0].update(train_time_s=None, peak_memory_gb=None, curve=[])
+    text = demo.write_report(results, tmp_path)
+    assert "| teacher | 90.0 | 50.0 | 60.0 | - | - |" in text.splitlines()
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
