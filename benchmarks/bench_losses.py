@@ -10,17 +10,13 @@ chunks, recomputed in backward. Naive (benchmarks/naive.py): full [batch, seq, v
 same weights, then the published algorithm on them with plain autograd. Both get identical inputs
 (seeded), so their values and gradients must agree.
 
-Every case runs in a fresh subprocess, one at a time, so that its peak memory is its own:
-CPU: the process's peak resident set size (VmHWM, reset through /proc/self/clear_refs after the inputs
-are built) minus the resident size at that moment; CUDA: torch.cuda.max_memory_allocated minus the
-memory allocated at that moment. Time: median of `--repeats` forward+backward runs after `--warmup`.
+Every case runs in a fresh subprocess, one at a time, so that its peak memory is its own
+(benchmarks/measure.py: CPU time and peak resident set size on CPU, wall time and the CUDA allocator's
+peak on GPU). Time: median of `--repeats` forward+backward runs after `--warmup` runs on one sequence.
 """
 import argparse
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +30,7 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from benchmarks import naive  # noqa: E402
+from benchmarks.measure import PeakMemory, check_supported, clock, clock_name, machine, memory_name, run_worker  # noqa: E402,E501
 from llm_recipes.losses import KLOptions, LossSpec, MultiLevelOTOptions, ULDOptions, distillation_terms  # noqa: E402
 
 VOCAB_PAIRS = {"pythia-llama2": (50304, 32000), "qwen-llama3": (151936, 128256)}
@@ -141,45 +138,6 @@ def naive_run(case: Case):
 
 
 # ---------------------------------------------------------------------------------------- measuring
-def _rss_kib(field_name: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field_name} not in /proc/self/status")
-
-
-class PeakMemory:
-    """Peak bytes above the level at `start()`: CUDA allocator statistics, or VmHWM on Linux CPUs."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def start(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-        else:
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
-            self.base = _rss_kib("VmRSS") * 1024
-
-    def peak(self) -> int:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) - self.base
-        return _rss_kib("VmHWM") * 1024 - self.base
-
-
-def cpu_clock() -> float:
-    """CPU seconds of this process (user + system, all threads): on a shared machine wall time also
-    counts the time spent waiting for a core."""
-    return time.process_time()
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure(case: Case) -> dict:
     """One case, in this (fresh) process."""
     if case.threads:
@@ -195,15 +153,12 @@ def measure(case: Case) -> dict:
     h_s.grad = w_s.grad = None
     memory = PeakMemory(device)
     memory.start()
-    clock = cpu_clock if device.type == "cpu" else time.perf_counter
     times, walls, value = [], [], None
     for _ in range(case.repeats):
         h_s.grad = w_s.grad = None
-        _sync(device)
-        started, wall = clock(), time.perf_counter()
+        started, wall = clock(device), time.perf_counter()
         value = run(*inputs)
-        _sync(device)
-        times.append(clock() - started)
+        times.append(clock(device) - started)
         walls.append(time.perf_counter() - wall)
     if case.grad_path:
         torch.save(h_s.grad.float().cpu(), case.grad_path)
@@ -221,10 +176,9 @@ def measure_naive_greedy(case: Case, h_s, w_s, h_t, w_t, labels) -> dict:
         p = torch.softmax(torch.nn.functional.linear(h_t[0, rows], w_t).float(), dim=-1)
         k = case.top_k or 50
         cols_t = torch.argsort(p.sum(dim=0), descending=True)[:k]
-        clock = cpu_clock if h_s.device.type == "cpu" else time.perf_counter
-        started = clock()
+        started = clock(h_s.device)
         naive._greedy_python(p[:, cols_t], q[:, :GREEDY_PROBE_COLUMNS], k)
-        probe = clock() - started
+        probe = clock(h_s.device) - started
     return {"loop_s": probe * case.vocab_student / GREEDY_PROBE_COLUMNS * case.batch, "loop_probe_s": probe,
             "peak_bytes": None, "value": None, "estimated": True}
 
@@ -245,18 +199,6 @@ def build_cases(args) -> list[Case]:
         for kind in (("forward",) if args.quick else KL_KINDS):
             cases += [Case(kind, impl, **pair) for impl in ("ours", "naive")]
     return cases
-
-
-def run_in_subprocess(case: Case) -> dict:
-    # a fixed malloc threshold: every block over 256 KiB is its own mapping, returned to the system when
-    # freed, so the resident set size follows what torch holds (glibc's adaptive threshold keeps up to
-    # 32 MiB blocks on its heap after the warm-up, which would hide them from the peak)
-    env = {**os.environ, "PYTHONHASHSEED": "0", "MALLOC_MMAP_THRESHOLD_": "262144", "MALLOC_TRIM_THRESHOLD_": "262144"}
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(asdict(case))]
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        return {"error": (done.stderr.strip().splitlines() or ["exit %d" % done.returncode])[-1]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -364,21 +306,14 @@ def report(results: list[tuple[Case, dict]], args) -> str:
 
 
 def describe(args) -> str:
-    cpu = platform.processor() or platform.machine()
-    threads = args.threads or torch.get_num_threads()
-    load = ", load average %.1f at start" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
-    return (f"torch {torch.__version__}, device {args.device} ({cpu}, {os.cpu_count()} CPUs, {threads} threads{load}), "
-            f"dtype {args.dtype}; batch {args.batch}, {args.seq} tokens, {args.answer} answer tokens "
-            f"({args.answer - 1} paired rows per sequence for ULD/MultiLevelOT: the student's EOS only counts in CE), "
-            f"hidden size {args.hidden_size}, logits N(0, {args.logit_std:g}^2), chunk size {args.chunk_size}; "
-            f"time: median of {args.repeats} after {args.warmup} warm-up, "
-            + ("wall clock" if args.device.startswith("cuda") else "process CPU time (user + system: on a shared "
-               "machine wall time also counts waiting for a core)")
-            + "; each case in a fresh process; peak memory: "
-            + ("torch.cuda.max_memory_allocated above the inputs" if args.device.startswith("cuda") else
-               "peak resident set size (VmHWM, reset via /proc/self/clear_refs) above the inputs")
-            + f". Naive MultiLevelOT greedy: the public code's Python loop timed on {GREEDY_PROBE_COLUMNS} student "
-              "columns of one sequence and scaled to the vocabulary and batch (~ marks the estimate).")
+    return (f"{machine(args.threads or torch.get_num_threads())}; device {args.device}, dtype {args.dtype}; "
+            f"batch {args.batch}, {args.seq} tokens, {args.answer} answer tokens ({args.answer - 1} paired rows per "
+            f"sequence for ULD/MultiLevelOT: the student's EOS only counts in CE), hidden size {args.hidden_size}, "
+            f"logits N(0, {args.logit_std:g}^2), chunk size {args.chunk_size}; time: median of {args.repeats} "
+            f"forward+backward after {args.warmup} warm-up on one sequence, {clock_name(args.device)}; peak memory: "
+            f"{memory_name(args.device)}; each case in a fresh process. Naive MultiLevelOT greedy: the public "
+            f"code's Python loop timed on {GREEDY_PROBE_COLUMNS} student columns of one sequence, scaled to the "
+            "vocabulary and batch, plus the naive fast variant's time (~ marks the estimate).")
 
 
 def parse_vocab_pairs(text: str):
@@ -427,15 +362,14 @@ def main(argv=None):
         return
     if args.quick:
         args.repeats, args.uld_top_k = 1, args.uld_top_k[:1]
-    if not args.device.startswith("cuda") and not Path("/proc/self/clear_refs").exists():
-        parser.error("CPU peak memory needs Linux's /proc/self/clear_refs; run on Linux or with --device cuda")
+    check_supported(args.device)
     print(describe(args), flush=True)
     results = []
     with tempfile.TemporaryDirectory() as folder:
         cases = build_cases(args)
         for i, case in enumerate(tqdm(cases, desc="cases", dynamic_ncols=True)):
             case.grad_path = str(Path(folder) / f"grad{i}.pt")
-            results.append((case, run_in_subprocess(case)))
+            results.append((case, run_worker(__file__, asdict(case))))
         table = report(results, args)
     if args.json:
         Path(args.json).write_text(json.dumps([{"case": asdict(c), "result": r} for c, r in results], indent=1))
