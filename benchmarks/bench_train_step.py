@@ -38,6 +38,7 @@ KL_LOSSES = ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
 
 @dataclass
 class Case:
+    key: str  # what --only selects
     label: str
     loss: str  # "sft" (no teacher), "none" (SFT + teacher forward), or a --distillation_config.loss
     same_tokenizer: bool
@@ -155,14 +156,20 @@ def build_cases(args) -> list[Case]:
     cases = []
     for vocab_s, vocab_t in args.vocab_pairs:
         pair = dict(vocab_student=vocab_s, vocab_teacher=vocab_t, **common)
-        cases += [Case("SFT", "sft", True, **pair),
-                  Case("SFT + teacher forward (same tokenizer)", "none", True, **pair),
-                  Case("SFT + teacher forward (other tokenizer)", "none", False, **pair)]
-        cases += [Case(loss, loss, True, **pair) for loss in (("kl",) if args.quick else KL_LOSSES)]
-        cases += [Case("uld (exact)", "uld", False, **pair)]
-        cases += [Case(f"uld top-{k}", "uld", False, uld_top_k=k, **pair) for k in args.uld_top_k]
-        cases += [Case(f"multilevel_ot {mode}", "multilevel_ot", False, mode=mode, **pair)
+        cases += [Case("sft", "SFT", "sft", True, **pair),
+                  Case("teacher-same", "SFT + teacher forward (same tokenizer)", "none", True, **pair),
+                  Case("teacher-other", "SFT + teacher forward (other tokenizer)", "none", False, **pair)]
+        cases += [Case(loss, loss, loss, True, **pair) for loss in (("kl",) if args.quick else KL_LOSSES)]
+        cases += [Case("uld", "uld (exact)", "uld", False, **pair)]
+        cases += [Case(f"uld-top-{k}", f"uld top-{k}", "uld", False, uld_top_k=k, **pair) for k in args.uld_top_k]
+        cases += [Case(f"multilevel_ot-{mode}", f"multilevel_ot {mode}", "multilevel_ot", False, mode=mode, **pair)
                   for mode in (("fast",) if args.quick else ("fast", "greedy"))]
+    if args.only:
+        unknown = set(args.only) - {case.key for case in cases}
+        if unknown:
+            raise SystemExit(f"error: --only {','.join(sorted(unknown))}: not a step of this run; choose from "
+                             + ", ".join(dict.fromkeys(case.key for case in cases)))
+        cases = [case for case in cases if case.key in args.only]
     return cases
 
 
@@ -224,6 +231,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--only", type=lambda s: [x for x in s.split(",") if x],
+                        help="comma-separated steps to run: sft, teacher-same, teacher-other, kl, reverse_kl, jsd, "
+                             "skew_kl, skew_reverse_kl, tvd, uld, uld-top-K, multilevel_ot-fast, multilevel_ot-greedy")
     parser.add_argument("--json", help="also write the raw results to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
