@@ -13,6 +13,11 @@ backward, finetuning.clip_gradients, AdamW (llm_recipes.optim.build_optimizer) s
 "SFT + teacher forward" is the same step with the teacher's forward and no logit term: the ratio
 column divides each loss's step time by it, on the same two models.
 
+The steps that share a teacher run in one process on the same models, interleaved (one step of each
+kind per round, `--repeats` rounds after `--warmup`), so that a ratio compares steps timed side by
+side: on a shared machine the speed of a core drifts with what else runs. Peak memory is measured
+per step (the peak resident set size is reset before each).
+
 These bodies are tiny next to their output layers (V x d), so the logit term's share of a step is
 far larger than with real models (a 7B teacher's forward dwarfs its output layer on the answer rows):
 the ratios here are upper bounds.
@@ -21,7 +26,7 @@ import argparse
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -36,16 +41,26 @@ from benchmarks.measure import PeakMemory, check_supported, clock, clock_name, m
 KL_LOSSES = ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
 
 
+KL_LOSSES = ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+
+
 @dataclass
-class Case:
+class Step:
     key: str  # what --only selects
     label: str
     loss: str  # "sft" (no teacher), "none" (SFT + teacher forward), or a --distillation_config.loss
+    uld_top_k: int = 0
+    mode: str = "fast"
+
+
+@dataclass
+class Group:
+    """Steps on one student and one teacher, timed interleaved in one process."""
+
     same_tokenizer: bool
     vocab_student: int
     vocab_teacher: int
-    uld_top_k: int = 0
-    mode: str = "fast"
+    steps: list = field(default_factory=list)
     batch: int = 4
     seq: int = 512
     answer: int = 128
@@ -70,44 +85,34 @@ def llama(vocab: int, hidden: int, layers: int, seed: int):
     return LlamaForCausalLM(config)
 
 
-def make_side(case: Case, vocab: int, generator) -> dict:
-    ids = torch.randint(0, vocab, (case.batch, case.seq), generator=generator)
+def make_side(group: Group, vocab: int, generator) -> dict:
+    ids = torch.randint(0, vocab, (group.batch, group.seq), generator=generator)
     labels = torch.full_like(ids, -100)
-    labels[:, case.seq - case.answer:] = ids[:, case.seq - case.answer:]
+    labels[:, group.seq - group.answer:] = ids[:, group.seq - group.answer:]
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def setup(case: Case):
-    """(objective, optimizer, batch, cfg) as finetuning.train builds them."""
-    from llm_recipes import distributed, models
+def objective_for(step: Step, group: Group, student, teacher):
+    """(Objective, run config) of one step kind, as finetuning.train builds them."""
+    from llm_recipes import distributed
     from llm_recipes.config import RunConfig
     from llm_recipes.finetuning import Objective
     from llm_recipes.losses import LossSpec
-    from llm_recipes.optim import build_optimizer
 
     cfg = RunConfig()
-    cfg.train.distillation = case.loss != "sft"
-    cfg.train.logits_chunk_size = case.chunk_size
+    cfg.train.distillation = step.loss != "sft"
+    cfg.train.logits_chunk_size = group.chunk_size
     d = cfg.distillation
-    d.loss = case.loss if case.loss not in ("sft", "none") else "auto"
-    d.distil_factor = 0.15 if case.loss == "multilevel_ot" else 1.5
-    d.uld_top_k = case.uld_top_k
-    d.multilevel_ot_mode = case.mode
-    vocab_t = case.vocab_student if case.same_tokenizer else case.vocab_teacher
-    name = case.loss if case.loss not in ("sft",) else "none"
-    spec = LossSpec.from_config(d, name=name, student_vocab_size=case.vocab_student, teacher_vocab_size=vocab_t,
-                                same_tokenizer=case.same_tokenizer, chunk_size=case.chunk_size)
-    device = torch.device(case.device)
-    student = llama(case.vocab_student, case.student_hidden, case.student_layers, seed=0).to(device).train()
-    teacher = None
-    if case.loss != "sft":
-        teacher = models.freeze_teacher(llama(vocab_t, case.teacher_hidden, case.teacher_layers, seed=1).to(device))
-    generator = torch.Generator().manual_seed(0)
-    batch = {"student": make_side(case, case.vocab_student, generator)}
-    batch["teacher"] = batch["student"] if case.same_tokenizer else make_side(case, vocab_t, generator)
-    batch = {side: {k: v.to(device) for k, v in tensors.items()} for side, tensors in batch.items()}
-    objective = Objective(cfg, spec, student, teacher, distributed.DistInfo(device=device))
-    return objective, build_optimizer(student, cfg.train), batch, cfg
+    d.loss = step.loss if step.loss not in ("sft", "none") else "auto"
+    d.distil_factor = 0.15 if step.loss == "multilevel_ot" else 1.5
+    d.uld_top_k = step.uld_top_k
+    d.multilevel_ot_mode = step.mode
+    vocab_t = group.vocab_student if group.same_tokenizer else group.vocab_teacher
+    spec = LossSpec.from_config(d, name="none" if step.loss == "sft" else step.loss,
+                                student_vocab_size=group.vocab_student, teacher_vocab_size=vocab_t,
+                                same_tokenizer=group.same_tokenizer, chunk_size=group.chunk_size)
+    info = distributed.DistInfo(device=torch.device(group.device))
+    return Objective(cfg, spec, student, teacher if step.loss != "sft" else None, info), cfg
 
 
 def train_step(objective, optimizer, batch, cfg) -> float:
@@ -125,73 +130,94 @@ def train_step(objective, optimizer, batch, cfg) -> float:
     return float(loss.detach())
 
 
-def measure(case: Case) -> dict:
-    if case.threads:
-        torch.set_num_threads(case.threads)
-    objective, optimizer, batch, cfg = setup(case)
-    device = torch.device(case.device)
-    for _ in range(case.warmup):  # also allocates the optimizer state, which stays out of the peak
-        train_step(objective, optimizer, batch, cfg)
+def measure(group: Group) -> dict:
+    """Every step of the group, interleaved: {step key: result}."""
+    from llm_recipes import models
+    from llm_recipes.optim import build_optimizer
+
+    if group.threads:
+        torch.set_num_threads(group.threads)
+    device = torch.device(group.device)
+    vocab_t = group.vocab_student if group.same_tokenizer else group.vocab_teacher
+    student = llama(group.vocab_student, group.student_hidden, group.student_layers, seed=0).to(device).train()
+    teacher = models.freeze_teacher(llama(vocab_t, group.teacher_hidden, group.teacher_layers, seed=1).to(device))
+    generator = torch.Generator().manual_seed(0)
+    batch = {"student": make_side(group, group.vocab_student, generator)}
+    batch["teacher"] = batch["student"] if group.same_tokenizer else make_side(group, vocab_t, generator)
+    batch = {side: {k: v.to(device) for k, v in tensors.items()} for side, tensors in batch.items()}
+    steps = [Step(**step) for step in group.steps]
+    objectives = [objective_for(step, group, student, teacher) for step in steps]
+    optimizer = build_optimizer(student, objectives[0][1].train)
     memory = PeakMemory(device)
-    memory.start()
-    times, walls = [], []
-    for _ in range(case.repeats):
-        started, wall = clock(device), time.perf_counter()
-        loss = train_step(objective, optimizer, batch, cfg)
-        times.append(clock(device) - started)
-        walls.append(time.perf_counter() - wall)
+    results = {step.key: {"times_s": [], "wall_s": [], "peak_bytes": 0} for step in steps}
+    for round_ in range(group.warmup + group.repeats):  # the warm-up also allocates the optimizer state
+        for step, (objective, cfg) in zip(steps, objectives):
+            memory.start()
+            started, wall = clock(device), time.perf_counter()
+            loss = train_step(objective, optimizer, batch, cfg)
+            elapsed, wall = clock(device) - started, time.perf_counter() - wall
+            if round_ >= group.warmup:
+                result = results[step.key]
+                result["times_s"].append(elapsed)
+                result["wall_s"].append(wall)
+                result["peak_bytes"] = max(result["peak_bytes"], memory.peak())
+                result["loss"] = loss
     tokens = int(batch["student"]["attention_mask"].sum())
-    head_params = sum(p.numel() for p in objective.student.get_output_embeddings().parameters())
-    return {"time_s": statistics.median(times), "times_s": times, "wall_s": walls, "tokens": tokens,
-            "peak_bytes": memory.peak(), "loss": loss,
-            "student_params": sum(p.numel() for p in objective.student.parameters()), "head_params": head_params,
-            "teacher_params": sum(p.numel() for p in objective.teacher.parameters()) if objective.teacher else 0}
+    sizes = {"student_params": sum(p.numel() for p in student.parameters()),
+             "head_params": sum(p.numel() for p in student.get_output_embeddings().parameters()),
+             "teacher_params": sum(p.numel() for p in teacher.parameters())}
+    for result in results.values():
+        result.update(time_s=statistics.median(result["times_s"]), tokens=tokens, **sizes)
+    return results
 
 
-def build_cases(args) -> list[Case]:
+def build_groups(args) -> list[Group]:
     common = dict(batch=args.batch, seq=args.seq, answer=args.answer, student_hidden=args.student_hidden,
                   student_layers=args.student_layers, teacher_hidden=args.teacher_hidden,
                   teacher_layers=args.teacher_layers, chunk_size=args.chunk_size, device=args.device,
                   warmup=args.warmup, repeats=args.repeats, threads=args.threads)
-    cases = []
-    for vocab_s, vocab_t in args.vocab_pairs:
-        pair = dict(vocab_student=vocab_s, vocab_teacher=vocab_t, **common)
-        cases += [Case("sft", "SFT", "sft", True, **pair),
-                  Case("teacher-same", "SFT + teacher forward (same tokenizer)", "none", True, **pair),
-                  Case("teacher-other", "SFT + teacher forward (other tokenizer)", "none", False, **pair)]
-        cases += [Case(loss, loss, loss, True, **pair) for loss in (("kl",) if args.quick else KL_LOSSES)]
-        cases += [Case("uld", "uld (exact)", "uld", False, **pair)]
-        cases += [Case(f"uld-top-{k}", f"uld top-{k}", "uld", False, uld_top_k=k, **pair) for k in args.uld_top_k]
-        cases += [Case(f"multilevel_ot-{mode}", f"multilevel_ot {mode}", "multilevel_ot", False, mode=mode, **pair)
-                  for mode in (("fast",) if args.quick else ("fast", "greedy"))]
+    same = [Step("sft", "SFT", "sft"), Step("teacher-same", "SFT + teacher forward", "none")]
+    same += [Step(loss, loss, loss) for loss in (("kl",) if args.quick else KL_LOSSES)]
+    other = [Step("teacher-other", "SFT + teacher forward", "none"), Step("uld", "uld (exact)", "uld")]
+    other += [Step(f"uld-top-{k}", f"uld top-{k}", "uld", uld_top_k=k) for k in args.uld_top_k]
+    other += [Step(f"multilevel_ot-{mode}", f"multilevel_ot {mode}", "multilevel_ot", mode=mode)
+              for mode in (("fast",) if args.quick else ("fast", "greedy"))]
+    known = [step.key for step in same + other]
     if args.only:
-        unknown = set(args.only) - {case.key for case in cases}
+        unknown = set(args.only) - set(known)
         if unknown:
             raise SystemExit(f"error: --only {','.join(sorted(unknown))}: not a step of this run; choose from "
-                             + ", ".join(dict.fromkeys(case.key for case in cases)))
-        cases = [case for case in cases if case.key in args.only]
-    return cases
+                             + ", ".join(known))
+        same = [step for step in same if step.key in args.only]
+        other = [step for step in other if step.key in args.only]
+    groups = []
+    for vocab_s, vocab_t in args.vocab_pairs:
+        for same_tokenizer, steps in ((True, same), (False, other)):
+            if steps:
+                groups.append(Group(same_tokenizer, vocab_s, vocab_t, [asdict(step) for step in steps], **common))
+    return groups
 
 
 def report(results, args) -> str:
-    lines = ["| vocab student / teacher | step | teacher tokenizer | tokens/s | s/step | "
+    """results: [(group, {key: result})] -> Markdown table and the KL target."""
+    lines = ["| vocab student / teacher | teacher tokenizer | step | tokens/s | s/step | "
              "ratio to SFT + teacher forward | peak MiB |", "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
     checks = []
-    for vocab_s, vocab_t in args.vocab_pairs:
-        rows = [(c, r) for c, r in results if c.vocab_student == vocab_s and c.vocab_teacher == vocab_t]
-        base = {c.same_tokenizer: r for c, r in rows if c.loss == "none" and "time_s" in r}
-        for case, result in rows:
-            if "error" in result:
-                lines.append(f"| {vocab_s:,} / {vocab_t:,} | {case.label} | | error: {result['error']} | | | |")
-                continue
-            reference = base.get(case.same_tokenizer) if case.loss not in ("sft", "none") else None
-            ratio = result["time_s"] / reference["time_s"] if reference else None
-            teacher = "—" if case.loss == "sft" else ("same" if case.same_tokenizer else f"other ({vocab_t:,})")
-            lines.append(f"| {vocab_s:,} / {vocab_t:,} | {case.label} | {teacher} | "
+    for group, by_key in results:
+        vocab = f"{group.vocab_student:,} / {group.vocab_teacher:,}"
+        teacher = "same" if group.same_tokenizer else f"other ({group.vocab_teacher:,})"
+        if "error" in by_key:
+            lines.append(f"| {vocab} | {teacher} | error: {by_key['error']} | | | | |")
+            continue
+        base = by_key.get("teacher-same" if group.same_tokenizer else "teacher-other")
+        for step in group.steps:
+            result = by_key[step["key"]]
+            ratio = result["time_s"] / base["time_s"] if base and step["loss"] not in ("sft", "none") else None
+            lines.append(f"| {vocab} | {'—' if step['loss'] == 'sft' else teacher} | {step['label']} | "
                          f"{result['tokens'] / result['time_s']:,.0f} | {result['time_s']:.2f} | "
                          f"{'—' if ratio is None else f'{ratio:.2f}'} | {result['peak_bytes'] / 2**20:,.0f} |")
-            if case.loss == "kl" and ratio is not None:
-                checks.append(f"| same-tokenizer KL step <= 1.3 x SFT + teacher forward ({vocab_s:,}) | "
+            if step["loss"] == "kl" and ratio is not None:
+                checks.append(f"| same-tokenizer KL step <= 1.3 x SFT + teacher forward ({vocab}) | "
                               f"{'yes' if ratio <= 1.3 else 'NO'} | {ratio:.2f} x |")
     text = "\n".join(lines)
     if checks:
@@ -201,15 +227,15 @@ def report(results, args) -> str:
 
 def describe(args, sizes: dict) -> str:
     millions = {key: sizes.get(key, 0) / 1e6 for key in ("student_params", "head_params", "teacher_params")}
-    params = (f"student {millions['student_params']:.1f}M parameters ({millions['head_params']:.1f}M in its output "
-              f"layer), teacher {millions['teacher_params']:.1f}M" if sizes else "")
+    params = (f" (student {millions['student_params']:.1f}M parameters, {millions['head_params']:.1f}M of them in its "
+              f"output layer; teacher {millions['teacher_params']:.1f}M)" if sizes else "")
     return (f"{machine(args.threads or torch.get_num_threads())}; device {args.device}; random Llama models: student "
             f"d={args.student_hidden}, {args.student_layers} layers; teacher d={args.teacher_hidden}, "
-            f"{args.teacher_layers} layers ({params}); batch {args.batch} x {args.seq} tokens, {args.answer} answer "
+            f"{args.teacher_layers} layers{params}; batch {args.batch} x {args.seq} tokens, {args.answer} answer "
             f"tokens; fp32, AdamW, chunk size {args.chunk_size}; distil_factor 1.5 (MultiLevelOT 0.15); time: median "
-            f"of {args.repeats} steps after {args.warmup} warm-up, {clock_name(args.device)}; tokens/s = student "
-            f"tokens (attention mask) per second of that time; peak memory: {memory_name(args.device)} (after the "
-            "warm-up step: models and optimizer state excluded); each case in a fresh process.")
+            f"of {args.repeats} steps after {args.warmup} warm-up, steps with one teacher interleaved in one process, "
+            f"{clock_name(args.device)}; tokens/s = student tokens (attention mask) per second of that time; peak "
+            f"memory per step: {memory_name(args.device)} (models and optimizer state excluded).")
 
 
 def main(argv=None):
@@ -241,19 +267,19 @@ def main(argv=None):
     if args.worker:
         import json
 
-        print(json.dumps(measure(Case(**json.loads(args.worker)))))
+        print(json.dumps(measure(Group(**json.loads(args.worker)))))
         return
     if args.quick:
         args.repeats, args.uld_top_k = 1, []
     check_supported(args.device)
-    results = [(case, run_worker(__file__, asdict(case)))
-               for case in tqdm(build_cases(args), desc="cases", dynamic_ncols=True)]
-    sizes = next((r for c, r in results if c.loss not in ("sft",) and "teacher_params" in r), {})
+    results = [(group, run_worker(__file__, asdict(group)))
+               for group in tqdm(build_groups(args), desc="model pairs", dynamic_ncols=True)]
+    sizes = next((r for _, by_key in results for r in by_key.values() if isinstance(r, dict)), {})
     print(describe(args, sizes))
     if args.json:
         import json
 
-        Path(args.json).write_text(json.dumps([{"case": asdict(c), "result": r} for c, r in results], indent=1))
+        Path(args.json).write_text(json.dumps([{"group": asdict(g), "results": r} for g, r in results], indent=1))
     print(report(results, args))
 
 
