@@ -200,12 +200,12 @@ def build_groups(args) -> list[Group]:
 
 def report(results, args) -> str:
     """results: [(group, {key: result})] -> Markdown table and the KL target."""
-    lines = ["| vocab student / teacher | teacher tokenizer | step | tokens/s | s/step | "
+    lines = ["| vocabulary student / teacher | teacher tokenizer | step | tokens/s | s/step | "
              "ratio to SFT + teacher forward | peak MiB |", "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
     checks = []
     for group, by_key in results:
-        vocab = f"{group.vocab_student:,} / {group.vocab_teacher:,}"
-        teacher = "same" if group.same_tokenizer else f"other ({group.vocab_teacher:,})"
+        vocab = f"{group.vocab_student:,}" + (" (both)" if group.same_tokenizer else f" / {group.vocab_teacher:,}")
+        teacher = "same" if group.same_tokenizer else "other"
         if "error" in by_key:
             lines.append(f"| {vocab} | {teacher} | error: {by_key['error']} | | | | |")
             continue
