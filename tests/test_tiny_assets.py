@@ -125,3 +125,18 @@ def test_embedded_default_run_distills_the_shipped_teacher(tmp_path):
     evals = [r for r in records if "eval_loss" in r]
     assert evals and evals[-1]["eval_distill"] > 0
     assert (tmp_path / "out" / "last" / "model.safetensors").exists()
+
+
+def test_teacher_data_is_fresh_and_keeps_the_held_out_splits(tmp_path):
+    folder = tiny_assets.write_teacher_data(tmp_path, size=300)
+    rows = {split: tiny_assets.read_split(folder, split) for split in SPLITS}
+    assert len(rows["train"]) == 300
+    assert rows["validation"] == _rows("validation") and rows["test"] == _rows("test")
+    shipped = {r["context"] for split in SPLITS for r in _rows(split)}
+    assert not shipped & {r["context"] for r in rows["train"]}
+    for row in rows["train"]:
+        _check_squad_row(row)
+    flags = tiny_assets.teacher_training_flags("M", str(folder), "OUT")
+    assert flags["dataset.source"] == str(folder) and flags["model_name"] == "M"
+    assert flags["dataset.file"].endswith("llm_distillation/datasets/loader/tiny_qa.py")
+    assert "distillation" not in flags  # the teacher trains alone, in the student slot
