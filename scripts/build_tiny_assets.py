@@ -4,7 +4,9 @@
     python scripts/build_tiny_assets.py --check    # rebuild data and tokenizers in a temporary folder and
                                                    # compare them byte for byte with the shipped ones
 
-Offline; deterministic (see llm_distillation/tiny_assets.py).
+Offline; deterministic (see llm_distillation/tiny_assets.py). Torch runs on one intra-op thread:
+the teacher's weights then do not depend on the machine's core count, and these tiny matrices gain
+nothing from more threads (a second one made training 4x slower on a busy 2-core machine).
 """
 import os
 import sys
@@ -29,6 +31,9 @@ def main(output: str = str(TINY_ASSETS), check: bool = False, loader: str = None
     `--loader` trains the teacher with another loader file (default: the tiny_qa loader);
     `--work_dir` keeps the teacher's training run (checkpoints, metrics.jsonl) there.
     """
+    import torch
+
+    torch.set_num_threads(1)
     root = Path(output)
     if check:
         differ = tiny_assets.check_reproducible(root)
