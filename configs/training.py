@@ -40,7 +40,7 @@ class train_config:
     gradient_clipping: bool = True  # clip the global gradient norm
     gradient_clipping_threshold: float = 1.0  # the norm it is clipped to
     optimizer: str = "AdamW"  # AdamW | SGD | Adafactor
-    lr: float = 1e-6  # peak learning rate (the ULD runs used 1e-6 to 2e-6)
+    lr: float = 1e-4  # peak learning rate (llama-recipes default; the ULD runs passed --lr 1e-6 to 2e-6)
     weight_decay: float = 0.1  # decoupled weight decay; biases and norms are not decayed
     momentum: float = 0.9  # SGD only
     scheduler: str = "onecycle"  # onecycle | cosine | linear | constant

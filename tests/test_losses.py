@@ -672,6 +672,60 @@ def test_engine_never_builds_batch_seq_vocab(loss):
     assert mode.largest * 20 < batch * seq * vocab
 
 
+def test_sort_descending_matches_torch_sort():
+    """The integer (radix) sort of probabilities gives torch.sort's values, ties and exact zeros included."""
+    from llm_recipes.losses.uld import sort_descending
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(3, 40000, generator=g) * 30, dim=-1)  # many exact zeros (underflow)
+    probs[:, 100:200] = probs[:, :1]  # ties
+    for rows in (probs, probs.double(), probs[:, ::2]):
+        values, order = sort_descending(rows)
+        expected = torch.sort(rows, dim=-1, descending=True).values
+        assert torch.equal(values, expected) and torch.equal(rows.gather(1, order), expected)
+    assert (probs == 0).any()
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the torch ops run, by name (e.g. "sort")."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("loss,options", [("uld", {}), ("uld", {"uld_top_k": 3}),
+                                          ("multilevel_ot", {"multilevel_ot_mode": "greedy", "top_k": 4})])
+def test_engine_backward_recompute_reuses_sorts_and_teacher(loss, options):
+    """Training (forward + backward's recompute of every chunk but the last) sorts and runs the teacher's
+    head once per chunk, as evaluation does: the recompute reuses the chunk's plan. Values and
+    gradients are checked above."""
+    spec, hidden, w_s, t_hidden, w_t, sl, tl = engine_case(loss, 3, **options)
+    rows = 1000
+
+    def run(grad):
+        s_head, t_head = CountingHead(w_s, rows), CountingHead(w_t, rows)
+        with torch.set_grad_enabled(grad), OpCounter() as ops:
+            terms = distillation_terms(spec, hidden, sl, s_head, t_hidden, tl, t_head)
+            if grad:
+                terms.distill_sum.backward()
+        ranking_ops = {k: v for k, v in ops.counts.items() if k in ("sort", "topk", "_cdist_forward")}
+        return s_head.calls, t_head.calls, ranking_ops
+
+    (s_train, t_train, sorts_train), (s_eval, t_eval, sorts_eval) = run(True), run(False)
+    assert s_eval > 1 and s_train == 2 * s_eval - 1  # the student's logits are recomputed, but the last chunk's
+    assert t_train == t_eval > 0
+    assert sorts_eval and all(sorts_eval.values())
+    if loss == "multilevel_ot":  # the Sinkhorn cost [L, L] of each of the 2 sequences is differentiable: recomputed
+        sorts_eval["_cdist_forward"] += 2
+    assert sorts_train == sorts_eval
+
+
 # ----------------------------------------------------------------------------- LossSpec / config
 
 def test_spec_validation_messages():

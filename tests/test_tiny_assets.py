@@ -1,9 +1,10 @@
 """The shipped tiny assets (assets/tiny): they load offline, differ where they must, and are reproducible."""
+import os
 import json
 
 import pytest
 
-from configs.paths import TINY_ASSETS
+from configs.paths import REPO_ROOT as REPO, TINY_ASSETS
 from llm_distillation import synthetic_qa, tiny_assets
 
 SPLITS = ("train", "validation", "test")
@@ -106,6 +107,24 @@ def test_the_untrained_students_are_the_seeded_initialisation():
         shipped = AutoModelForCausalLM.from_pretrained(folder).state_dict()
         for key, value in fresh.state_dict().items():
             assert torch.equal(value, shipped[key]), f"{name}: {key}"
+
+
+def test_embedded_default_run_distills_the_shipped_teacher(tmp_path):
+    """`python finetuning.py --distillation` with no model or data flags: the shipped pair, ULD (tokenizers
+    differ), offline; 40 steps here (the full default run is 750 steps, about half a minute)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "finetuning.py", "--distillation", "--output_dir", str(tmp_path / "out"),
+                           "--max_train_step", "40"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "loss: 1.0 x CE + 1.5 x uld" in done.stdout
+    assert "model saved to" in done.stdout and "eval loss" in done.stdout
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval_loss" in r]
+    assert evals and evals[-1]["eval_distill"] > 0
+    assert (tmp_path / "out" / "last" / "model.safetensors").exists()
 
 
 def test_teacher_data_is_fresh_and_keeps_the_held_out_splits(tmp_path):

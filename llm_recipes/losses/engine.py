@@ -2,9 +2,15 @@
 
 Never builds [batch, seq, vocab]: the answer rows of the hidden states are gathered ([rows, H]),
 the output layer is applied to `spec.chunk_size` rows at a time, and every softmax / sort / loss
-runs in fp32 inside the chunk. Each chunk is wrapped in torch.utils.checkpoint (non-reentrant), so
-backward recomputes that chunk's logits (student and teacher) instead of keeping any chunk alive:
-peak extra memory is one chunk's [rows, vocab] working set, whatever the batch and sequence.
+runs in fp32 inside the chunk. Every chunk but the last is wrapped in torch.utils.checkpoint
+(non-reentrant), so backward recomputes that chunk's logits instead of keeping any chunk alive: peak
+extra memory is one chunk's [rows, vocab] working set, whatever the batch and sequence. The last
+chunk keeps its tensors: its backward is the first to run, right after the forward, so keeping them
+costs what recomputing them would, and a batch whose answer rows fit in one chunk is never
+recomputed. The non-differentiable work of ULD and MultiLevelOT (the teacher's logits, the sorts,
+top-k and column rankings) is done once: a checkpointed chunk's first pass keeps its result, a plan
+(ULD exact: one int8 per student logit; otherwise [rows, k] tensors), and backward's recompute of
+the chunk reuses it instead of sorting again.
 MultiLevelOT ranks columns over a whole sequence, so its chunks hold whole sequences (a sequence
 longer than the chunk size becomes a chunk of its own).
 
@@ -29,7 +35,7 @@ from llm_recipes.losses.alignment import Pairing, check_head_width, pair_answers
 from llm_recipes.losses.cross_entropy import cross_entropy_sum
 from llm_recipes.losses.kl import divergence_sum
 from llm_recipes.losses.kl import divergence_rows
-from llm_recipes.losses.multilevel_ot import multilevel_ot_sum
+from llm_recipes.losses.multilevel_ot import multilevel_ot_plan, multilevel_ot_sum
 from llm_recipes.losses.selection import (
     cross_entropy_rows,
     entropy_rows,
@@ -39,7 +45,7 @@ from llm_recipes.losses.selection import (
     uld_rows,
 )
 from llm_recipes.losses.spec import SFT_ONLY, LossSpec
-from llm_recipes.losses.uld import teacher_sorted, uld_sum
+from llm_recipes.losses.uld import teacher_sorted, uld_plan, uld_sum
 
 Head = Callable[[torch.Tensor], torch.Tensor]
 
@@ -133,9 +139,30 @@ class _Batch:
     teacher_head: Optional[Head]
     row_weights: Optional[torch.Tensor]  # [P] fp32: 1/m_b (ULD), 1 (KL family)
     with_ce: bool
+    plans: dict  # chunk start -> plan, from a checkpointed chunk's first pass to its recompute
 
 
-def _chunk_terms(batch: _Batch, chunk: _Chunk, hidden: torch.Tensor):
+def _teacher_logits(batch: _Batch, chunk: _Chunk) -> torch.Tensor:
+    """fp32 teacher logits [paired, V_t] of the chunk's paired rows, without gradient."""
+    with torch.no_grad():
+        t_logits = batch.teacher_head(batch.teacher_rows[chunk.start:chunk.start + chunk.paired])
+        vocab_t = batch.spec.teacher_vocab_size or t_logits.shape[-1]
+        check_head_width(t_logits.shape[-1], vocab_t, "teacher")
+        return t_logits[:, :vocab_t].float()
+
+
+def _plan(batch: _Batch, chunk: _Chunk, keep: bool, make):
+    """The chunk's plan. `keep` (a checkpointed chunk): kept by its first pass, taken back by backward's
+    recompute of the chunk, so that sorts, rankings and the teacher's logits are computed once."""
+    plan = batch.plans.pop(chunk.start, None)
+    if plan is None:
+        plan = make()
+        if keep:
+            batch.plans[chunk.start] = plan
+    return plan
+
+
+def _chunk_terms(batch: _Batch, chunk: _Chunk, checkpointed: bool, hidden: torch.Tensor):
     spec = batch.spec
     logits = batch.student_head(hidden)
     width = logits.shape[-1]
@@ -151,22 +178,20 @@ def _chunk_terms(batch: _Batch, chunk: _Chunk, hidden: torch.Tensor):
     vocab_s = spec.student_vocab_size or width
     check_head_width(width, vocab_s, "student")
     zs = z[: chunk.paired, :vocab_s]
-    with torch.no_grad():
-        t_logits = batch.teacher_head(batch.teacher_rows[chunk.start:chunk.start + chunk.paired])
-        vocab_t = spec.teacher_vocab_size or t_logits.shape[-1]
-        check_head_width(t_logits.shape[-1], vocab_t, "teacher")
-        zt = t_logits[:, :vocab_t].float()
-        del t_logits
     weights = batch.row_weights[chunk.start:chunk.start + chunk.paired] if batch.row_weights is not None else None
     opts = spec.options
     if spec.name == "uld":
-        with torch.no_grad():
-            teacher = teacher_sorted(zt, opts.teacher_temperature, opts.top_k)
-        del zt
-        distill = uld_sum(zs, teacher, weights, opts.student_temperature, opts.top_k)
+        def make_uld_plan():
+            teacher = teacher_sorted(_teacher_logits(batch, chunk), opts.teacher_temperature, opts.top_k)
+            return uld_plan(zs.detach(), teacher, opts.student_temperature, opts.top_k)
+
+        distill = uld_sum(zs, _plan(batch, chunk, checkpointed, make_uld_plan), weights, opts.student_temperature)
     elif spec.name == "multilevel_ot":
-        distill = multilevel_ot_sum(zs, zt, chunk.lengths, opts)
+        plan = _plan(batch, chunk, checkpointed, lambda: multilevel_ot_plan(
+            zs.detach(), _teacher_logits(batch, chunk), chunk.lengths, opts))
+        distill = multilevel_ot_sum(zs, plan, chunk.lengths, opts)
     else:
+        zt = _teacher_logits(batch, chunk)
         if zs.shape[1] != zt.shape[1]:
             raise UserError(
                 f"student and teacher vocabularies differ ({zs.shape[1]} vs {zt.shape[1]}); a same-tokenizer "
@@ -263,15 +288,16 @@ def distillation_terms(
         else:
             row_weights = torch.ones(pairing.num_paired, device=student_hidden.device)
     targets = pairing.student_targets.to(student_hidden.device)
-    batch = _Batch(spec, student_head, targets, int(pairing.student_targets.max()), teacher_rows,
-                   teacher_head, row_weights, with_ce)
-
     recompute = torch.is_grad_enabled() and student_hidden.requires_grad
+    batch = _Batch(spec, student_head, targets, int(pairing.student_targets.max()), teacher_rows,
+                   teacher_head, row_weights, with_ce, plans={})
     ce_sum = distill_sum = None
-    for chunk in _plan_chunks(spec, pairing):
-        fn = partial(_chunk_terms, batch, chunk)
+    chunks = _plan_chunks(spec, pairing)
+    for i, chunk in enumerate(chunks):
+        checkpointed = recompute and i < len(chunks) - 1
+        fn = partial(_chunk_terms, batch, chunk, checkpointed)
         rows = h_rows[chunk.start:chunk.end]
-        ce, distill = checkpoint(fn, rows, use_reentrant=False) if recompute else fn(rows)
+        ce, distill = checkpoint(fn, rows, use_reentrant=False) if checkpointed else fn(rows)
         ce_sum = ce if ce_sum is None else ce_sum + ce
         distill_sum = distill if distill_sum is None else distill_sum + distill
     return DistillationTerms(ce_sum, distill_sum, ce_count, distill_count, candidates, pairing.num_paired)

@@ -22,8 +22,9 @@ KL_KINDS = ("forward", "reverse", "jsd", "skew_forward", "skew_reverse", "tvd")
 
 
 def _p_log_ratio(p, log_p, log_r):
-    """sum_v p (log p - log r), with 0 log 0 = 0."""
-    return torch.where(p > 0, p * (log_p - log_r), 0.0).sum(dim=-1)
+    """sum_v p (log p - log r), with 0 log 0 = 0: the only NaN a term can hold is 0 * -inf (p = 0 at a
+    -inf logit), which nansum counts as 0."""
+    return torch.nansum(p * (log_p - log_r), dim=-1)
 
 
 def _project(q, g):
@@ -31,50 +32,70 @@ def _project(q, g):
     return g.sub_((q * g).sum(dim=-1, keepdim=True)).mul_(q)
 
 
-def divergence_rows(kind, log_q, log_p, beta=0.5, alpha=0.1, with_grad=False):
-    """-> (value per row [n], T * d value / d z_s [n, V] or None). log_q, log_p: fp32 log-softmax."""
-    q, p = log_q.exp(), log_p.exp()
-    grad = None
+def _log_mixture(log_a, log_b, weight_a):
+    """log(weight_a * a + (1 - weight_a) * b) of two log-distributions."""
+    if weight_a == 0:
+        return log_b.clone()
+    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+
+
+def divergence_rows(kind, log_q, log_p, beta=0.5, alpha=0.1, with_grad=False, with_value=True):
+    """-> (value per row [n] or None, T * d value / d z_s [n, V] or None). log_q, log_p: fp32 log-softmax.
+
+    Computes only what is asked for (backward asks for the gradient alone)."""
+    value = grad = None
     if kind == "forward":
-        value = _p_log_ratio(p, log_p, log_q)
+        p = log_p.exp()
+        if with_value:
+            value = _p_log_ratio(p, log_p, log_q)
         if with_grad:
-            grad = q - p
+            grad = log_q.exp().sub_(p)
     elif kind == "reverse":
-        value = _p_log_ratio(q, log_q, log_p)
+        q = log_q.exp()
+        value = _p_log_ratio(q, log_q, log_p)  # the gradient needs it too
         if with_grad:
             grad = (log_q - log_p).sub_(value[:, None]).mul_(q)
     elif kind == "jsd":
-        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-        value = beta * _p_log_ratio(p, log_p, log_m) + (1 - beta) * _p_log_ratio(q, log_q, log_m)
+        q = log_q.exp()
+        log_m = _log_mixture(log_p, log_q, beta)
+        if with_value:
+            value = beta * _p_log_ratio(log_p.exp(), log_p, log_m) + (1 - beta) * _p_log_ratio(q, log_q, log_m)
         if with_grad:
             grad = _project(q, (log_q - log_m).mul_(1 - beta))
     elif kind == "skew_forward":
-        log_m = torch.logaddexp(log_p + math.log(alpha) if alpha > 0 else torch.full_like(log_p, -math.inf),
-                                log_q + math.log1p(-alpha))
-        value = _p_log_ratio(p, log_p, log_m)
+        log_m = _log_mixture(log_p, log_q, alpha)
+        if with_value:
+            value = _p_log_ratio(log_p.exp(), log_p, log_m)
         if with_grad:
-            grad = _project(q, (log_p - log_m).exp_().mul_(-(1 - alpha)))
+            grad = _project(log_q.exp(), (log_p - log_m).exp_().mul_(-(1 - alpha)))
     elif kind == "skew_reverse":
-        log_m = torch.logaddexp(log_q + math.log(alpha) if alpha > 0 else torch.full_like(log_q, -math.inf),
-                                log_p + math.log1p(-alpha))
-        value = _p_log_ratio(q, log_q, log_m)
+        q = log_q.exp()
+        log_m = _log_mixture(log_q, log_p, alpha)
+        if with_value:
+            value = _p_log_ratio(q, log_q, log_m)
         if with_grad:
             grad = _project(q, (log_q - log_m).sub_((log_q - log_m).exp_().mul_(alpha)))
     elif kind == "tvd":
-        diff = q - p
-        value = 0.5 * diff.abs().sum(dim=-1)
+        diff = log_q.exp() - log_p.exp()
+        if with_value:
+            value = 0.5 * diff.abs().sum(dim=-1)
         if with_grad:
-            grad = _project(q, diff.sign_().mul_(0.5))
+            grad = _project(log_q.exp(), diff.sign_().mul_(0.5))
     else:
         raise ValueError(f"unknown divergence kind {kind!r}; expected one of {KL_KINDS}")
     return value, grad
 
 
+def _scaled(logits, temperature):
+    """z / T, without the copy when T = 1 (the default)."""
+    return logits if temperature == 1 else logits / temperature
+
+
 class _DivergenceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, weights, kind, temperature, beta, alpha):
-        log_q = torch.log_softmax(student_logits / temperature, dim=-1)
-        log_p = torch.log_softmax(teacher_logits / temperature, dim=-1)
+        log_q = torch.log_softmax(_scaled(student_logits, temperature), dim=-1)
+        log_p = torch.log_softmax(_scaled(teacher_logits, temperature), dim=-1)
         value, _ = divergence_rows(kind, log_q, log_p, beta, alpha)
         ctx.options = (kind, temperature, beta, alpha)
         ctx.save_for_backward(log_q, log_p, weights)
@@ -84,7 +105,7 @@ class _DivergenceSum(torch.autograd.Function):
     def backward(ctx, grad_out):
         kind, temperature, beta, alpha = ctx.options
         log_q, log_p, weights = ctx.saved_tensors
-        _, grad = divergence_rows(kind, log_q, log_p, beta, alpha, with_grad=True)
+        _, grad = divergence_rows(kind, log_q, log_p, beta, alpha, with_grad=True, with_value=False)
         grad.mul_((weights * (grad_out * temperature))[:, None])  # T^2 / T
         return grad, None, None, None, None, None, None
 

@@ -28,7 +28,7 @@ flows through the gathered probabilities and, for SD, through the unrolled Sinkh
 (as in the public code).
 """
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -56,12 +56,17 @@ class MultiLevelOTOptions:
     sd_scale: float = 1.0
 
 
+def _scaled(logits, temperature):
+    """z / T, without the copy when T = 1 (the default)."""
+    return logits if temperature == 1 else logits / temperature
+
+
 class _GatheredLogSoftmax(torch.autograd.Function):
     """log_softmax(z / T) at columns idx, without materialising or saving the [n, V] result."""
 
     @staticmethod
     def forward(ctx, logits, idx, temperature):
-        lse = torch.logsumexp(logits / temperature, dim=-1)
+        lse = torch.logsumexp(_scaled(logits, temperature), dim=-1)
         ctx.temperature = temperature
         ctx.save_for_backward(logits, idx, lse)
         return logits.gather(1, idx) / temperature - lse[:, None]
@@ -70,9 +75,9 @@ class _GatheredLogSoftmax(torch.autograd.Function):
     def backward(ctx, grad):
         logits, idx, lse = ctx.saved_tensors
         t = ctx.temperature
-        grad_logits = torch.exp(logits / t - lse[:, None]).mul_(-grad.sum(dim=-1, keepdim=True))
+        grad_logits = (_scaled(logits, t) - lse[:, None]).exp_().mul_(-grad.sum(dim=-1, keepdim=True))
         grad_logits.scatter_add_(1, idx, grad)
-        return grad_logits.div_(t), None, None
+        return _scaled(grad_logits, t), None, None
 
 
 def gathered_log_softmax(logits, idx, temperature):
@@ -132,14 +137,24 @@ def _sinkhorn_distance(cost, reg, iters):
     return (log_plan.exp() * cost).sum()
 
 
-def multilevel_ot_sum(
+class MultiLevelOTPlan(NamedTuple):
+    """The non-differentiable part of a chunk (teacher side and ranking): all [n, k], made once."""
+
+    student_columns: torch.Tensor  # [n, k] long, the student's ranked columns per row
+    teacher: torch.Tensor  # [n, k] float64, teacher probabilities at teacher_temperature (HAD)
+    teacher_sl: torch.Tensor  # [n, k] float64, teacher log-probabilities at sl_temperature
+    teacher_sd: torch.Tensor  # [n, k] float64, teacher log-probabilities at sd_temperature
+
+
+@torch.no_grad()
+def multilevel_ot_plan(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     lengths: Sequence[int],
     opts: MultiLevelOTOptions,
-) -> torch.Tensor:
-    """Sum over sequences of the MultiLevelOT value. Logits fp32 [n, V], rows grouped by sequence
-    (consecutive, `lengths` rows each, all > 0). Differentiable w.r.t. student_logits."""
+) -> MultiLevelOTPlan:
+    """Rank the columns of fp32 logits [n, V] (rows grouped by sequence, `lengths` rows each, all > 0)
+    and gather the teacher's side of every term."""
     if opts.ranking == "token" and opts.mode == "greedy":
         raise ValueError("greedy matching needs ranking='sequence'")
     lengths = [int(x) for x in lengths]
@@ -147,30 +162,42 @@ def multilevel_ot_sum(
         student_logits = std_normalize(student_logits)
         teacher_logits = std_normalize(teacher_logits)
     k = min(opts.top_k, student_logits.shape[1], teacher_logits.shape[1])
+    probs_s = torch.softmax(_scaled(student_logits, opts.student_temperature), dim=-1)
+    probs_t = torch.softmax(_scaled(teacher_logits, opts.teacher_temperature), dim=-1)
+    cols_s, cols_t = _rank_columns(probs_s, probs_t, lengths, k, opts)
+    teacher = probs_t.gather(1, cols_t).double()
+    del probs_s, probs_t
 
-    with torch.no_grad():
-        probs_s = torch.softmax(student_logits / opts.student_temperature, dim=-1)
-        probs_t = torch.softmax(teacher_logits / opts.teacher_temperature, dim=-1)
-        cols_s, cols_t = _rank_columns(probs_s, probs_t, lengths, k, opts)
-        teacher = probs_t.gather(1, cols_t).double()
-        del probs_s, probs_t
+    def teacher_at(temperature):
+        return gathered_log_softmax(teacher_logits, cols_t, temperature).double()
 
-        def teacher_at(temperature):
-            return gathered_log_softmax(teacher_logits, cols_t, temperature).double()
+    return MultiLevelOTPlan(cols_s, teacher, teacher_at(opts.sl_temperature), teacher_at(opts.sd_temperature))
 
-        teacher_sl, teacher_sd = teacher_at(opts.sl_temperature), teacher_at(opts.sd_temperature)
+
+def multilevel_ot_sum(
+    student_logits: torch.Tensor,
+    plan: MultiLevelOTPlan,
+    lengths: Sequence[int],
+    opts: MultiLevelOTOptions,
+) -> torch.Tensor:
+    """Sum over sequences of the MultiLevelOT value, from the plan made of these logits (fp32 [n, V_s],
+    rows grouped by sequence as in the plan). Differentiable w.r.t. student_logits."""
+    lengths = [int(x) for x in lengths]
+    if opts.logit_norm == "std":
+        student_logits = std_normalize(student_logits)
+    cols_s = plan.student_columns
 
     def student_at(temperature):
         return gathered_log_softmax(student_logits, cols_s, temperature).double()
 
-    had = (student_at(opts.student_temperature).exp() - teacher).abs().sum(dim=-1)
+    had = (student_at(opts.student_temperature).exp() - plan.teacher).abs().sum(dim=-1)
     log_s_sl = student_at(opts.sl_temperature)
     if opts.sl_form == "paper":
-        sl = -(teacher_sl.exp() * log_s_sl).sum(dim=-1)
+        sl = -(plan.teacher_sl.exp() * log_s_sl).sum(dim=-1)
     else:
-        sl = -(torch.softmax(log_s_sl.exp(), dim=-1) * torch.log_softmax(teacher_sl.exp(), dim=-1)).sum(dim=-1)
+        sl = -(torch.softmax(log_s_sl.exp(), dim=-1) * torch.log_softmax(plan.teacher_sl.exp(), dim=-1)).sum(dim=-1)
     per_row = had + opts.sl_weight * sl
-    s_sd, t_sd = student_at(opts.sd_temperature).exp(), teacher_sd.exp()
+    s_sd, t_sd = student_at(opts.sd_temperature).exp(), plan.teacher_sd.exp()
 
     total = per_row.new_zeros(())
     start = 0
@@ -179,7 +206,8 @@ def multilevel_ot_sum(
         value = per_row[rows].mean()
         if opts.sd_weight:
             cost = torch.cdist(t_sd[rows], s_sd[rows], p=1)
-            value = value + opts.sd_weight * opts.sd_scale * _sinkhorn_distance(cost, opts.sinkhorn_reg, opts.sinkhorn_iters)
+            sd = _sinkhorn_distance(cost, opts.sinkhorn_reg, opts.sinkhorn_iters)
+            value = value + opts.sd_weight * opts.sd_scale * sd
         total = total + value
         start += length
     return total.float()

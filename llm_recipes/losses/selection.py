@@ -32,7 +32,7 @@ from typing import Sequence, Tuple
 import torch
 
 from llm_recipes.losses.alignment import Pairing
-from llm_recipes.losses.uld import TeacherSorted
+from llm_recipes.losses.uld import TeacherSorted, uld_plan
 
 TOKEN_SELECTIONS = ("none", "teacher_entropy", "student_entropy", "student_ce", "divergence")
 FEATURE_ATTRIBUTIONS = ("abs", "signed")
@@ -61,17 +61,7 @@ def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 def uld_rows(student_logits: torch.Tensor, teacher: TeacherSorted, temperature: float, top_k: int = 0) -> torch.Tensor:
     """ULD's per-position distance (exact, or its top-k + tail variant), as in llm_recipes.losses.uld."""
-    q = torch.softmax(student_logits / temperature, dim=-1)
-    if top_k <= 0:
-        q = torch.sort(q, dim=-1, descending=True).values
-    else:
-        q = torch.topk(q, min(top_k, q.shape[1]), dim=-1, sorted=True).values
-    p = teacher.probs
-    shared = min(q.shape[1], p.shape[1])
-    dist = (q[:, :shared] - p[:, :shared]).abs().sum(dim=-1) + q[:, shared:].sum(dim=-1) + p[:, shared:].sum(dim=-1)
-    if teacher.tail is not None:
-        dist = dist + ((1.0 - q.sum(dim=-1)) - teacher.tail).abs()
-    return dist
+    return uld_plan(student_logits, teacher, temperature, top_k, with_signs=False).values
 
 
 def select_top(scores: torch.Tensor, sequence: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

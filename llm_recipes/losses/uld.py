@@ -9,13 +9,45 @@ index by index; the rest of each distribution is one bucket, tail = 1 - sum(top 
 |tail_q - tail_p|. By the triangle inequality this is a lower bound of the exact distance and
 exact - top_k <= 2 * min(tail_q, tail_p). It replaces the full-vocabulary sort with torch.topk.
 
-Both are custom autograd functions: the gradient of sum_i |q_sorted[i] - p_sorted[i]| w.r.t. q is
-the sign of each difference scattered back through the sort permutation, then the softmax Jacobian.
-They save q and the permutation, never an autograd graph over [rows, vocab].
+The expensive part, the sort (or top-k) of both sides, has no gradient: `uld_plan` does it once per
+chunk of rows, under no_grad, and keeps only what the gradient needs: the sign of each difference at
+the student entry it belongs to (exact: int8 [n, V_s], a quarter of the chunk's fp32 logits; top-k:
+[n, k] signs, the k student ids and the tail's sign). `uld_sum` turns a plan into the differentiable
+value: its backward is those signs through the softmax Jacobian, q * (g - <q, g>) / T. The trainer's
+engine keeps a chunk's plan from the forward to backward's recompute of the chunk, so neither side
+is sorted twice and the teacher is not recomputed (docs/losses.md, "Memory and time").
 """
 from typing import NamedTuple, Optional
 
 import torch
+
+
+def _scaled(logits, temperature):
+    """z / T, without the copy when T = 1 (the default)."""
+    return logits if temperature == 1 else logits / temperature
+
+
+_BITS = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+def sort_descending(probs: torch.Tensor):
+    """torch.sort(probs, dim=-1, descending=True) of non-negative rows [n, V]; several times faster on CPU.
+
+    Non-negative IEEE floats are ordered like their bit patterns read as integers, and torch sorts a
+    1-D integer tensor with a radix sort (fbgemm) instead of the comparison sort it uses for float
+    rows: about 6x faster at V = 152k on one core (benchmarks/RESULTS.md). Ties may come out in
+    another order than torch.sort's, which changes neither the sorted values nor ULD (any order of
+    ties gives a valid subgradient). Other devices keep torch.sort (CUDA sorts rows by radix already).
+    """
+    if probs.device.type != "cpu" or probs.dtype not in _BITS:
+        return torch.sort(probs, dim=-1, descending=True)
+    bits = probs.contiguous().view(_BITS[probs.dtype])
+    values, order = torch.empty_like(probs), torch.empty(probs.shape, dtype=torch.long)
+    for row in range(probs.shape[0]):
+        row_bits, row_order = torch.sort(bits[row], stable=True)
+        values[row] = row_bits.view(probs.dtype).flip(0)
+        order[row] = row_order.flip(0)
+    return values, order
 
 
 class TeacherSorted(NamedTuple):
@@ -27,11 +59,49 @@ class TeacherSorted(NamedTuple):
 
 def teacher_sorted(teacher_logits: torch.Tensor, temperature: float, top_k: int = 0) -> TeacherSorted:
     """Sorted teacher probabilities of fp32 logits [n, V_t]."""
-    probs = torch.softmax(teacher_logits / temperature, dim=-1)
+    probs = torch.softmax(_scaled(teacher_logits, temperature), dim=-1)
     if top_k <= 0:
-        return TeacherSorted(torch.sort(probs, dim=-1, descending=True).values, None)
+        return TeacherSorted(sort_descending(probs)[0], None)
     top = torch.topk(probs, min(top_k, probs.shape[1]), dim=-1, sorted=True).values
     return TeacherSorted(top, 1.0 - top.sum(dim=-1))
+
+
+class ULDPlan(NamedTuple):
+    """ULD's non-differentiable work for a chunk of rows: the values and the gradient's signs."""
+
+    values: torch.Tensor  # [n] fp32, ULD per row
+    signs: Optional[torch.Tensor]  # int8, exact: [n, V_s] per student entry; top-k: [n, k] at `columns`
+    columns: Optional[torch.Tensor]  # top-k: [n, k] student ids of the top k; None when exact
+    tail_signs: Optional[torch.Tensor]  # top-k: [n] int8, sign of tail_q - tail_p; None when exact
+
+
+def _sign_int8(x: torch.Tensor) -> torch.Tensor:
+    return (x > 0).to(torch.int8) - (x < 0).to(torch.int8)
+
+
+@torch.no_grad()
+def uld_plan(student_logits: torch.Tensor, teacher: TeacherSorted, temperature: float, top_k: int = 0,
+             with_signs: bool = True) -> ULDPlan:
+    """Per-row ULD of fp32 student logits [n, V_s] against the sorted teacher (exact when top_k <= 0,
+    else the top-k + tail variant), and, `with_signs`, the signs its gradient needs."""
+    q = torch.softmax(_scaled(student_logits, temperature), dim=-1)
+    p = teacher.probs
+    if top_k <= 0:
+        diff, order = sort_descending(q)
+        del q
+    else:
+        diff, order = torch.topk(q, min(top_k, q.shape[1]), dim=-1, sorted=True)
+        tail = 1.0 - diff.sum(dim=-1) - teacher.tail
+    shared = min(diff.shape[1], p.shape[1])
+    diff[:, :shared] -= p[:, :shared]  # past `shared`: the zero padding of the shorter side, |x - 0| = x
+    signs = _sign_int8(diff) if with_signs else None
+    values = diff.abs_().sum(dim=-1) + p[:, shared:].sum(dim=-1)
+    if top_k > 0:
+        values += tail.abs()
+        return ULDPlan(values, signs, order, _sign_int8(tail) if with_signs else None)
+    if with_signs:  # back from rank order to vocabulary order
+        signs = torch.empty_like(signs).scatter_(1, order, signs)
+    return ULDPlan(values, signs, None, None)
 
 
 def _softmax_backward(q: torch.Tensor, g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -40,63 +110,34 @@ def _softmax_backward(q: torch.Tensor, g: torch.Tensor, scale: torch.Tensor) -> 
     return g
 
 
-class _ULDExactSum(torch.autograd.Function):
+class _ULDSum(torch.autograd.Function):
+    """sum_r w_r ULD_r from a plan; the gradient w.r.t. the student logits is the plan's signs through
+    the softmax Jacobian. Saves q and the (int8) signs, never an autograd graph over [rows, vocab]."""
+
     @staticmethod
-    def forward(ctx, student_logits, teacher_probs_sorted, weights, temperature):
-        q = torch.softmax(student_logits / temperature, dim=-1)
-        q_sorted, order = torch.sort(q, dim=-1, descending=True)
-        shared = min(q.shape[1], teacher_probs_sorted.shape[1])
-        dist = (q_sorted[:, :shared] - teacher_probs_sorted[:, :shared]).abs_().sum(dim=-1)
-        # the zero padding of the shorter vocabulary: |x - 0| = x
-        dist += q_sorted[:, shared:].sum(dim=-1) + teacher_probs_sorted[:, shared:].sum(dim=-1)
+    def forward(ctx, student_logits, weights, values, signs, columns, tail_signs, temperature):
+        q = torch.softmax(_scaled(student_logits, temperature), dim=-1)
         ctx.temperature = temperature
-        ctx.save_for_backward(q, order, teacher_probs_sorted, weights)
-        return (weights * dist).sum()
+        ctx.top_k = columns is not None
+        if ctx.top_k:
+            ctx.save_for_backward(q, weights, signs, columns, tail_signs)
+        else:
+            ctx.save_for_backward(q, weights, signs)
+        return (weights * values).sum()
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, order, teacher_probs_sorted, weights = ctx.saved_tensors
-        shared = min(q.shape[1], teacher_probs_sorted.shape[1])
-        sign_sorted = q.gather(1, order)
-        sign_sorted[:, :shared].sub_(teacher_probs_sorted[:, :shared])
-        sign_sorted.sign_()
-        g = torch.empty_like(q).scatter_(1, order, sign_sorted)
-        del sign_sorted
-        return _softmax_backward(q, g, weights * grad_out / ctx.temperature), None, None, None
+        q, weights, signs, *top = ctx.saved_tensors
+        if ctx.top_k:
+            columns, tail_signs = top
+            g = tail_signs.to(q.dtype)[:, None].expand_as(q).clone().scatter_(1, columns, signs.to(q.dtype))
+        else:
+            g = signs.to(q.dtype)
+        return _softmax_backward(q, g, weights * grad_out / ctx.temperature), None, None, None, None, None, None
 
 
-class _ULDTopKSum(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, student_logits, teacher_top, teacher_tail, weights, temperature, top_k):
-        q = torch.softmax(student_logits / temperature, dim=-1)
-        q_top, idx = torch.topk(q, min(top_k, q.shape[1]), dim=-1, sorted=True)
-        shared = min(q_top.shape[1], teacher_top.shape[1])
-        head = q_top[:, :shared] - teacher_top[:, :shared]
-        tail_q = 1.0 - q_top.sum(dim=-1)
-        dist = head.abs().sum(dim=-1) + q_top[:, shared:].sum(dim=-1) + teacher_top[:, shared:].sum(dim=-1)
-        dist += (tail_q - teacher_tail).abs()
-        top_sign = torch.ones_like(q_top)
-        top_sign[:, :shared] = head.sign()
-        ctx.temperature = temperature
-        ctx.save_for_backward(q, idx, top_sign, (tail_q - teacher_tail).sign(), weights)
-        return (weights * dist).sum()
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, idx, top_sign, tail_sign, weights = ctx.saved_tensors
-        g = tail_sign[:, None].expand_as(q).clone().scatter_(1, idx, top_sign)
-        grad = _softmax_backward(q, g, weights * grad_out / ctx.temperature)
-        return grad, None, None, None, None, None
-
-
-def uld_sum(
-    student_logits: torch.Tensor,
-    teacher: TeacherSorted,
-    weights: torch.Tensor,
-    temperature: float,
-    top_k: int = 0,
-) -> torch.Tensor:
-    """sum_r weights_r * ULD_r over paired rows; student_logits [n, V_s] fp32, weights [n] fp32."""
-    if top_k <= 0:
-        return _ULDExactSum.apply(student_logits, teacher.probs, weights, temperature)
-    return _ULDTopKSum.apply(student_logits, teacher.probs, teacher.tail, weights, temperature, top_k)
+def uld_sum(student_logits: torch.Tensor, plan: ULDPlan, weights: torch.Tensor, temperature: float) -> torch.Tensor:
+    """sum_r weights_r * ULD_r over paired rows, differentiable w.r.t. student_logits [n, V_s] fp32 (the
+    logits the plan was made from); weights [n] fp32."""
+    return _ULDSum.apply(student_logits, weights, plan.values, plan.signs, plan.columns, plan.tail_signs,
+                         temperature)

@@ -1,0 +1,287 @@
+"""Training-step throughput and peak memory: SFT versus each distillation loss, through the trainer's code.
+
+    python benchmarks/bench_train_step.py                    # Qwen-2.5 student / Llama-3 teacher vocabularies
+    python benchmarks/bench_train_step.py --vocab-pairs pythia-llama2 --quick
+
+Models: small random Llama-architecture models built from configs (no download) with real vocabulary
+sizes: a student (V_s), a teacher with another tokenizer (V_t, for ULD and MultiLevelOT) and a
+teacher with the student's tokenizer (V_s, for the KL family), each answer 128 of 512 tokens.
+One optimizer step is what llm_recipes/finetuning.py's loop does for one micro-batch on one process:
+Objective.counts (step totals), Objective.terms (teacher forward to its last hidden states, student
+forward, CE and the logit term from the answer rows by llm_recipes.losses), Objective.combine,
+backward, finetuning.clip_gradients, AdamW (llm_recipes.optim.build_optimizer) step, zero_grad.
+"SFT + teacher forward" is the same step with the teacher's forward and no logit term: the ratio
+column divides each loss's step time by it, on the same two models.
+
+The steps that share a teacher run in one process on the same models, interleaved (one step of each
+kind per round, `--repeats` rounds after `--warmup`), so that a ratio compares steps timed side by
+side: on a shared machine the speed of a core drifts with what else runs. Peak memory is measured
+per step (the peak resident set size is reset before each).
+
+These bodies are tiny next to their output layers (V x d), so the logit term's share of a step is
+far larger than with real models (a 7B teacher's forward dwarfs its output layer on the answer rows):
+the ratios here are upper bounds.
+"""
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from benchmarks.bench_losses import VOCAB_PAIRS, parse_vocab_pairs  # noqa: E402
+from benchmarks.measure import PeakMemory, check_supported, clock, clock_name, machine, memory_name, run_worker  # noqa: E402,E501
+
+KL_LOSSES = ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+
+
+KL_LOSSES = ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+
+
+@dataclass
+class Step:
+    key: str  # what --only selects
+    label: str
+    loss: str  # "sft" (no teacher), "none" (SFT + teacher forward), or a --distillation_config.loss
+    uld_top_k: int = 0
+    mode: str = "fast"
+
+
+@dataclass
+class Group:
+    """Steps on one student and one teacher, timed interleaved in one process."""
+
+    same_tokenizer: bool
+    vocab_student: int
+    vocab_teacher: int
+    steps: list = field(default_factory=list)
+    batch: int = 4
+    seq: int = 512
+    answer: int = 128
+    student_hidden: int = 256
+    student_layers: int = 4
+    teacher_hidden: int = 512
+    teacher_layers: int = 4
+    chunk_size: int = 1024
+    device: str = "cpu"
+    warmup: int = 1
+    repeats: int = 3
+    threads: int = 0
+
+
+def llama(vocab: int, hidden: int, layers: int, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                         max_position_embeddings=2048, tie_word_embeddings=False, attn_implementation="sdpa")
+    return LlamaForCausalLM(config)
+
+
+def make_side(group: Group, vocab: int, generator) -> dict:
+    ids = torch.randint(0, vocab, (group.batch, group.seq), generator=generator)
+    labels = torch.full_like(ids, -100)
+    labels[:, group.seq - group.answer:] = ids[:, group.seq - group.answer:]
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def objective_for(step: Step, group: Group, student, teacher):
+    """(Objective, run config) of one step kind, as finetuning.train builds them."""
+    from llm_recipes import distributed
+    from llm_recipes.config import RunConfig
+    from llm_recipes.finetuning import Objective
+    from llm_recipes.losses import LossSpec
+
+    cfg = RunConfig()
+    cfg.train.distillation = step.loss != "sft"
+    cfg.train.logits_chunk_size = group.chunk_size
+    d = cfg.distillation
+    d.loss = step.loss if step.loss not in ("sft", "none") else "auto"
+    d.distil_factor = 0.15 if step.loss == "multilevel_ot" else 1.5
+    d.uld_top_k = step.uld_top_k
+    d.multilevel_ot_mode = step.mode
+    vocab_t = group.vocab_student if group.same_tokenizer else group.vocab_teacher
+    spec = LossSpec.from_config(d, name="none" if step.loss == "sft" else step.loss,
+                                student_vocab_size=group.vocab_student, teacher_vocab_size=vocab_t,
+                                same_tokenizer=group.same_tokenizer, chunk_size=group.chunk_size)
+    info = distributed.DistInfo(device=torch.device(group.device))
+    return Objective(cfg, spec, student, teacher if step.loss != "sft" else None, info), cfg
+
+
+def train_step(objective, optimizer, batch, cfg) -> float:
+    """One optimizer step of one micro-batch on one process, as finetuning.train's loop runs it."""
+    from llm_recipes.finetuning import Counts, check_finite, clip_gradients
+
+    totals = Counts(*objective.counts(batch))  # the step's totals: this micro-batch's counts
+    terms = objective.terms(batch)
+    loss = objective.combine(terms, totals)
+    check_finite(loss, "the loss", "benchmark")
+    loss.backward()
+    clip_gradients(objective.student, cfg.train)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def measure(group: Group) -> dict:
+    """Every step of the group, interleaved: {step key: result}."""
+    from llm_recipes import models
+    from llm_recipes.optim import build_optimizer
+
+    if group.threads:
+        torch.set_num_threads(group.threads)
+    device = torch.device(group.device)
+    vocab_t = group.vocab_student if group.same_tokenizer else group.vocab_teacher
+    student = llama(group.vocab_student, group.student_hidden, group.student_layers, seed=0).to(device).train()
+    teacher = models.freeze_teacher(llama(vocab_t, group.teacher_hidden, group.teacher_layers, seed=1).to(device))
+    generator = torch.Generator().manual_seed(0)
+    batch = {"student": make_side(group, group.vocab_student, generator)}
+    batch["teacher"] = batch["student"] if group.same_tokenizer else make_side(group, vocab_t, generator)
+    batch = {side: {k: v.to(device) for k, v in tensors.items()} for side, tensors in batch.items()}
+    steps = [Step(**step) for step in group.steps]
+    objectives = [objective_for(step, group, student, teacher) for step in steps]
+    optimizer = build_optimizer(student, objectives[0][1].train)
+    memory = PeakMemory(device)
+    results = {step.key: {"times_s": [], "wall_s": [], "peak_bytes": 0} for step in steps}
+    for round_ in range(group.warmup + group.repeats):  # the warm-up also allocates the optimizer state
+        for step, (objective, cfg) in zip(steps, objectives):
+            memory.start()
+            started, wall = clock(device), time.perf_counter()
+            loss = train_step(objective, optimizer, batch, cfg)
+            elapsed, wall = clock(device) - started, time.perf_counter() - wall
+            if round_ >= group.warmup:
+                result = results[step.key]
+                result["times_s"].append(elapsed)
+                result["wall_s"].append(wall)
+                result["peak_bytes"] = max(result["peak_bytes"], memory.peak())
+                result["loss"] = loss
+    tokens = int(batch["student"]["attention_mask"].sum())
+    sizes = {"student_params": sum(p.numel() for p in student.parameters()),
+             "head_params": sum(p.numel() for p in student.get_output_embeddings().parameters()),
+             "teacher_params": sum(p.numel() for p in teacher.parameters())}
+    for result in results.values():
+        result.update(time_s=statistics.median(result["times_s"]), tokens=tokens, **sizes)
+    return results
+
+
+def build_groups(args) -> list[Group]:
+    common = dict(batch=args.batch, seq=args.seq, answer=args.answer, student_hidden=args.student_hidden,
+                  student_layers=args.student_layers, teacher_hidden=args.teacher_hidden,
+                  teacher_layers=args.teacher_layers, chunk_size=args.chunk_size, device=args.device,
+                  warmup=args.warmup, repeats=args.repeats, threads=args.threads)
+    same = [Step("sft", "SFT", "sft"), Step("teacher-same", "SFT + teacher forward", "none")]
+    same += [Step(loss, loss, loss) for loss in (("kl",) if args.quick else KL_LOSSES)]
+    other = [Step("teacher-other", "SFT + teacher forward", "none"), Step("uld", "uld (exact)", "uld")]
+    other += [Step(f"uld-top-{k}", f"uld top-{k}", "uld", uld_top_k=k) for k in args.uld_top_k]
+    other += [Step(f"multilevel_ot-{mode}", f"multilevel_ot {mode}", "multilevel_ot", mode=mode)
+              for mode in (("fast",) if args.quick else ("fast", "greedy"))]
+    known = [step.key for step in same + other]
+    if args.only:
+        unknown = set(args.only) - set(known)
+        if unknown:
+            raise SystemExit(f"error: --only {','.join(sorted(unknown))}: not a step of this run; choose from "
+                             + ", ".join(known))
+        same = [step for step in same if step.key in args.only]
+        other = [step for step in other if step.key in args.only]
+    groups = []
+    for vocab_s, vocab_t in args.vocab_pairs:
+        for same_tokenizer, steps in ((True, same), (False, other)):
+            if steps:
+                groups.append(Group(same_tokenizer, vocab_s, vocab_t, [asdict(step) for step in steps], **common))
+    return groups
+
+
+def report(results, args) -> str:
+    """results: [(group, {key: result})] -> Markdown table and the KL target."""
+    lines = ["| vocabulary student / teacher | teacher tokenizer | step | tokens/s | s/step | "
+             "ratio to SFT + teacher forward | peak MiB |", "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    checks = []
+    for group, by_key in results:
+        vocab = f"{group.vocab_student:,}" + (" (both)" if group.same_tokenizer else f" / {group.vocab_teacher:,}")
+        teacher = "same" if group.same_tokenizer else "other"
+        if "error" in by_key:
+            lines.append(f"| {vocab} | {teacher} | error: {by_key['error']} | | | | |")
+            continue
+        base = by_key.get("teacher-same" if group.same_tokenizer else "teacher-other")
+        for step in group.steps:
+            result = by_key[step["key"]]
+            ratio = result["time_s"] / base["time_s"] if base and step["loss"] not in ("sft", "none") else None
+            lines.append(f"| {vocab} | {'—' if step['loss'] == 'sft' else teacher} | {step['label']} | "
+                         f"{result['tokens'] / result['time_s']:,.0f} | {result['time_s']:.2f} | "
+                         f"{'—' if ratio is None else f'{ratio:.2f}'} | {result['peak_bytes'] / 2**20:,.0f} |")
+            if step["loss"] == "kl" and ratio is not None:
+                checks.append(f"| same-tokenizer KL step <= 1.3 x SFT + teacher forward ({vocab}) | "
+                              f"{'yes' if ratio <= 1.3 else 'NO'} | {ratio:.2f} x |")
+    text = "\n".join(lines)
+    if checks:
+        text += "\n\n" + "\n".join(["| target | met | measured |", "| --- | --- | --- |"] + checks)
+    return text
+
+
+def describe(args, sizes: dict) -> str:
+    millions = {key: sizes.get(key, 0) / 1e6 for key in ("student_params", "head_params", "teacher_params")}
+    params = (f" (student {millions['student_params']:.1f}M parameters, {millions['head_params']:.1f}M of them in its "
+              f"output layer; teacher {millions['teacher_params']:.1f}M)" if sizes else "")
+    return (f"{machine(args.threads or torch.get_num_threads())}; device {args.device}; random Llama models: student "
+            f"d={args.student_hidden}, {args.student_layers} layers; teacher d={args.teacher_hidden}, "
+            f"{args.teacher_layers} layers{params}; batch {args.batch} x {args.seq} tokens, {args.answer} answer "
+            f"tokens; fp32, AdamW, chunk size {args.chunk_size}; distil_factor 1.5 (MultiLevelOT 0.15); time: median "
+            f"of {args.repeats} steps after {args.warmup} warm-up, steps with one teacher interleaved in one process, "
+            f"{clock_name(args.device)}; tokens/s = student tokens (attention mask) per second of that time; peak "
+            f"memory per step: {memory_name(args.device)} (models and optimizer state excluded).")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--vocab-pairs", type=parse_vocab_pairs, default=[VOCAB_PAIRS["qwen-llama3"]],
+                        help="comma-separated STUDENT:TEACHER vocabulary sizes or names ("
+                             + ", ".join(f"{k}={s}:{t}" for k, (s, t) in VOCAB_PAIRS.items()) + ")")
+    parser.add_argument("--quick", action="store_true", help="SFT, SFT + teacher, kl, uld, multilevel_ot fast; 1 step")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--answer", type=int, default=128)
+    parser.add_argument("--student-hidden", type=int, default=256)
+    parser.add_argument("--student-layers", type=int, default=4)
+    parser.add_argument("--teacher-hidden", type=int, default=512)
+    parser.add_argument("--teacher-layers", type=int, default=4)
+    parser.add_argument("--chunk-size", type=int, default=1024, help="--logits_chunk_size")
+    parser.add_argument("--uld-top-k", type=lambda s: [int(x) for x in s.split(",") if x], default=[512])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--only", type=lambda s: [x for x in s.split(",") if x],
+                        help="comma-separated steps to run: sft, teacher-same, teacher-other, kl, reverse_kl, jsd, "
+                             "skew_kl, skew_reverse_kl, tvd, uld, uld-top-K, multilevel_ot-fast, multilevel_ot-greedy")
+    parser.add_argument("--json", help="also write the raw results to this file")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        import json
+
+        print(json.dumps(measure(Group(**json.loads(args.worker)))))
+        return
+    if args.quick:
+        args.repeats, args.uld_top_k = 1, []
+    check_supported(args.device)
+    results = [(group, run_worker(__file__, asdict(group)))
+               for group in tqdm(build_groups(args), desc="model pairs", dynamic_ncols=True)]
+    sizes = next((r for _, by_key in results for r in by_key.values() if isinstance(r, dict)), {})
+    print(describe(args, sizes))
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps([{"group": asdict(g), "results": r} for g, r in results], indent=1))
+    print(report(results, args))
+
+
+if __name__ == "__main__":
+    main()
