@@ -17,7 +17,6 @@ Everything comes from one `random.Random(seed)`: the same seed gives the same ro
 from __future__ import annotations
 
 import random
-from typing import Iterator
 
 NAMES = [
     "Ada", "Bram", "Cora", "Dov", "Edda", "Fenn", "Gala", "Hugo", "Ines", "Joss", "Kira", "Lior", "Mara",
@@ -116,10 +115,3 @@ def generate_splits(sizes: dict[str, int] = SPLIT_SIZES, seed: int = 0) -> dict[
             used.update(row["context"] for row in splits[split])
     return splits
 
-
-def iter_text(rows: list[dict]) -> Iterator[str]:
-    """The plain text of rows (context, question, answer), e.g. to train a tokenizer on."""
-    for row in rows:
-        yield row["context"]
-        yield row["question"]
-        yield row["answers"]["text"][0]

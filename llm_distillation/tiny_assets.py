@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import filecmp
 import json
-import re
 import shutil
 import string
 import tempfile
-from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -205,39 +203,27 @@ def train_teacher(model_dir: str, data_dir: str, output_dir: str, loader: Option
 
 
 # ------------------------------------------------------------------------------------- scoring
-def normalize_answer(text: str) -> str:
-    """SQuAD's normalisation: lower case, no punctuation, no articles, single spaces."""
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
-def token_f1(prediction: str, reference: str) -> float:
-    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
-    common = sum((Counter(pred) & Counter(ref)).values())
-    if not pred or not ref:
-        return float(pred == ref)
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(pred), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
-
-
 def answer_scores(model_dir: str, rows: list[dict], max_new_tokens: int = 12, batch_size: int = 32) -> dict:
-    """Greedy 0-shot answers of a saved causal model on SQuAD-style rows: F1 and EM x100 (first line)."""
+    """Greedy 0-shot answers of a saved causal model on SQuAD-style rows: F1 and EM x100 (first line).
+
+    A quick in-process check for the build and the tests; `python -m llm_distillation.benchmark` is
+    the full benchmark. Prompts are encoded as the trainer's loader encodes them (`encode_prompt`).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llm_recipes.generation import generate_answers
+    from llm_distillation.datasets.tasks import encode_prompt
+    from llm_distillation.metrics import best_over_references, exact_match, token_f1
+    from llm_recipes.generation import first_line, generate_answers
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    prompts = [[tokenizer.bos_token_id] + tokenizer.encode(prompt_text(row), add_special_tokens=False) for row in rows]
+    prompts = [encode_prompt(prompt_text(row), tokenizer) for row in rows]
     answers = generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    answers = [(a.strip().splitlines() or [""])[0].strip() for a in answers]
-    f1 = [max(token_f1(a, ref) for ref in row["answers"]["text"]) for a, row in zip(answers, rows)]
-    em = [max(float(normalize_answer(a) == normalize_answer(ref)) for ref in row["answers"]["text"])
-          for a, row in zip(answers, rows)]
+    answers = [first_line(a) for a in answers]
+    references = [row["answers"]["text"] for row in rows]
+    f1 = [best_over_references(token_f1, a, refs) for a, refs in zip(answers, references)]
+    em = [best_over_references(exact_match, a, refs) for a, refs in zip(answers, references)]
     return {"f1": 100 * sum(f1) / len(f1), "exact_match": 100 * sum(em) / len(em), "examples": len(rows),
             "samples": [{"question": r["question"], "reference": r["answers"]["text"][0], "prediction": a}
                         for r, a in list(zip(rows, answers))[:5]]}
