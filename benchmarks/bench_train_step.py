@@ -41,9 +41,6 @@ from benchmarks.measure import PeakMemory, check_supported, clock, clock_name, m
 KL_LOSSES = ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
 
 
-KL_LOSSES = ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
-
-
 @dataclass
 class Step:
     key: str  # what --only selects

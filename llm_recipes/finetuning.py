@@ -14,7 +14,6 @@ train in the same optimizer, and their gradients are all-reduced before the clip
 from __future__ import annotations
 
 import math
-import os
 import random
 import sys
 import time

@@ -564,6 +564,77 @@ def test_engine_same_tokenizer_family_with_padding_rows(loss, chunk):
     check_engine(case, lambda z, zt: ref_kl(z, zt, sl, kind, 2.0, 0.3, 0.2), chunk, expected_count=sum(S_ANS))
 
 
+@pytest.mark.parametrize("loss", ["kl", "reverse_kl", "jsd", "tvd"])
+@pytest.mark.parametrize("rows_per_block", [1, 2, 1000])
+@pytest.mark.parametrize("chunk", [3, 1000])
+def test_engine_same_tokenizer_shared_log_softmax_in_blocks(loss, rows_per_block, chunk, monkeypatch):
+    """Temperature 1 and heads of the tokenizer's width: CE and the divergence share the student's
+    log-softmax (and, for forward KL, its exp); row blocks smaller than a chunk, and a block that
+    crosses the last paired row, give the reference values and gradients."""
+    from llm_recipes.losses import token_terms
+
+    monkeypatch.setattr(token_terms, "block_rows", lambda width, device: rows_per_block)
+    case = engine_case(loss, chunk, student_vocab=VS, teacher_vocab=VS, student_pad=0, teacher_pad=0, same=True)
+    spec, hidden, w_s, _, w_t, sl, _ = case
+    case = (spec, hidden, w_s, torch.randn(4, S_LEN, HT), w_t, sl, sl)
+    kind = {v: k for k, v in KIND_TO_LOSS.items()}[loss]
+    check_engine(case, lambda z, zt: ref_kl(z, zt, sl, kind), chunk, expected_count=sum(S_ANS))
+
+
+@pytest.mark.parametrize("requires_grad", [True, False])
+def test_kl_loss_leaves_the_callers_logits_unchanged(requires_grad):
+    """The fused CE/divergence overwrites the logits buffers it is given: the API must hand it copies."""
+    zs = torch.randn(3, 7, VS, requires_grad=requires_grad)
+    zt = torch.randn(3, 7, VS)
+    labels = make_labels([4, 0, 6], 7, VS, 0)
+    before = zs.detach().clone(), zt.clone()
+    for chunk in (2, 1000):
+        value = kl_loss(zs, zt, labels, chunk_size=chunk)
+        if requires_grad:
+            value.backward()
+    assert torch.equal(zs.detach(), before[0]) and torch.equal(zt, before[1])
+
+
+class NewTensors(TorchDispatchMode):
+    """Records the size of every tensor an op allocates (outputs that share no memory with its inputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.sizes.append(t.numel())
+        return out
+
+
+@pytest.mark.parametrize("loss", ["sft", "kl", "jsd"])
+def test_same_tokenizer_step_allocates_only_the_logits(loss, monkeypatch):
+    """Forward + backward of CE and a same-tokenizer divergence allocate [rows, vocab] tensors only for
+    the student's and the teacher's logits: every log-softmax, exp and gradient lives in row blocks or
+    in those two buffers."""
+    from llm_recipes.losses import token_terms
+
+    monkeypatch.setattr(token_terms, "block_rows", lambda width, device: 2)
+    rows, vocab, hidden_size = 24, 400, 4
+    spec = LossSpec.from_config(distillation_config(), name="none" if loss == "sft" else loss,
+                                student_vocab_size=vocab, teacher_vocab_size=vocab, same_tokenizer=True,
+                                chunk_size=1000)
+    labels = make_labels([rows], rows + 1, vocab, 0)  # rows answer rows after the causal shift
+    hidden = torch.randn(1, rows + 1, hidden_size, requires_grad=True)
+    w = torch.randn(vocab, hidden_size, requires_grad=True)
+    with NewTensors() as mode:
+        terms = distillation_terms(spec, hidden, labels, lambda r: r @ w.t(), torch.randn(1, rows + 1, hidden_size),
+                                   labels, lambda r: r @ w.detach().t())
+        (terms.ce_sum + terms.distill_sum).backward()
+    large = [n for n in mode.sizes if n >= rows * vocab // 2]
+    assert large == ([rows * vocab] if loss == "sft" else [rows * vocab] * 2), large
+
+
 def test_engine_same_tokenizer_pairs_by_answer_index_with_different_prompts():
     """Teacher prompt longer than the student's (teacher-specific prompt), same answer tokens."""
     spec = LossSpec.from_config(distillation_config(), name="kl", student_vocab_size=VS, teacher_vocab_size=VS,

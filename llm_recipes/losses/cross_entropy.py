@@ -1,4 +1,5 @@
-"""Summed token cross-entropy of one chunk of rows, with an analytic backward.
+"""Summed token cross-entropy of one chunk of rows, with an analytic backward, for the losses that
+still read the student's logits after the CE (ULD, MultiLevelOT; the others use token_terms).
 
 Saves only the fp32 logits it was given (already alive in the chunk) and the per-row log-partition,
 so backward needs one softmax and no autograd graph over [rows, vocab].
@@ -17,7 +18,7 @@ class _CrossEntropySum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         logits, targets, lse = ctx.saved_tensors
-        grad = torch.exp(logits - lse[:, None])
+        grad = (logits - lse[:, None]).exp_()  # one [rows, vocab] allocation
         grad.scatter_add_(1, targets[:, None], torch.full_like(lse[:, None], -1.0))
         return grad.mul_(grad_out), None
 

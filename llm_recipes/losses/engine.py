@@ -2,8 +2,9 @@
 
 Never builds [batch, seq, vocab]: the answer rows of the hidden states are gathered ([rows, H]),
 the output layer is applied to `spec.chunk_size` rows at a time, and every softmax / sort / loss
-runs in fp32 inside the chunk. Every chunk but the last is wrapped in torch.utils.checkpoint
-(non-reentrant), so backward recomputes that chunk's logits instead of keeping any chunk alive: peak
+runs in fp32 inside the chunk (CE and the same-tokenizer family in one fused pass over the chunk's
+two logits buffers: llm_recipes.losses.token_terms). Every chunk but the last is wrapped in
+torch.utils.checkpoint (non-reentrant), so backward recomputes that chunk's logits instead of keeping any chunk alive: peak
 extra memory is one chunk's [rows, vocab] working set, whatever the batch and sequence. The last
 chunk keeps its tensors: its backward is the first to run, right after the forward, so keeping them
 costs what recomputing them would, and a batch whose answer rows fit in one chunk is never
@@ -33,7 +34,6 @@ from torch.utils.checkpoint import checkpoint
 from llm_recipes.errors import UserError
 from llm_recipes.losses.alignment import Pairing, check_head_width, pair_answers
 from llm_recipes.losses.cross_entropy import cross_entropy_sum
-from llm_recipes.losses.kl import divergence_sum
 from llm_recipes.losses.kl import divergence_rows
 from llm_recipes.losses.multilevel_ot import multilevel_ot_plan, multilevel_ot_sum
 from llm_recipes.losses.selection import (
@@ -45,6 +45,7 @@ from llm_recipes.losses.selection import (
     uld_rows,
 )
 from llm_recipes.losses.spec import SFT_ONLY, LossSpec
+from llm_recipes.losses.token_terms import token_terms_sum
 from llm_recipes.losses.uld import teacher_sorted, uld_plan, uld_sum
 
 Head = Callable[[torch.Tensor], torch.Tensor]
@@ -162,6 +163,12 @@ def _plan(batch: _Batch, chunk: _Chunk, keep: bool, make):
     return plan
 
 
+def _own(x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """x, or a copy when it shares memory with `source` (an identity head returns its input rows):
+    token_terms_sum overwrites the buffers it is given."""
+    return x.clone() if x.untyped_storage().data_ptr() == source.untyped_storage().data_ptr() else x
+
+
 def _chunk_terms(batch: _Batch, chunk: _Chunk, checkpointed: bool, hidden: torch.Tensor):
     spec = batch.spec
     logits = batch.student_head(hidden)
@@ -172,13 +179,14 @@ def _chunk_terms(batch: _Batch, chunk: _Chunk, checkpointed: bool, hidden: torch
             f"the labels were made with another tokenizer"
         )
     z = logits.float()
-    ce = cross_entropy_sum(z, batch.targets[chunk.start:chunk.end]) if batch.with_ce else z[:0].sum()
-    if chunk.paired == 0:
-        return ce, z[:0].sum()
+    targets = batch.targets[chunk.start:chunk.end]
+    if chunk.paired == 0 or spec.name not in ("uld", "multilevel_ot"):
+        return _token_terms(batch, chunk, _own(z, hidden), targets)
+    ce = cross_entropy_sum(z, targets) if batch.with_ce else z[:0].sum()
     vocab_s = spec.student_vocab_size or width
     check_head_width(width, vocab_s, "student")
     zs = z[: chunk.paired, :vocab_s]
-    weights = batch.row_weights[chunk.start:chunk.start + chunk.paired] if batch.row_weights is not None else None
+    weights = batch.row_weights[chunk.start:chunk.start + chunk.paired]
     opts = spec.options
     if spec.name == "uld":
         def make_uld_plan():
@@ -186,19 +194,29 @@ def _chunk_terms(batch: _Batch, chunk: _Chunk, checkpointed: bool, hidden: torch
             return uld_plan(zs.detach(), teacher, opts.student_temperature, opts.top_k)
 
         distill = uld_sum(zs, _plan(batch, chunk, checkpointed, make_uld_plan), weights, opts.student_temperature)
-    elif spec.name == "multilevel_ot":
+    else:
         plan = _plan(batch, chunk, checkpointed, lambda: multilevel_ot_plan(
             zs.detach(), _teacher_logits(batch, chunk), chunk.lengths, opts))
         distill = multilevel_ot_sum(zs, plan, chunk.lengths, opts)
-    else:
-        zt = _teacher_logits(batch, chunk)
-        if zs.shape[1] != zt.shape[1]:
-            raise UserError(
-                f"student and teacher vocabularies differ ({zs.shape[1]} vs {zt.shape[1]}); a same-tokenizer "
-                f"loss needs one vocabulary: use --distillation_config.loss uld or multilevel_ot"
-            )
-        distill = divergence_sum(zs, zt, weights, opts.kind, opts.temperature, opts.beta, opts.alpha)
     return ce, distill
+
+
+def _token_terms(batch: _Batch, chunk: _Chunk, z: torch.Tensor, targets: torch.Tensor):
+    """CE, and the same-tokenizer divergence of the paired rows, in one pass over z (consumed)."""
+    if not chunk.paired:
+        return token_terms_sum(z, targets) if batch.with_ce else (z[:0].sum(), z[:0].sum())
+    spec, opts = batch.spec, batch.spec.options
+    vocab_s = spec.student_vocab_size or z.shape[-1]
+    check_head_width(z.shape[-1], vocab_s, "student")
+    zt = _own(_teacher_logits(batch, chunk), batch.teacher_rows)
+    if vocab_s != zt.shape[1]:
+        raise UserError(
+            f"student and teacher vocabularies differ ({vocab_s} vs {zt.shape[1]}); a same-tokenizer "
+            f"loss needs one vocabulary: use --distillation_config.loss uld or multilevel_ot"
+        )
+    weights = batch.row_weights[chunk.start:chunk.start + chunk.paired]
+    return token_terms_sum(z, targets, zt, weights, opts.kind, opts.temperature, opts.beta, opts.alpha,
+                           with_ce=batch.with_ce)
 
 
 @torch.no_grad()

@@ -11,8 +11,9 @@ per answer position:
 each multiplied by T^2 (Hinton's convention, kept for every kind so the temperature never changes
 the scale of the gradient).
 
-The gradient w.r.t. the student logits is written out (for f(q): q * (df/dq - <q, df/dq>) / T), so
-backward keeps only the two log-softmax tensors of the chunk, no autograd graph.
+The gradient w.r.t. the student logits is written out (for f(q): q * (df/dq - <q, df/dq>) / T):
+llm_recipes.losses.token_terms evaluates these row functions block by block, together with the CE,
+and keeps no autograd graph over [rows, vocab].
 """
 import math
 
@@ -84,34 +85,3 @@ def divergence_rows(kind, log_q, log_p, beta=0.5, alpha=0.1, with_grad=False, wi
     else:
         raise ValueError(f"unknown divergence kind {kind!r}; expected one of {KL_KINDS}")
     return value, grad
-
-
-def _scaled(logits, temperature):
-    """z / T, without the copy when T = 1 (the default)."""
-    return logits if temperature == 1 else logits / temperature
-
-
-class _DivergenceSum(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, student_logits, teacher_logits, weights, kind, temperature, beta, alpha):
-        log_q = torch.log_softmax(_scaled(student_logits, temperature), dim=-1)
-        log_p = torch.log_softmax(_scaled(teacher_logits, temperature), dim=-1)
-        value, _ = divergence_rows(kind, log_q, log_p, beta, alpha)
-        ctx.options = (kind, temperature, beta, alpha)
-        ctx.save_for_backward(log_q, log_p, weights)
-        return (weights * value).sum() * temperature**2
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        kind, temperature, beta, alpha = ctx.options
-        log_q, log_p, weights = ctx.saved_tensors
-        _, grad = divergence_rows(kind, log_q, log_p, beta, alpha, with_grad=True, with_value=False)
-        grad.mul_((weights * (grad_out * temperature))[:, None])  # T^2 / T
-        return grad, None, None, None, None, None, None
-
-
-def divergence_sum(student_logits, teacher_logits, weights, kind, temperature=1.0, beta=0.5, alpha=0.1):
-    """T^2 * sum_r weights_r * D_kind(row r); logits [n, V] fp32 (same V), weights [n] fp32."""
-    if kind not in KL_KINDS:
-        raise ValueError(f"unknown divergence kind {kind!r}; expected one of {KL_KINDS}")
-    return _DivergenceSum.apply(student_logits, teacher_logits, weights, kind, temperature, beta, alpha)
