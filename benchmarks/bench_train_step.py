@@ -10,8 +10,11 @@ One optimizer step is what llm_recipes/finetuning.py's loop does for one micro-b
 Objective.counts (step totals), Objective.terms (teacher forward to its last hidden states, student
 forward, CE and the logit term from the answer rows by llm_recipes.losses), Objective.combine,
 backward, finetuning.clip_gradients, AdamW (llm_recipes.optim.build_optimizer) step, zero_grad.
-"SFT + teacher forward" is the same step with the teacher's forward and no logit term: the ratio
-column divides each loss's step time by it, on the same two models.
+Two baselines, each the SFT step plus a teacher forward with no logit term, on the same two models:
+"SFT + teacher body" runs the teacher up to its last hidden states; "SFT + teacher forward" also
+applies the teacher's output layer at its answer rows (a forward pass that yields the teacher's
+logits, where the trainer needs them; the logits are then dropped). Each loss's step is divided by
+both: the first ratio charges the loss with the teacher's output layer, the second does not.
 
 The steps that share a teacher run in one process on the same models, interleaved (one step of each
 kind per round, `--repeats` rounds after `--warmup`), so that a ratio compares steps timed side by
@@ -45,7 +48,8 @@ KL_LOSSES = ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
 class Step:
     key: str  # what --only selects
     label: str
-    loss: str  # "sft" (no teacher), "none" (SFT + teacher forward), or a --distillation_config.loss
+    loss: str  # "sft" (no teacher), "none" (SFT + teacher body), or a --distillation_config.loss
+    teacher_logits: bool = False  # "none" plus the teacher's output layer at its answer rows
     uld_top_k: int = 0
     mode: str = "fast"
 
@@ -112,12 +116,24 @@ def objective_for(step: Step, group: Group, student, teacher):
     return Objective(cfg, spec, student, teacher if step.loss != "sft" else None, info), cfg
 
 
-def train_step(objective, optimizer, batch, cfg) -> float:
-    """One optimizer step of one micro-batch on one process, as finetuning.train's loop runs it."""
+def teacher_answer_rows(teacher, batch) -> torch.Tensor:
+    """The teacher's last hidden states at its answer rows (causal: row t predicts label t + 1)."""
+    from llm_recipes import models
+
+    with torch.no_grad():
+        hidden = models.forward_hidden(teacher, batch, False)
+    return hidden[:, :-1][batch["labels"][:, 1:] != -100]
+
+
+def train_step(objective, optimizer, batch, cfg, teacher_logits=None) -> float:
+    """One optimizer step of one micro-batch on one process, as finetuning.train's loop runs it.
+    teacher_logits: a callable run after the forward (the "SFT + teacher forward" baseline)."""
     from llm_recipes.finetuning import Counts, check_finite, clip_gradients
 
     totals = Counts(*objective.counts(batch))  # the step's totals: this micro-batch's counts
     terms = objective.terms(batch)
+    if teacher_logits is not None:
+        teacher_logits()
     loss = objective.combine(terms, totals)
     check_finite(loss, "the loss", "benchmark")
     loss.backward()
@@ -145,13 +161,18 @@ def measure(group: Group) -> dict:
     steps = [Step(**step) for step in group.steps]
     objectives = [objective_for(step, group, student, teacher) for step in steps]
     optimizer = build_optimizer(student, objectives[0][1].train)
+    rows, head = teacher_answer_rows(teacher, batch["teacher"]), models.output_head(teacher)
+
+    def teacher_logits():
+        with torch.no_grad():
+            head(rows)
     memory = PeakMemory(device)
     results = {step.key: {"times_s": [], "wall_s": [], "peak_bytes": 0} for step in steps}
     for round_ in range(group.warmup + group.repeats):  # the warm-up also allocates the optimizer state
         for step, (objective, cfg) in zip(steps, objectives):
             memory.start()
             started, wall = clock(device), time.perf_counter()
-            loss = train_step(objective, optimizer, batch, cfg)
+            loss = train_step(objective, optimizer, batch, cfg, teacher_logits if step.teacher_logits else None)
             elapsed, wall = clock(device) - started, time.perf_counter() - wall
             if round_ >= group.warmup:
                 result = results[step.key]
@@ -173,9 +194,11 @@ def build_groups(args) -> list[Group]:
                   student_layers=args.student_layers, teacher_hidden=args.teacher_hidden,
                   teacher_layers=args.teacher_layers, chunk_size=args.chunk_size, device=args.device,
                   warmup=args.warmup, repeats=args.repeats, threads=args.threads)
-    same = [Step("sft", "SFT", "sft"), Step("teacher-same", "SFT + teacher forward", "none")]
+    same = [Step("sft", "SFT", "sft"), Step("teacher-same", "SFT + teacher body", "none"),
+            Step("logits-same", "SFT + teacher forward", "none", teacher_logits=True)]
     same += [Step(loss, loss, loss) for loss in (("kl",) if args.quick else KL_LOSSES)]
-    other = [Step("teacher-other", "SFT + teacher forward", "none"), Step("uld", "uld (exact)", "uld")]
+    other = [Step("teacher-other", "SFT + teacher body", "none"),
+             Step("logits-other", "SFT + teacher forward", "none", teacher_logits=True), Step("uld", "uld (exact)", "uld")]
     other += [Step(f"uld-top-{k}", f"uld top-{k}", "uld", uld_top_k=k) for k in args.uld_top_k]
     other += [Step(f"multilevel_ot-{mode}", f"multilevel_ot {mode}", "multilevel_ot", mode=mode)
               for mode in (("fast",) if args.quick else ("fast", "greedy"))]
@@ -198,24 +221,30 @@ def build_groups(args) -> list[Group]:
 def report(results, args) -> str:
     """results: [(group, {key: result})] -> Markdown table and the KL target."""
     lines = ["| vocabulary student / teacher | teacher tokenizer | step | tokens/s | s/step | "
-             "ratio to SFT + teacher forward | peak MiB |", "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+             "ratio to SFT + teacher body | ratio to SFT + teacher forward | peak MiB |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     checks = []
     for group, by_key in results:
         vocab = f"{group.vocab_student:,}" + (" (both)" if group.same_tokenizer else f" / {group.vocab_teacher:,}")
         teacher = "same" if group.same_tokenizer else "other"
         if "error" in by_key:
-            lines.append(f"| {vocab} | {teacher} | error: {by_key['error']} | | | | |")
+            lines.append(f"| {vocab} | {teacher} | error: {by_key['error']} | | | | | |")
             continue
-        base = by_key.get("teacher-same" if group.same_tokenizer else "teacher-other")
+        side = "same" if group.same_tokenizer else "other"
+        bases = [by_key.get(f"teacher-{side}"), by_key.get(f"logits-{side}")]
         for step in group.steps:
             result = by_key[step["key"]]
-            ratio = result["time_s"] / base["time_s"] if base and step["loss"] not in ("sft", "none") else None
+            ratios = [result["time_s"] / base["time_s"] if base and step["loss"] not in ("sft", "none") else None
+                      for base in bases]
+            cells = " | ".join("—" if r is None else f"{r:.2f}" for r in ratios)
             lines.append(f"| {vocab} | {'—' if step['loss'] == 'sft' else teacher} | {step['label']} | "
-                         f"{result['tokens'] / result['time_s']:,.0f} | {result['time_s']:.2f} | "
-                         f"{'—' if ratio is None else f'{ratio:.2f}'} | {result['peak_bytes'] / 2**20:,.0f} |")
-            if step["loss"] == "kl" and ratio is not None:
-                checks.append(f"| same-tokenizer KL step <= 1.3 x SFT + teacher forward ({vocab}) | "
-                              f"{'yes' if ratio <= 1.3 else 'NO'} | {ratio:.2f} x |")
+                         f"{result['tokens'] / result['time_s']:,.0f} | {result['time_s']:.2f} | {cells} | "
+                         f"{result['peak_bytes'] / 2**20:,.0f} |")
+            if step["loss"] == "kl":
+                for ratio, base in zip(ratios, ("SFT + teacher body", "SFT + teacher forward")):
+                    if ratio is not None:
+                        checks.append(f"| same-tokenizer KL step <= 1.3 x {base} ({vocab}) | "
+                                      f"{'yes' if ratio <= 1.3 else 'NO'} | {ratio:.2f} x |")
     text = "\n".join(lines)
     if checks:
         text += "\n\n" + "\n".join(["| target | met | measured |", "| --- | --- | --- |"] + checks)
@@ -255,8 +284,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--only", type=lambda s: [x for x in s.split(",") if x],
-                        help="comma-separated steps to run: sft, teacher-same, teacher-other, kl, reverse_kl, jsd, "
-                             "skew_kl, skew_reverse_kl, tvd, uld, uld-top-K, multilevel_ot-fast, multilevel_ot-greedy")
+                        help="comma-separated steps to run: sft, teacher-same, logits-same, teacher-other, logits-other, "
+                             "kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd, uld, uld-top-K, multilevel_ot-fast, multilevel_ot-greedy")
     parser.add_argument("--json", help="also write the raw results to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
