@@ -59,8 +59,8 @@ class _TokenTermsSum(torch.autograd.Function):
                             torch.exp(log_softmax, out=s)
                             q_written = True
                             torch.sub(s[rows], p, out=t)
-                        else:
-                            torch.sub(log_q.exp_() if not shared else log_q.exp(), p, out=t)
+                        else:  # log_q is not needed after this (no CE, or its own temporary)
+                            torch.sub(log_q.exp_(), p, out=t)
                 else:
                     value, grad = divergence_rows(kind, log_q, log_p, beta, alpha, with_grad=need_grad)
                     if need_grad:
