@@ -44,7 +44,7 @@ from llm_recipes.losses.selection import (
     select_top,
     uld_rows,
 )
-from llm_recipes.losses.spec import SFT_ONLY, LossSpec
+from llm_recipes.losses.spec import CROSS_TOKENIZER_LOSSES, SFT_ONLY, LossSpec
 from llm_recipes.losses.token_terms import token_terms_sum
 from llm_recipes.losses.uld import teacher_sorted, uld_plan, uld_sum
 
@@ -180,7 +180,7 @@ def _chunk_terms(batch: _Batch, chunk: _Chunk, checkpointed: bool, hidden: torch
         )
     z = logits.float()
     targets = batch.targets[chunk.start:chunk.end]
-    if chunk.paired == 0 or spec.name not in ("uld", "multilevel_ot"):
+    if chunk.paired == 0 or spec.name not in CROSS_TOKENIZER_LOSSES:
         return _token_terms(batch, chunk, _own(z, hidden), targets)
     ce = cross_entropy_sum(z, targets) if batch.with_ce else z[:0].sum()
     vocab_s = spec.student_vocab_size or width

@@ -22,6 +22,11 @@ import torch
 KL_KINDS = ("forward", "reverse", "jsd", "skew_forward", "skew_reverse", "tvd")
 
 
+def scaled(logits, temperature):
+    """z / T, without the copy when T = 1 (the default); every loss module scales its logits with it."""
+    return logits if temperature == 1 else logits / temperature
+
+
 def _p_log_ratio(p, log_p, log_r):
     """sum_v p (log p - log r), with 0 log 0 = 0: the only NaN a term can hold is 0 * -inf (p = 0 at a
     -inf logit), which nansum counts as 0."""

@@ -32,6 +32,8 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from llm_recipes.losses.kl import scaled
+
 MODES = ("fast", "greedy")
 RANKINGS = ("sequence", "token")
 LOGIT_NORMS = ("none", "std")
@@ -56,17 +58,12 @@ class MultiLevelOTOptions:
     sd_scale: float = 1.0
 
 
-def _scaled(logits, temperature):
-    """z / T, without the copy when T = 1 (the default)."""
-    return logits if temperature == 1 else logits / temperature
-
-
 class _GatheredLogSoftmax(torch.autograd.Function):
     """log_softmax(z / T) at columns idx, without materialising or saving the [n, V] result."""
 
     @staticmethod
     def forward(ctx, logits, idx, temperature):
-        lse = torch.logsumexp(_scaled(logits, temperature), dim=-1)
+        lse = torch.logsumexp(scaled(logits, temperature), dim=-1)
         ctx.temperature = temperature
         ctx.save_for_backward(logits, idx, lse)
         return logits.gather(1, idx) / temperature - lse[:, None]
@@ -75,9 +72,9 @@ class _GatheredLogSoftmax(torch.autograd.Function):
     def backward(ctx, grad):
         logits, idx, lse = ctx.saved_tensors
         t = ctx.temperature
-        grad_logits = (_scaled(logits, t) - lse[:, None]).exp_().mul_(-grad.sum(dim=-1, keepdim=True))
+        grad_logits = (scaled(logits, t) - lse[:, None]).exp_().mul_(-grad.sum(dim=-1, keepdim=True))
         grad_logits.scatter_add_(1, idx, grad)
-        return _scaled(grad_logits, t), None, None
+        return grad_logits if t == 1 else grad_logits.div_(t), None, None
 
 
 def gathered_log_softmax(logits, idx, temperature):
@@ -162,8 +159,8 @@ def multilevel_ot_plan(
         student_logits = std_normalize(student_logits)
         teacher_logits = std_normalize(teacher_logits)
     k = min(opts.top_k, student_logits.shape[1], teacher_logits.shape[1])
-    probs_s = torch.softmax(_scaled(student_logits, opts.student_temperature), dim=-1)
-    probs_t = torch.softmax(_scaled(teacher_logits, opts.teacher_temperature), dim=-1)
+    probs_s = torch.softmax(scaled(student_logits, opts.student_temperature), dim=-1)
+    probs_t = torch.softmax(scaled(teacher_logits, opts.teacher_temperature), dim=-1)
     cols_s, cols_t = _rank_columns(probs_s, probs_t, lengths, k, opts)
     teacher = probs_t.gather(1, cols_t).double()
     del probs_s, probs_t

@@ -20,7 +20,7 @@ that callers ignore.
 """
 import torch
 
-from llm_recipes.losses.kl import KL_KINDS, divergence_rows
+from llm_recipes.losses.kl import KL_KINDS, divergence_rows, scaled
 
 
 def block_rows(width: int, device: torch.device) -> int:
@@ -49,8 +49,8 @@ class _TokenTermsSum(torch.autograd.Function):
                 stop = min(end, paired)
                 rows = slice(0, stop - start)
                 t = zt[start:stop]  # raw teacher logits in; T * dD/dz_s out
-                log_q = log_softmax[rows] if shared else torch.log_softmax(s[rows, :vocab] / temperature, dim=-1)
-                log_p = torch.log_softmax(t if temperature == 1 else t / temperature, dim=-1)
+                log_q = log_softmax[rows] if shared else torch.log_softmax(scaled(s[rows, :vocab], temperature), dim=-1)
+                log_p = torch.log_softmax(scaled(t, temperature), dim=-1)
                 if kind == "forward":  # the default: q and p computed once, the gradient q - p written in place
                     p = log_p.exp()
                     value = torch.nansum(log_p.sub_(log_q).mul_(p), dim=-1)  # 0 log 0 = 0 (nansum)

@@ -21,10 +21,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-
-def _scaled(logits, temperature):
-    """z / T, without the copy when T = 1 (the default)."""
-    return logits if temperature == 1 else logits / temperature
+from llm_recipes.losses.kl import scaled
 
 
 _BITS = {torch.float32: torch.int32, torch.float64: torch.int64}
@@ -59,7 +56,7 @@ class TeacherSorted(NamedTuple):
 
 def teacher_sorted(teacher_logits: torch.Tensor, temperature: float, top_k: int = 0) -> TeacherSorted:
     """Sorted teacher probabilities of fp32 logits [n, V_t]."""
-    probs = torch.softmax(_scaled(teacher_logits, temperature), dim=-1)
+    probs = torch.softmax(scaled(teacher_logits, temperature), dim=-1)
     if top_k <= 0:
         return TeacherSorted(sort_descending(probs)[0], None)
     top = torch.topk(probs, min(top_k, probs.shape[1]), dim=-1, sorted=True).values
@@ -84,7 +81,7 @@ def uld_plan(student_logits: torch.Tensor, teacher: TeacherSorted, temperature: 
              with_signs: bool = True) -> ULDPlan:
     """Per-row ULD of fp32 student logits [n, V_s] against the sorted teacher (exact when top_k <= 0,
     else the top-k + tail variant), and, `with_signs`, the signs its gradient needs."""
-    q = torch.softmax(_scaled(student_logits, temperature), dim=-1)
+    q = torch.softmax(scaled(student_logits, temperature), dim=-1)
     p = teacher.probs
     if top_k <= 0:
         diff, order = sort_descending(q)
@@ -116,7 +113,7 @@ class _ULDSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_logits, weights, values, signs, columns, tail_signs, temperature):
-        q = torch.softmax(_scaled(student_logits, temperature), dim=-1)
+        q = torch.softmax(scaled(student_logits, temperature), dim=-1)
         ctx.temperature = temperature
         ctx.top_k = columns is not None
         if ctx.top_k:
