@@ -30,13 +30,19 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from benchmarks import naive  # noqa: E402
-from benchmarks.measure import PeakMemory, check_supported, clock, clock_name, machine, memory_name, run_worker  # noqa: E402,E501
-from llm_recipes.losses import KLOptions, LossSpec, MultiLevelOTOptions, ULDOptions, distillation_terms  # noqa: E402
+from benchmarks.measure import PeakMemory, add_common_arguments, check_supported, clock, clock_name, machine, memory_name, run_worker  # noqa: E402,E501
+from llm_recipes.losses import (  # noqa: E402
+    SAME_TOKENIZER_LOSSES,
+    KLOptions,
+    LossSpec,
+    MultiLevelOTOptions,
+    ULDOptions,
+    distillation_terms,
+)
 
 VOCAB_PAIRS = {"pythia-llama2": (50304, 32000), "qwen-llama3": (151936, 128256)}
-KL_KINDS = ("forward", "reverse", "jsd", "skew_forward", "skew_reverse", "tvd")
-KIND_TO_LOSS = {"forward": "kl", "reverse": "reverse_kl", "jsd": "jsd", "skew_forward": "skew_kl",
-                "skew_reverse": "skew_reverse_kl", "tvd": "tvd"}
+KIND_TO_LOSS = {kind: loss for loss, kind in SAME_TOKENIZER_LOSSES.items()}  # "forward" -> "kl", ...
+KL_KINDS = tuple(KIND_TO_LOSS)
 GREEDY_PROBE_COLUMNS = 2048  # student columns the naive Python-loop greedy is timed on
 
 
@@ -334,7 +340,7 @@ def parse_vocab_pairs(text: str):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_common_arguments(parser)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="of hidden states and output layers (the losses always run in fp32)")
     parser.add_argument("--vocab-pairs", type=parse_vocab_pairs, default=list(VOCAB_PAIRS.values()),
@@ -343,18 +349,9 @@ def main(argv=None):
                              + "); the KL family uses the student's for both models")
     parser.add_argument("--quick", action="store_true",
                         help="ULD, one top-k, MultiLevelOT fast and forward KL, 1 repeat")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--answer", type=int, default=128)
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--logit-std", type=float, default=5.0, help="std of the random logits (5: entropy ~3.3 nats)")
-    parser.add_argument("--chunk-size", type=int, default=1024)
     parser.add_argument("--uld-top-k", type=lambda s: [int(x) for x in s.split(",")], default=[32, 512, 4096])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    parser.add_argument("--json", help="also write the raw results to this file")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:

@@ -39,9 +39,19 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from benchmarks.bench_losses import VOCAB_PAIRS, parse_vocab_pairs  # noqa: E402
-from benchmarks.measure import PeakMemory, check_supported, clock, clock_name, machine, memory_name, run_worker  # noqa: E402,E501
+from benchmarks.measure import (  # noqa: E402
+    PeakMemory,
+    add_common_arguments,
+    check_supported,
+    clock,
+    clock_name,
+    machine,
+    memory_name,
+    run_worker,
+)
+from llm_recipes.losses import SAME_TOKENIZER_LOSSES  # noqa: E402
 
-KL_LOSSES = ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+KL_LOSSES = tuple(SAME_TOKENIZER_LOSSES)
 
 
 @dataclass
@@ -266,28 +276,19 @@ def describe(args, sizes: dict) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_common_arguments(parser)
     parser.add_argument("--vocab-pairs", type=parse_vocab_pairs, default=[VOCAB_PAIRS["qwen-llama3"]],
                         help="comma-separated STUDENT:TEACHER vocabulary sizes or names ("
                              + ", ".join(f"{k}={s}:{t}" for k, (s, t) in VOCAB_PAIRS.items()) + ")")
     parser.add_argument("--quick", action="store_true", help="SFT, SFT + teacher, kl, uld, multilevel_ot fast; 1 step")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--answer", type=int, default=128)
     parser.add_argument("--student-hidden", type=int, default=256)
     parser.add_argument("--student-layers", type=int, default=4)
     parser.add_argument("--teacher-hidden", type=int, default=512)
     parser.add_argument("--teacher-layers", type=int, default=4)
-    parser.add_argument("--chunk-size", type=int, default=1024, help="--logits_chunk_size")
     parser.add_argument("--uld-top-k", type=lambda s: [int(x) for x in s.split(",") if x], default=[512])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--only", type=lambda s: [x for x in s.split(",") if x],
                         help="comma-separated steps to run: sft, teacher-same, logits-same, teacher-other, logits-other, "
                              "kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd, uld, uld-top-K, multilevel_ot-fast, multilevel_ot-greedy")
-    parser.add_argument("--json", help="also write the raw results to this file")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:

@@ -81,6 +81,22 @@ def run_worker(script: str, payload: dict) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def add_common_arguments(parser) -> None:
+    """The flags both benchmarks take, with the shared defaults (batch 4 x 512 tokens, 128 answer tokens)."""
+    import argparse
+
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--answer", type=int, default=128)
+    parser.add_argument("--chunk-size", type=int, default=1024, help="--logits_chunk_size")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--json", help="also write the raw results to this file")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+
+
 def machine(threads: int) -> str:
     import platform
 
