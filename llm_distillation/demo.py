@@ -37,8 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-REPO = Path(__file__).resolve().parent.parent
-TINY_QA_LOADER = str(REPO / "llm_distillation" / "datasets" / "loader" / "tiny_qa.py")
+from configs.paths import REPO_ROOT, TINY_QA_LOADER, TINY_TEACHER
 
 
 @dataclass(frozen=True)
@@ -84,7 +83,7 @@ def run(command: list[str], log: Path, threads: int = 1) -> float:
            "OMP_NUM_THREADS": str(threads)}
     start = time.time()
     with open(log, "w") as handle:
-        done = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env=env)
+        done = subprocess.run(command, cwd=REPO_ROOT, stdout=handle, stderr=subprocess.STDOUT, env=env)
     if done.returncode != 0:
         tail = log.read_text().strip().splitlines()[-5:]
         raise SystemExit(f"demo step failed ({' '.join(command[:4])} ...), see {log}:\n" + "\n".join(tail))
@@ -105,13 +104,7 @@ def prepare_assets(root: Path, quick: bool) -> None:
     """Data, tokenizers and the untrained models (the same ones assets/tiny ships, rebuilt here)."""
     from llm_distillation import tiny_assets
 
-    built = tiny_assets.build_data_and_tokenizers(root)
-    tok = built["tokenizers"]
-    tiny_assets.save(tiny_assets.new_model("llama", tok["teacher"], tiny_assets.TEACHER_CONFIG, tiny_assets.SEED),
-                     tok["teacher"], root / "teacher")
-    for seed_dir, kind, name, shape in (("student", "gpt_neox", "student", tiny_assets.STUDENT_CONFIG),
-                                        ("student_same", "llama", "teacher", tiny_assets.STUDENT_SAME_CONFIG)):
-        tiny_assets.save(tiny_assets.new_model(kind, tok[name], shape, tiny_assets.SEED), tok[name], root / seed_dir)
+    tiny_assets.save_untrained_models(root, tiny_assets.build_data_and_tokenizers(root)["tokenizers"])
     if quick:  # a few examples per split: the pipeline's mechanics in seconds
         for split in ("train", "validation", "test"):
             path = root / "data" / f"{split}.jsonl"
@@ -129,10 +122,7 @@ def student_init(assets: Path, student: str, seed: int, out: Path) -> Path:
 
     folder = out / f"{student}-init-seed{seed}"
     if not (folder / "config.json").exists():
-        tokenizer = AutoTokenizer.from_pretrained(assets / student)
-        kind, shape = (("gpt_neox", tiny_assets.STUDENT_CONFIG) if student == "student"
-                       else ("llama", tiny_assets.STUDENT_SAME_CONFIG))
-        tiny_assets.save(tiny_assets.new_model(kind, tokenizer, shape, seed), tokenizer, folder)
+        tiny_assets.save_untrained(student, AutoTokenizer.from_pretrained(assets / student), folder, seed)
     return folder
 
 
@@ -168,8 +158,6 @@ def pipeline(output_dir: Path, seeds: int, quick: bool, teacher: Optional[str] =
 
     teacher_run = output_dir / "teacher"
     if teacher or quick:  # a few steps cannot make a teacher that answers: quick uses the shipped one
-        from configs.paths import TINY_TEACHER
-
         teacher = Path(teacher or TINY_TEACHER).resolve()
         step(f"2/5 the given teacher, {teacher}")
         teacher_time = None

@@ -41,6 +41,9 @@ STUDENT_CONFIG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2
 # default: with 16-dimensional heads the full rotation learnt the task much faster (measured)
 STUDENT_SAME_CONFIG = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=2, max_position_embeddings=256)
+# model folder -> (family, shape, tokenizer it uses)
+MODELS = {"teacher": ("llama", TEACHER_CONFIG, "teacher"), "student": ("gpt_neox", STUDENT_CONFIG, "student"),
+          "student_same": ("llama", STUDENT_SAME_CONFIG, "teacher")}
 
 # How the teacher is trained (the project's trainer, distillation off), on TEACHER_DATA_SIZE generated
 # examples (not shipped) in one epoch. Measured: the relation lookup is learnt by about step 1200; lr
@@ -179,6 +182,18 @@ def save(model, tokenizer, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
+def save_untrained(name: str, tokenizer, folder: Path, seed: int = SEED) -> None:
+    """The untrained model `name` of MODELS (teacher, student, student_same), initialised from `seed`."""
+    kind, shape, _ = MODELS[name]
+    save(new_model(kind, tokenizer, shape, seed), tokenizer, folder)
+
+
+def save_untrained_models(root: Path, tokenizers: dict, seed: int = SEED) -> None:
+    """root/{teacher,student,student_same}, untrained, each with its tokenizer."""
+    for name, (_, _, tokenizer) in MODELS.items():
+        save_untrained(name, tokenizers[tokenizer], root / name, seed)
+
+
 # ------------------------------------------------------------------------------------ the teacher
 def teacher_training_flags(model_dir: str, data_dir: str, output_dir: str, loader: Optional[str] = None,
                            **overrides) -> dict:
@@ -234,16 +249,15 @@ def build_data_and_tokenizers(root: Path) -> dict:
     """The deterministic part: data files and the two tokenizers (written to their model folders)."""
     splits = write_data(root / "data")
     tokenizers = build_tokenizers(splits["train"])
-    tokenizers["teacher"].save_pretrained(root / "teacher")
-    tokenizers["student"].save_pretrained(root / "student")
-    tokenizers["teacher"].save_pretrained(root / "student_same")
+    for name, (_, _, tokenizer) in MODELS.items():
+        tokenizers[tokenizer].save_pretrained(root / name)
     return {"splits": splits, "tokenizers": tokenizers}
 
 
 def deterministic_files(root: Path) -> list[str]:
     """Relative paths of the files that must come out byte-identical from every build."""
     names = [f"data/{split}.jsonl" for split in ("train", "validation", "test")]
-    for folder in ("teacher", "student", "student_same"):
+    for folder in MODELS:
         names += sorted(str(p.relative_to(root)) for p in (root / folder).glob("tokenizer*"))
     return names
 
@@ -266,10 +280,7 @@ def build(root: Path, loader: Optional[str] = None, work_dir: Optional[Path] = N
     """Everything in assets/tiny: data, tokenizers, the three models (the teacher trained); returns figures."""
     built = build_data_and_tokenizers(root)
     tokenizers, splits = built["tokenizers"], built["splits"]
-    save(new_model("llama", tokenizers["teacher"], TEACHER_CONFIG, SEED), tokenizers["teacher"], root / "teacher")
-    save(new_model("gpt_neox", tokenizers["student"], STUDENT_CONFIG, SEED), tokenizers["student"], root / "student")
-    save(new_model("llama", tokenizers["teacher"], STUDENT_SAME_CONFIG, SEED), tokenizers["teacher"],
-         root / "student_same")
+    save_untrained_models(root, tokenizers)
 
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="tiny-teacher-"))
     try:
