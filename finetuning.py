@@ -1,7 +1,6 @@
-"""Distill a teacher LLM into a student: `python finetuning.py --help` lists every flag."""
-import fire
-
-from llm_recipes.finetuning import main
+"""Distill a teacher LLM into a student: `python finetuning.py --help` lists every flag (the recipe is
+llm_recipes/finetuning.py; also installed as `llm-distill-train`)."""
+from llm_recipes.finetuning import cli
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    cli()

@@ -1,12 +1,12 @@
 """Forward+backward time, peak memory and value of each loss: ours against the naive published algorithm.
 
-    python benchmarks/bench_losses.py                 # full table, both vocabulary pairs (CPU: ~10 min)
-    python benchmarks/bench_losses.py --quick         # a few rows, one repeat
-    python benchmarks/bench_losses.py --device cuda --dtype bfloat16
+    python -m benchmarks.bench_losses                 # full table, both vocabulary pairs (CPU: ~10 min)
+    python -m benchmarks.bench_losses --quick         # a few rows, one repeat
+    python -m benchmarks.bench_losses --device cuda --dtype bfloat16
 
 Ours: last hidden states [batch, seq, d] and the output layer's weights go to
 llm_recipes.losses.distillation_terms (the trainer's engine): logits only at answer rows, in row
-chunks, recomputed in backward. Naive (benchmarks/naive.py): full [batch, seq, vocab] logits from the
+chunks, recomputed in backward. Naive (llm_recipes.losses.reference): full [batch, seq, vocab] logits from the
 same weights, then the published algorithm on them with plain autograd. Both get identical inputs
 (seeded), so their values and gradients must agree.
 
@@ -17,32 +17,27 @@ peak on GPU). Time: median of `--repeats` forward+backward runs after `--warmup`
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
+import torch
+from tqdm.auto import tqdm
 
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from benchmarks import naive  # noqa: E402
-from benchmarks.measure import PeakMemory, add_common_arguments, check_supported, clock, clock_name, machine, memory_name, run_worker  # noqa: E402,E501
-from llm_recipes.losses import (  # noqa: E402
-    SAME_TOKENIZER_LOSSES,
+from benchmarks.measure import PeakMemory, add_common_arguments, check_supported, clock, clock_name, machine, memory_name, run_worker  # noqa: E501
+from llm_recipes.losses import (
     KLOptions,
     LossSpec,
     MultiLevelOTOptions,
     ULDOptions,
     distillation_terms,
+    reference,
+    table,
 )
 
 VOCAB_PAIRS = {"pythia-llama2": (50304, 32000), "qwen-llama3": (151936, 128256)}
-KIND_TO_LOSS = {kind: loss for loss, kind in SAME_TOKENIZER_LOSSES.items()}  # "forward" -> "kl", ...
-KL_KINDS = tuple(KIND_TO_LOSS)
+KL_KINDS = table.DIVERGENCE_KINDS
 GREEDY_PROBE_COLUMNS = 2048  # student columns the naive Python-loop greedy is timed on
 
 
@@ -74,7 +69,7 @@ class Case:
             return f"ULD top-{self.top_k}" if self.top_k else "ULD exact"
         if self.loss == "multilevel_ot":
             return f"MultiLevelOT {self.mode}"
-        return f"{KIND_TO_LOSS[self.loss]} ({self.loss})"
+        return f"{table.by_divergence(self.loss).name} ({self.loss})"
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -106,7 +101,7 @@ def loss_spec(case: Case) -> LossSpec:
     if case.loss == "multilevel_ot":
         return LossSpec("multilevel_ot", chunk_size=case.chunk_size,
                         options=MultiLevelOTOptions(mode=case.mode, top_k=case.top_k or 50))
-    return LossSpec(KIND_TO_LOSS[case.loss], same_tokenizer=True, chunk_size=case.chunk_size,
+    return LossSpec(table.by_divergence(case.loss).name, same_tokenizer=True, chunk_size=case.chunk_size,
                     skip_student_eos=False, options=KLOptions(case.loss))
 
 
@@ -131,12 +126,12 @@ def naive_run(case: Case):
         with torch.no_grad():
             teacher_logits = torch.nn.functional.linear(h_t, w_t)
         if case.loss == "uld":
-            loss = naive.uld(student_logits, labels, teacher_logits, labels)
+            loss = reference.uld(student_logits, labels, teacher_logits, labels)
         elif case.loss == "multilevel_ot":
-            loss = naive.multilevel_ot(student_logits, labels, teacher_logits, labels, mode=case.mode,
-                                       top_k=case.top_k or 50)
+            loss = reference.multilevel_ot(student_logits, labels, teacher_logits, labels, mode=case.mode,
+                                           top_k=case.top_k or 50)
         else:
-            loss = naive.divergence(student_logits, teacher_logits, labels, kind=case.loss)
+            loss = reference.divergence(student_logits, teacher_logits, labels, kind=case.loss)
         loss.backward()
         return float(loss.detach())
 
@@ -183,7 +178,7 @@ def measure_naive_greedy(case: Case, h_s, w_s, h_t, w_t, labels) -> dict:
         k = case.top_k or 50
         cols_t = torch.argsort(p.sum(dim=0), descending=True)[:k]
         started = clock(h_s.device)
-        naive._greedy_python(p[:, cols_t], q[:, :GREEDY_PROBE_COLUMNS], k)
+        reference.greedy_columns_python(p[:, cols_t], q[:, :GREEDY_PROBE_COLUMNS], k)
         probe = clock(h_s.device) - started
     return {"loop_s": probe * case.vocab_student / GREEDY_PROBE_COLUMNS * case.batch, "loop_probe_s": probe,
             "peak_bytes": None, "value": None, "estimated": True}
@@ -366,7 +361,7 @@ def main(argv=None):
         cases = build_cases(args)
         for i, case in enumerate(tqdm(cases, desc="cases", dynamic_ncols=True)):
             case.grad_path = str(Path(folder) / f"grad{i}.pt")
-            results.append((case, run_worker(__file__, asdict(case))))
+            results.append((case, run_worker("benchmarks.bench_losses", asdict(case))))
         table = report(results, args)
     if args.json:
         Path(args.json).write_text(json.dumps([{"case": asdict(c), "result": r} for c, r in results], indent=1))

@@ -1,15 +1,15 @@
-"""Training-step throughput and peak memory: SFT versus each distillation loss, through the trainer's code.
+"""Training-step throughput and peak memory: SFT versus each distillation loss, through the trainer's step.
 
-    python benchmarks/bench_train_step.py                    # Qwen-2.5 student / Llama-3 teacher vocabularies
-    python benchmarks/bench_train_step.py --vocab-pairs pythia-llama2 --quick
+    python -m benchmarks.bench_train_step                    # Qwen-2.5 student / Llama-3 teacher vocabularies
+    python -m benchmarks.bench_train_step --vocab-pairs pythia-llama2 --quick
 
 Models: small random Llama-architecture models built from configs (no download) with real vocabulary
 sizes: a student (V_s), a teacher with another tokenizer (V_t, for ULD and MultiLevelOT) and a
 teacher with the student's tokenizer (V_s, for the KL family), each answer 128 of 512 tokens.
-One optimizer step is what llm_recipes/finetuning.py's loop does for one micro-batch on one process:
-Objective.counts (step totals), Objective.terms (teacher forward to its last hidden states, student
-forward, CE and the logit term from the answer rows by llm_recipes.losses), Objective.combine,
-backward, finetuning.clip_gradients, AdamW (llm_recipes.optim.build_optimizer) step, zero_grad.
+One optimizer step is the trainer's own `llm_recipes.finetuning.train_step` on one micro-batch and one
+process (unit counts, teacher forward to its last hidden states, student forward, CE and the logit
+term from the answer rows, backward, clipping, AdamW step, zero_grad, schedule), on a `TrainState`
+built here around the benchmark's models instead of by `setup`.
 Two baselines, each the SFT step plus a teacher forward with no logit term, on the same two models:
 "SFT + teacher body" runs the teacher up to its last hidden states; "SFT + teacher forward" also
 applies the teacher's output layer at its answer rows (a forward pass that yields the teacher's
@@ -27,19 +27,15 @@ the ratios here are upper bounds.
 """
 import argparse
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
+import torch
+from tqdm.auto import tqdm
 
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from benchmarks.bench_losses import VOCAB_PAIRS, parse_vocab_pairs  # noqa: E402
-from benchmarks.measure import (  # noqa: E402
+from benchmarks.bench_losses import VOCAB_PAIRS, parse_vocab_pairs
+from benchmarks.measure import (
     PeakMemory,
     add_common_arguments,
     check_supported,
@@ -49,9 +45,9 @@ from benchmarks.measure import (  # noqa: E402
     memory_name,
     run_worker,
 )
-from llm_recipes.losses import SAME_TOKENIZER_LOSSES  # noqa: E402
+from llm_recipes.losses import table
 
-KL_LOSSES = tuple(SAME_TOKENIZER_LOSSES)
+KL_LOSSES = table.SAME_TOKENIZER_LOSSES
 
 
 @dataclass
@@ -103,60 +99,53 @@ def make_side(group: Group, vocab: int, generator) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def objective_for(step: Step, group: Group, student, teacher):
-    """(Objective, run config) of one step kind, as finetuning.train builds them."""
-    from llm_recipes import distributed
+def train_state(step: Step, group: Group, student, teacher, optimizer=None):
+    """A TrainState for one step kind, with what `setup` would resolve for it (`llm_recipes.finetuning`);
+    `optimizer`: share that one (the steps of a group train the same student)."""
+    from configs import distillation_config, train_config
+    from llm_recipes import distributed, objective
     from llm_recipes.config import RunConfig
-    from llm_recipes.finetuning import Objective
+    from llm_recipes.finetuning import TrainState
     from llm_recipes.losses import LossSpec
+    from llm_recipes.objective import Models
+    from llm_recipes.optim import build_optimizer, build_scheduler
 
-    cfg = RunConfig()
-    cfg.train.distillation = step.loss != "sft"
-    cfg.train.logits_chunk_size = group.chunk_size
-    d = cfg.distillation
-    d.loss = step.loss if step.loss not in ("sft", "none") else "auto"
-    d.distil_factor = 0.15 if step.loss == "multilevel_ot" else 1.5
-    d.uld_top_k = step.uld_top_k
-    d.multilevel_ot_mode = step.mode
+    loss = "none" if step.loss in ("sft", "none") else step.loss
+    run = RunConfig(train=train_config(distillation=step.loss != "sft", logits_chunk_size=group.chunk_size,
+                                       scheduler="constant"),
+                    distillation=distillation_config(uld_top_k=step.uld_top_k, multilevel_ot_mode=step.mode))
     vocab_t = group.vocab_student if group.same_tokenizer else group.vocab_teacher
-    spec = LossSpec.from_config(d, name="none" if step.loss == "sft" else step.loss,
-                                student_vocab_size=group.vocab_student, teacher_vocab_size=vocab_t,
-                                same_tokenizer=group.same_tokenizer, chunk_size=group.chunk_size)
-    info = distributed.DistInfo(device=torch.device(group.device))
-    return Objective(cfg, spec, student, teacher if step.loss != "sft" else None, info), cfg
+    spec = LossSpec.from_config(run.distillation, name=loss, student_vocab_size=group.vocab_student,
+                                teacher_vocab_size=vocab_t, same_tokenizer=group.same_tokenizer,
+                                chunk_size=group.chunk_size)
+    factor = table.LOSSES[loss].distil_factor if loss in table.LOSSES else 0.0
+    goal = objective.build_objective(run, factor, spec, None)
+    goal = objective.Objective(**{**vars(goal), "uses_teacher": step.loss != "sft"})  # "none": teacher, no term
+    optimizer = optimizer or build_optimizer(student, run.train)
+    return TrainState(run, None, distributed.DistInfo(device=torch.device(group.device)),
+                      Models(student, student, teacher if step.loss != "sft" else None), goal, optimizer,
+                      build_scheduler(optimizer, run.train, 10**6), torch.amp.GradScaler("cuda", enabled=False))
 
 
-def teacher_answer_rows(teacher, batch) -> torch.Tensor:
-    """The teacher's last hidden states at its answer rows (causal: row t predicts label t + 1)."""
+def teacher_logits_hook(teacher, labels: torch.Tensor):
+    """For "SFT + teacher forward": the teacher's output layer applied at its answer rows inside its forward
+    (what a logit term needs from it), by a hook on the input of its output layer; the logits are dropped."""
     from llm_recipes import models
 
-    with torch.no_grad():
-        hidden = models.forward_hidden(teacher, batch, False)
-    return hidden[:, :-1][batch["labels"][:, 1:] != -100]
+    head = models.output_head(teacher)
+    answer = labels[:, 1:] != -100
 
-
-def train_step(objective, optimizer, batch, cfg, teacher_logits=None) -> float:
-    """One optimizer step of one micro-batch on one process, as finetuning.train's loop runs it.
-    teacher_logits: a callable run after the forward (the "SFT + teacher forward" baseline)."""
-    from llm_recipes.finetuning import Counts, check_finite, clip_gradients
-
-    totals = Counts(*objective.counts(batch))  # the step's totals: this micro-batch's counts
-    terms = objective.terms(batch)
-    if teacher_logits is not None:
-        teacher_logits()
-    loss = objective.combine(terms, totals)
-    check_finite(loss, "the loss", "benchmark")
-    loss.backward()
-    clip_gradients(objective.student, cfg.train)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    def hook(module, args):
+        if args[0].dim() == 3:  # the model's forward (the loss calls the layer on [rows, hidden] afterwards)
+            with torch.no_grad():
+                head(args[0][:, :-1][answer])
+    return teacher.get_output_embeddings().register_forward_pre_hook(hook, prepend=True)
 
 
 def measure(group: Group) -> dict:
     """Every step of the group, interleaved: {step key: result}."""
     from llm_recipes import models
-    from llm_recipes.optim import build_optimizer
+    from llm_recipes.finetuning import train_step
 
     if group.threads:
         torch.set_num_threads(group.threads)
@@ -169,21 +158,19 @@ def measure(group: Group) -> dict:
     batch["teacher"] = batch["student"] if group.same_tokenizer else make_side(group, vocab_t, generator)
     batch = {side: {k: v.to(device) for k, v in tensors.items()} for side, tensors in batch.items()}
     steps = [Step(**step) for step in group.steps]
-    objectives = [objective_for(step, group, student, teacher) for step in steps]
-    optimizer = build_optimizer(student, objectives[0][1].train)
-    rows, head = teacher_answer_rows(teacher, batch["teacher"]), models.output_head(teacher)
-
-    def teacher_logits():
-        with torch.no_grad():
-            head(rows)
+    states = [train_state(steps[0], group, student, teacher)]
+    states += [train_state(step, group, student, teacher, states[0].optimizer) for step in steps[1:]]
     memory = PeakMemory(device)
     results = {step.key: {"times_s": [], "wall_s": [], "peak_bytes": 0} for step in steps}
     for round_ in range(group.warmup + group.repeats):  # the warm-up also allocates the optimizer state
-        for step, (objective, cfg) in zip(steps, objectives):
+        for step, state in zip(steps, states):
+            hook = teacher_logits_hook(teacher, batch["teacher"]["labels"]) if step.teacher_logits else None
             memory.start()
             started, wall = clock(device), time.perf_counter()
-            loss = train_step(objective, optimizer, batch, cfg, teacher_logits if step.teacher_logits else None)
+            loss = train_step(state, [batch])["loss"]
             elapsed, wall = clock(device) - started, time.perf_counter() - wall
+            if hook is not None:
+                hook.remove()
             if round_ >= group.warmup:
                 result = results[step.key]
                 result["times_s"].append(elapsed)
@@ -299,7 +286,7 @@ def main(argv=None):
     if args.quick:
         args.repeats, args.uld_top_k = 1, []
     check_supported(args.device)
-    results = [(group, run_worker(__file__, asdict(group)))
+    results = [(group, run_worker("benchmarks.bench_train_step", asdict(group)))
                for group in tqdm(build_groups(args), desc="model pairs", dynamic_ncols=True)]
     sizes = next((r for _, by_key in results for r in by_key.values() if isinstance(r, dict)), {})
     print(describe(args, sizes))

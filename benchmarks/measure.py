@@ -67,15 +67,18 @@ class PeakMemory:
         return _status_kib("VmHWM") * 1024 - self.base
 
 
-def run_worker(script: str, payload: dict) -> dict:
-    """Run `script --worker JSON` in a fresh process; its last stdout line is the JSON result."""
+def run_worker(module: str, payload: dict) -> dict:
+    """Run `python -m module --worker JSON` (from the repository root) in a fresh process; its last stdout
+    line is the JSON result."""
+    from configs.paths import REPO_ROOT
+
     # a fixed malloc threshold: every block over 256 KiB is its own mapping, returned to the system when
     # freed, so the resident set size follows what torch holds (glibc's adaptive threshold keeps blocks
     # of up to 32 MiB on its heap once they have been freed, which would hide them from the peak)
     env = {**os.environ, "PYTHONHASHSEED": "0", "MALLOC_MMAP_THRESHOLD_": "262144",
            "MALLOC_TRIM_THRESHOLD_": "262144", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run([sys.executable, script, "--worker", json.dumps(payload)], capture_output=True, text=True,
-                          env=env)
+    done = subprocess.run([sys.executable, "-m", module, "--worker", json.dumps(payload)], capture_output=True,
+                          text=True, env=env, cwd=REPO_ROOT)
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]}
     return json.loads(done.stdout.strip().splitlines()[-1])

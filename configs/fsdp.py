@@ -1,11 +1,17 @@
 from dataclasses import dataclass
 
+from llm_recipes.flags import option
 
-@dataclass
+
+@dataclass(frozen=True)
 class fsdp_config:
     """How the student is sharded when `--enable_fsdp` (FSDP2, one unit per decoder layer)."""
 
-    sharding_strategy: str = "FULL_SHARD"  # FULL_SHARD | SHARD_GRAD_OP | NO_SHARD | HYBRID_SHARD (docs/distributed.md)
-    sharding_group_size: int = 0  # HYBRID_SHARD: processes per shard group; 0 = processes per node
-    fsdp_cpu_offload: bool = False  # keep sharded weights, gradients and optimizer state in CPU memory
-    fsdp_activation_checkpointing: bool = False  # recompute each decoder layer in backward (less memory)
+    sharding_strategy: str = option(
+        "FULL_SHARD", "FULL_SHARD | SHARD_GRAD_OP | NO_SHARD | HYBRID_SHARD (docs/distributed.md)", group="distributed")
+    sharding_group_size: int = option(0, "HYBRID_SHARD: processes per shard group; 0 = processes per node",
+                                      group="distributed")
+    fsdp_cpu_offload: bool = option(False, "keep sharded weights, gradients and optimizer state in CPU memory",
+                                    group="distributed")
+    fsdp_activation_checkpointing: bool = option(
+        False, "recompute each decoder layer in backward (less memory)", group="distributed")

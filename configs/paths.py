@@ -6,3 +6,4 @@ TINY_ASSETS = REPO_ROOT / "assets" / "tiny"
 TINY_STUDENT = str(TINY_ASSETS / "student")
 TINY_TEACHER = str(TINY_ASSETS / "teacher")
 TINY_QA_LOADER = str(REPO_ROOT / "llm_distillation" / "datasets" / "loader" / "tiny_qa.py")
+TINY_QA_DATA = TINY_ASSETS / "data"

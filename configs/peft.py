@@ -1,13 +1,15 @@
 from dataclasses import dataclass
 from typing import List, Optional
 
+from llm_recipes.flags import option
 
-@dataclass
+
+@dataclass(frozen=True)
 class lora_config:
     """LoRA adapter for the student (`--use_peft`). Flags: `--lora_config.r 16` etc."""
 
-    r: int = 8
-    lora_alpha: int = 32
-    target_modules: Optional[List[str]] = None  # None: peft's default for the architecture
-    lora_dropout: float = 0.05
-    bias: str = "none"
+    r: int = option(8, "rank of the adapter matrices", group="training")
+    lora_alpha: int = option(32, "scaling: the update is multiplied by lora_alpha / r", group="training")
+    target_modules: Optional[List[str]] = option(None, "None: peft's default for the architecture", group="training")
+    lora_dropout: float = option(0.05, "dropout on the adapter's input", group="training")
+    bias: str = option("none", "none | all | lora_only: which biases train", group="training")

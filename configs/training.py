@@ -2,73 +2,79 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from configs.paths import TINY_STUDENT
+from llm_recipes.flags import option
 
 
-@dataclass
+@dataclass(frozen=True)
 class train_config:
     """The student, the optimisation and the run. Undotted flags (`--lr 1e-6`) land here."""
 
-    project_name: Optional[str] = None  # free-form run label, recorded in run_config.json
-    model_name: str = TINY_STUDENT  # student: local path or hub id
-    tokenizer_name: Optional[str] = None  # defaults to model_name
-    trust_remote_code: bool = False  # only on request: runs code shipped with the model
-    encoder_decoder: bool = False  # student is a seq2seq model (AutoModelForSeq2SeqLM)
-    attn_implementation: Optional[str] = None  # "sdpa", "eager", "flash_attention_2"; None: transformers' default
-    use_fast_kernels: bool = False  # llama-recipes alias for attn_implementation="sdpa"
+    project_name: Optional[str] = option(None, "free-form run label, recorded in run_config.json", group="output")
+    model_name: str = option(TINY_STUDENT, "student: local path or hub id", group="training")
+    tokenizer_name: Optional[str] = option(None, "student tokenizer; None: the model's own", group="training")
+    trust_remote_code: bool = option(False, "only on request: runs code shipped with the model", group="training")
+    encoder_decoder: bool = option(False, "student is a seq2seq model (AutoModelForSeq2SeqLM)", group="training")
+    attn_implementation: Optional[str] = option(
+        None, '"sdpa", "eager", "flash_attention_2"; None: transformers\' default', group="training")
+    use_fast_kernels: bool = option(False, 'llama-recipes alias for attn_implementation="sdpa"', group="training")
 
     # precision of the student
-    mixed_precision: bool = False  # bf16 autocast over fp32 weights
-    pure_bf16: bool = False  # bf16 weights and optimizer state
-    use_fp16: bool = False  # fp16 autocast with a gradient scaler (CUDA only)
+    mixed_precision: bool = option(False, "bf16 autocast over fp32 weights", group="training")
+    pure_bf16: bool = option(False, "bf16 weights and optimizer state", group="training")
+    use_fp16: bool = option(False, "fp16 autocast with a gradient scaler (CUDA only)", group="training")
 
     # multi-process (see fsdp_config for the sharding details)
-    enable_fsdp: bool = False  # shard the student with FSDP2 under torchrun (DDP otherwise)
-    low_cpu_fsdp: bool = False  # not supported (refused): every process loads the weights, then shards them
+    enable_fsdp: bool = option(False, "shard the student with FSDP2 under torchrun (DDP otherwise)",
+                               group="distributed")
 
     # data
-    batch_size_training: int = 4  # examples per micro-batch per process
-    val_batch_size: int = 4  # examples per evaluation batch per process
-    batching_strategy: str = "padding"  # only padding: packing would break teacher/student pairing
-    context_length: Optional[int] = None  # longer examples are dropped (counted and reported)
-    num_workers_dataloader: int = 0  # DataLoader worker processes collating batches
+    batch_size_training: int = option(4, "examples per micro-batch per process", group="training")
+    val_batch_size: int = option(4, "examples per evaluation batch per process", group="training")
+    context_length: Optional[int] = option(None, "longer examples are dropped (counted and reported)", group="data")
+    num_workers_dataloader: int = option(0, "DataLoader worker processes collating batches", group="data")
 
     # optimisation
-    num_epochs: int = 1  # passes over the training split, each in a new seeded order
-    max_train_step: int = 0  # optimizer steps; 0 = no limit
-    max_eval_step: int = 0  # eval batches; 0 = all
-    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (loss normalised over all of them)
-    gradient_clipping: bool = True  # clip the global gradient norm
-    gradient_clipping_threshold: float = 1.0  # the norm it is clipped to
-    optimizer: str = "AdamW"  # AdamW | SGD | Adafactor
-    lr: float = 1e-4  # peak learning rate (llama-recipes default; the ULD runs passed --lr 1e-6 to 2e-6)
-    weight_decay: float = 0.1  # decoupled weight decay; biases and norms are not decayed
-    momentum: float = 0.9  # SGD only
-    scheduler: str = "onecycle"  # onecycle | cosine | linear | constant
-    pct_start: float = 0.1  # onecycle
-    div_factor: float = 2  # onecycle
-    final_div_factor: float = 5  # onecycle
-    warmup_ratio: float = 0.0  # cosine / linear / constant
-    warmup_steps: int = 0  # cosine / linear / constant; overrides warmup_ratio when > 0
-    seed: int = 42  # data order, dropout, everything random
+    num_epochs: int = option(1, "passes over the training split, each in a new seeded order", group="training")
+    max_train_step: int = option(0, "optimizer steps; 0 = no limit", group="training")
+    max_eval_step: int = option(0, "eval batches; 0 = all", group="training")
+    gradient_accumulation_steps: int = option(
+        1, "micro-batches per optimizer step (loss normalised over all of them)", group="training")
+    gradient_clipping: bool = option(True, "clip the global gradient norm", group="training")
+    gradient_clipping_threshold: float = option(1.0, "the norm it is clipped to", group="training")
+    optimizer: str = option("AdamW", "AdamW | SGD | Adafactor", group="training")
+    lr: float = option(1e-4, "peak learning rate (llama-recipes default; the ULD runs passed --lr 1e-6 to 2e-6)",
+                       group="training")
+    weight_decay: float = option(0.1, "decoupled weight decay; biases and norms are not decayed", group="training")
+    momentum: float = option(0.9, "SGD only", group="training")
+    scheduler: str = option("onecycle", "onecycle | cosine | linear | constant", group="training")
+    pct_start: float = option(0.1, "onecycle: fraction of the steps spent warming up", group="training")
+    div_factor: float = option(2, "onecycle: initial lr = lr / div_factor", group="training")
+    final_div_factor: float = option(5, "onecycle: final lr = initial lr / final_div_factor", group="training")
+    warmup_ratio: float = option(0.0, "cosine / linear / constant: fraction of the steps warming up", group="training")
+    warmup_steps: int = option(0, "cosine / linear / constant; overrides warmup_ratio when > 0", group="training")
+    seed: int = option(42, "data order, dropout, everything random", group="training")
 
     # what is trained
-    distillation: bool = False  # load the teacher and add its distillation term
-    use_peft: bool = False  # train a LoRA adapter (see lora_config) instead of all weights
-    peft_method: str = "lora"  # only lora
-    freeze_layers: bool = False  # freeze the first num_freeze_layers transformer blocks
-    num_freeze_layers: int = 1  # how many blocks --freeze_layers freezes
-    freeze_regex: Optional[List[str]] = None  # freeze parameters whose name matches one of these regexes (re.search; a,b or [a,b])
-    unfreeze_regex: Optional[List[str]] = None  # train only parameters whose name matches one of these regexes (re.search)
-    spectrum_yaml: Optional[str] = None  # Spectrum YAML: train only its unfrozen_parameters (re.match); combines with the above
-    quantization: bool = False  # not supported (refused): use pure_bf16 or LoRA
+    distillation: bool = option(False, "load the teacher and add its distillation term", group="distillation")
+    use_peft: bool = option(False, "train a LoRA adapter (see lora_config) instead of all weights", group="training")
+    freeze_layers: bool = option(False, "freeze the first num_freeze_layers transformer blocks", group="training")
+    num_freeze_layers: int = option(1, "how many blocks --freeze_layers freezes", group="training")
+    freeze_regex: Optional[List[str]] = option(
+        None, "freeze parameters whose name matches one of these regexes (re.search; a,b or [a,b])", group="training")
+    unfreeze_regex: Optional[List[str]] = option(
+        None, "train only parameters whose name matches one of these regexes (re.search)", group="training")
+    spectrum_yaml: Optional[str] = option(
+        None, "Spectrum YAML: train only its unfrozen_parameters (re.match); combines with the above", group="training")
 
     # output
-    output_dir: str = "output"  # checkpoints/, best, last, metrics.jsonl, run_config.json
-    run_validation: bool = True  # evaluate at every save_step and epoch end
-    save_model: bool = True  # write checkpoints
-    save_step: int = 1000  # optimizer steps between validation + checkpoint; 0 = only at epoch ends
-    save_all: bool = False  # keep every checkpoint (default: the best by eval loss and the last)
-    save_optimizer: bool = True  # optimizer state in checkpoints, needed to resume exactly
-    resume_from: Optional[str] = None  # checkpoint folder to continue from
-    log_every: int = 1  # optimizer steps between metrics lines
-    logits_chunk_size: int = 1024  # answer rows per chunk when computing logits and losses
+    output_dir: str = option("output", "checkpoints/, best, last, metrics.jsonl, run_config.json", group="output")
+    run_validation: bool = option(True, "evaluate at every save_step and epoch end", group="output")
+    save_model: bool = option(True, "write checkpoints", group="output")
+    save_step: int = option(1000, "optimizer steps between validation + checkpoint; 0 = only at epoch ends",
+                            group="output")
+    save_all: bool = option(False, "keep every checkpoint (default: the best by eval loss and the last)",
+                            group="output")
+    save_optimizer: bool = option(True, "optimizer state in checkpoints, needed to resume exactly", group="output")
+    resume_from: Optional[str] = option(None, "checkpoint folder to continue from", group="output")
+    log_every: int = option(1, "optimizer steps between metrics lines", group="logging")
+    logits_chunk_size: int = option(1024, "answer rows per chunk when computing logits and losses", group="training")

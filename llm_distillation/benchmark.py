@@ -18,50 +18,51 @@ The prompt is the student's plain prompt, as in training; --chat uses the tokeni
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-from llm_distillation import answering, metrics
-from llm_distillation.cli import run_command
-from llm_recipes.errors import UserError
+from llm_distillation import generation, metrics
+from llm_recipes import flags
 from llm_recipes.checkpoint import prepare_output_dir
-from llm_recipes.generation import first_line, generate_batches, is_encoder_decoder
+from llm_recipes.errors import UserError
+from llm_recipes.flags import Refused, option
 
 SCORES_FILE = "scores.json"
 PREDICTIONS_FILE = "predictions.jsonl"
 
 
-@dataclass
+@dataclass(frozen=True)
 class BenchmarkArgs:
     """Flags of `python -m llm_distillation.benchmark`."""
 
-    model_name: str  # checkpoint folder, hub id, or LoRA adapter folder (adapter_config.json)
-    task: str  # squad, qed, fairytaleqa, pubmedqa, dialogsum, dolly, generic, tiny_qa
-    output_dir: str  # where scores.json and predictions.jsonl go
-    split: Optional[str] = None  # None: the task's evaluation split (squad/qed validation, the others test)
-    source: Optional[str] = None  # hub id or local path of the task's data; None: the task's default
-    answer_column: Optional[str] = None  # column of the references; None: the task's gold answers
-    tokenizer_name: Optional[str] = None  # None: the model's own (or the adapter's, else its base model's)
-    base_model: Optional[str] = None  # LoRA adapter only: base model instead of the one in adapter_config.json
-    batch_size: int = 8  # prompts per generate call
-    number_of_examples: Optional[int] = None  # only the first N examples of the split
-    max_new_tokens: int = 150  # generation budget per answer (only the first line is kept)
-    few_shot: int = 0  # shots per prompt, from the task's train split
-    seed: int = 42  # choice of the few-shot examples
-    chat: bool = False  # prompt with the tokenizer's chat template (a chat teacher) instead of the plain prompt
-    bertscore: bool = False  # also BERTScore F1 (needs the bert_score package)
-    bf16: bool = False  # load the model in bfloat16
-    trust_remote_code: bool = False  # run the model repository's own code (only for repositories you trust)
-    stop_at_newline: bool = True  # stop a row at its first newline (same first line, far fewer tokens)
-    skip_too_long: bool = False  # leave out prompts longer than the model accepts instead of failing
-    progress: bool = True  # tqdm progress bars
+    model_name: str = option(help="checkpoint folder, hub id, or LoRA adapter folder (adapter_config.json)")
+    task: str = option(help="squad, qed, fairytaleqa, pubmedqa, dialogsum, dolly, generic, tiny_qa")
+    output_dir: str = option(help="where scores.json and predictions.jsonl go")
+    split: Optional[str] = option(None, "None: the task's evaluation split (squad/qed validation, the others test)")
+    source: Optional[str] = option(None, "hub id or local path of the task's data; None: the task's default")
+    answer_column: Optional[str] = option(None, "column of the references; None: the task's gold answers")
+    tokenizer_name: Optional[str] = option(None, "None: the model's own (or the adapter's, else its base model's)")
+    base_model: Optional[str] = option(None, "LoRA adapter only: base model instead of the one in adapter_config.json")
+    batch_size: int = option(8, "prompts per generate call")
+    number_of_examples: Optional[int] = option(None, "only the first N examples of the split")
+    max_new_tokens: int = option(150, "generation budget per answer (only the first line is kept)")
+    few_shot: int = option(0, "shots per prompt, from the task's train split")
+    seed: int = option(42, "choice of the few-shot examples")
+    chat: bool = option(False, "prompt with the tokenizer's chat template (a chat teacher) instead of the plain prompt")
+    bertscore: bool = option(False, "also BERTScore F1 (needs the bert_score package)")
+    bf16: bool = option(False, "load the model in bfloat16")
+    trust_remote_code: bool = option(False, "run the model repository's own code (only for repositories you trust)")
+    stop_at_newline: bool = option(True, "stop a row at its first newline (same first line, far fewer tokens)")
+    skip_too_long: bool = option(False, "leave out prompts longer than the model accepts instead of failing")
+    progress: bool = option(True, "tqdm progress bars")
 
 
 # Flag names of the published benchmark scripts that mean the same here.
 ALIASES = {"model_id": "model_name", "model_tokenizer": "tokenizer_name", "dataset_id": "source",
            "split_name": "split", "number_few_shot": "few_shot", "output_path": "output_dir", "bfloat": "bf16"}
-RETIRED = {
+REFUSED = {k: Refused(v) for k, v in {
     "from_disk": "is not needed: --source takes a hub id or a local folder",
     "save_predictions": "is not needed: predictions.jsonl is always written",
     "context": "is not supported: the prompt format is the task's (llm_distillation/prompts.py)",
@@ -71,7 +72,7 @@ RETIRED = {
     "mapping": "is not supported: the task's loader (llm_distillation/datasets/tasks.py) maps the columns",
     "mapping_dict": "is not supported: the task's loader (llm_distillation/datasets/tasks.py) maps the columns",
     "f": "selects a training method; the benchmark scores any checkpoint: remove it",
-}
+}.items()}
 
 
 def validate(args: BenchmarkArgs) -> None:
@@ -103,33 +104,34 @@ def benchmark(args: BenchmarkArgs) -> dict:
 
     validate(args)
     output = prepare_output_dir(args.output_dir)
-    args.split = args.split or default_eval_split(args.task)
+    args = dataclasses.replace(args, split=args.split or default_eval_split(args.task))
     examples = load_examples(args.task, args.split, source=args.source, answer_column=args.answer_column,
                              seed=args.seed)
     all_examples = examples
     if args.number_of_examples is not None:
         examples = examples.select(range(min(args.number_of_examples, len(examples))))
-    model, tokenizer = answering.load_for_generation(args.model_name, tokenizer_name=args.tokenizer_name,
+    model, tokenizer = generation.load_for_generation(args.model_name, tokenizer_name=args.tokenizer_name,
                                                      base_model=args.base_model, bf16=args.bf16,
                                                      trust_remote_code=args.trust_remote_code)
-    chat = answering.uses_chat_template(tokenizer, args.chat)
+    chat = generation.uses_chat_template(tokenizer, args.chat)
     title = chat and prompt_uses_title(args.task, args.model_name)  # a student's plain prompt never has it
-    pool = answering.shot_pool(args.task, args.split, all_examples, k=args.few_shot, source=args.source,
+    pool = generation.shot_pool(args.task, args.split, all_examples, k=args.few_shot, source=args.source,
                                seed=args.seed)
-    texts, prompts = answering.build_prompts(args.task, examples, tokenizer, k=args.few_shot, pool=pool,
-                                             seed=args.seed, chat=chat, encoder_decoder=is_encoder_decoder(model),
+    is_encoder_decoder = generation.is_encoder_decoder(model)
+    texts, prompts = generation.build_prompts(args.task, examples, tokenizer, k=args.few_shot, pool=pool,
+                                             seed=args.seed, chat=chat, encoder_decoder=is_encoder_decoder,
                                              title=title, progress=args.progress)
-    fits = answering.fitting_prompts(prompts, answering.max_prompt_positions(model), args.max_new_tokens,
+    fits = generation.fitting_prompts(prompts, generation.max_prompt_positions(model), args.max_new_tokens,
                                      skip=args.skip_too_long)
 
     predictions: dict[int, str] = {}
     stop = ["\n"] if args.stop_at_newline else None
     with tqdm(total=len(fits), desc="answering", unit="example", disable=not args.progress) as bar:
-        for indices, answers in generate_batches(model, tokenizer, [prompts[i] for i in fits],
+        for indices, answers in generation.generate_batches(model, tokenizer, [prompts[i] for i in fits],
                                                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                                  stop_strings=stop):
             for index, answer in zip(indices, answers):
-                predictions[fits[index]] = first_line(answer)
+                predictions[fits[index]] = generation.first_line(answer)
             bar.update(len(indices))
 
     rows = [examples[i] for i in fits]
@@ -149,13 +151,21 @@ def benchmark(args: BenchmarkArgs) -> dict:
     return result
 
 
-def main(**kwargs) -> None:
+COMMAND = flags.Command(program="python -m llm_distillation.benchmark", summary=__doc__.strip().splitlines()[0],
+                        sections={"args": BenchmarkArgs}, aliases=ALIASES, refused=REFUSED)
+
+
+def main(*args, **kwargs) -> None:
     """fire entry point; see the module docstring."""
-    run_command(benchmark, BenchmarkArgs, kwargs, program="llm_distillation.benchmark",
-                summary=__doc__.strip().splitlines()[0], aliases=ALIASES, retired=RETIRED)
+    flags.run_command(COMMAND, lambda parsed: benchmark(parsed["args"]), args, kwargs)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point (pyproject.toml)."""
     import fire
 
     fire.Fire(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -29,11 +29,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from llm_distillation import answering
-from llm_distillation.cli import run_command
-from llm_recipes.errors import UserError
+from llm_distillation import generation
+from llm_recipes import flags
 from llm_recipes.checkpoint import prepare_output_dir
-from llm_recipes.generation import first_line, generate_batches, is_encoder_decoder
+from llm_recipes.errors import UserError
+from llm_recipes.flags import Refused, option
 
 PROGRESS_FILE = "progress.jsonl"
 SETTINGS_FILE = "run.json"
@@ -41,42 +41,43 @@ SUMMARY_FILE = "summary.json"
 JSONL_FILE = "generated.jsonl"
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerateArgs:
     """Flags of `python -m llm_distillation.generate`."""
 
-    model_name: str  # the teacher: hub id or local folder
-    task: str  # squad, qed, fairytaleqa, pubmedqa, dialogsum, dolly, generic, tiny_qa
-    output_dir: str  # datasets folder + generated.jsonl + progress.jsonl (resumable)
-    split: str = "train"  # split of the task to answer
-    source: Optional[str] = None  # hub id or local path of the task's data; None: the task's default
-    tokenizer_name: Optional[str] = None  # None: the model's own tokenizer
-    batch_size: int = 8  # prompts per generate call
-    few_shot: Optional[int] = None  # shots per prompt; None: the task's default for this teacher
-    max_new_tokens: int = 150  # generation budget per answer (only the first line is kept)
-    number_of_examples: Optional[int] = None  # only the first N examples of the split
-    val_fraction: float = 0.1  # seeded fraction split off as validation (0: train only)
-    seed: int = 42  # few-shot choice and the validation split
-    answer_column: Optional[str] = None  # name of the generated column; None: answers_generated/summary_generated
-    chat: Optional[bool] = None  # chat-template prompts; None: when the tokenizer has a template
-    bf16: bool = False  # load the teacher in bfloat16
-    trust_remote_code: bool = False  # run the model repository's own code (only for repositories you trust)
-    stop_at_newline: bool = True  # stop a row at its first newline (same first line, far fewer tokens)
-    skip_too_long: bool = False  # leave out prompts longer than the model accepts instead of failing
-    progress: bool = True  # tqdm progress bars
+    model_name: str = option(help="the teacher: hub id or local folder")
+    task: str = option(help="squad, qed, fairytaleqa, pubmedqa, dialogsum, dolly, generic, tiny_qa")
+    output_dir: str = option(help="datasets folder + generated.jsonl + progress.jsonl (resumable)")
+    split: str = option("train", "split of the task to answer")
+    source: Optional[str] = option(None, "hub id or local path of the task's data; None: the task's default")
+    tokenizer_name: Optional[str] = option(None, "None: the model's own tokenizer")
+    batch_size: int = option(8, "prompts per generate call")
+    few_shot: Optional[int] = option(None, "shots per prompt; None: the task's default for this teacher")
+    max_new_tokens: int = option(150, "generation budget per answer (only the first line is kept)")
+    number_of_examples: Optional[int] = option(None, "only the first N examples of the split")
+    val_fraction: float = option(0.1, "seeded fraction split off as validation (0: train only)")
+    seed: int = option(42, "few-shot choice and the validation split")
+    answer_column: Optional[str] = option(
+        None, "name of the generated column; None: answers_generated/summary_generated")
+    chat: Optional[bool] = option(None, "chat-template prompts; None: when the tokenizer has a template")
+    bf16: bool = option(False, "load the teacher in bfloat16")
+    trust_remote_code: bool = option(False, "run the model repository's own code (only for repositories you trust)")
+    stop_at_newline: bool = option(True, "stop a row at its first newline (same first line, far fewer tokens)")
+    skip_too_long: bool = option(False, "leave out prompts longer than the model accepts instead of failing")
+    progress: bool = option(True, "tqdm progress bars")
 
 
 # Flag names of the published generator script (datasets/generator.py) that mean the same here.
 ALIASES = {"model_id": "model_name", "model_tokenizer": "tokenizer_name", "dataset_id": "source",
            "split_name": "split", "number_few_shot": "few_shot", "bfloat": "bf16"}
-RETIRED = {
+REFUSED = {k: Refused(v) for k, v in {
     "from_disk": "is not needed: --source takes a hub id or a local folder",
     "mapping": "is not supported: the task's loader (llm_distillation/datasets/tasks.py) maps the columns",
     "mapping_dict": "is not supported: the task's loader (llm_distillation/datasets/tasks.py) maps the columns",
     "context": "is not supported: the prompt format is the task's (llm_distillation/prompts.py)",
     "title": "is not needed: the Title: line follows the published teacher setting (llm_distillation/prompts.py)",
     "num_workers": "is not needed: prompts are tokenized up front",
-}
+}.items()}
 
 
 def generated_column(task: str, answer_column: Optional[str]) -> str:
@@ -211,9 +212,9 @@ def generate(args: GenerateArgs) -> dict:
         raise UserError(f"the {args.task} {args.split} split has duplicate ids: resuming and pairing need unique ids")
 
     k = few_shot_count(args.task, args.model_name, override=args.few_shot)
-    model, tokenizer = answering.load_for_generation(args.model_name, tokenizer_name=args.tokenizer_name,
+    model, tokenizer = generation.load_for_generation(args.model_name, tokenizer_name=args.tokenizer_name,
                                                      bf16=args.bf16, trust_remote_code=args.trust_remote_code)
-    chat = answering.uses_chat_template(tokenizer, args.chat)
+    chat = generation.uses_chat_template(tokenizer, args.chat)
     title = prompt_uses_title(args.task, args.model_name)
     progress_path = output / PROGRESS_FILE
     finished = read_progress(progress_path)
@@ -224,23 +225,24 @@ def generate(args: GenerateArgs) -> dict:
     pending = [i for i, example_id in enumerate(ids) if example_id not in finished]
     dropped_too_long = 0
     if pending:
-        pool = answering.shot_pool(args.task, args.split, all_examples, k=k, source=args.source, seed=args.seed)
-        _, prompts = answering.build_prompts(args.task, examples.select(pending), tokenizer, k=k, pool=pool,
-                                             seed=args.seed, chat=chat, encoder_decoder=is_encoder_decoder(model),
+        pool = generation.shot_pool(args.task, args.split, all_examples, k=k, source=args.source, seed=args.seed)
+        is_encoder_decoder = generation.is_encoder_decoder(model)
+        _, prompts = generation.build_prompts(args.task, examples.select(pending), tokenizer, k=k, pool=pool,
+                                             seed=args.seed, chat=chat, encoder_decoder=is_encoder_decoder,
                                              title=title, progress=args.progress)
-        fits = answering.fitting_prompts(prompts, answering.max_prompt_positions(model), args.max_new_tokens,
+        fits = generation.fitting_prompts(prompts, generation.max_prompt_positions(model), args.max_new_tokens,
                                          skip=args.skip_too_long)
         dropped_too_long = len(prompts) - len(fits)
         stop = ["\n"] if args.stop_at_newline else None
         with open(progress_path, "a") as handle, tqdm(total=len(ids), initial=len(ids) - len(pending),
                                                        desc="teacher answers", unit="example",
                                                        disable=not args.progress) as bar:
-            for indices, answers in generate_batches(model, tokenizer, [prompts[i] for i in fits],
+            for indices, answers in generation.generate_batches(model, tokenizer, [prompts[i] for i in fits],
                                                      max_new_tokens=args.max_new_tokens,
                                                      batch_size=args.batch_size, stop_strings=stop):
                 for index, answer in zip(indices, answers):
                     example_id = ids[pending[fits[index]]]
-                    finished[example_id] = first_line(answer)
+                    finished[example_id] = generation.first_line(answer)
                     handle.write(json.dumps({"id": example_id, "answer": finished[example_id]},
                                             ensure_ascii=False) + "\n")
                 handle.flush()
@@ -258,13 +260,21 @@ def generate(args: GenerateArgs) -> dict:
     return summary
 
 
-def main(**kwargs) -> None:
+COMMAND = flags.Command(program="python -m llm_distillation.generate", summary=__doc__.strip().splitlines()[0],
+                        sections={"args": GenerateArgs}, aliases=ALIASES, refused=REFUSED)
+
+
+def main(*args, **kwargs) -> None:
     """fire entry point; see the module docstring."""
-    run_command(generate, GenerateArgs, kwargs, program="llm_distillation.generate",
-                       summary=__doc__.strip().splitlines()[0], aliases=ALIASES, retired=RETIRED)
+    flags.run_command(COMMAND, lambda parsed: generate(parsed["args"]), args, kwargs)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point (pyproject.toml)."""
     import fire
 
     fire.Fire(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,46 +1,78 @@
-"""Command-line flags -> the run's dataclass configs.
+"""The trainer's command line: its flags (`TRAINER`), the frozen run configuration, its checks, and
+the plan it resolves to once the tokenizers are known.
 
-`fire` hands `main(**kwargs)` every `--flag value` as a keyword. The llama-recipes forks silently
-ignored anything they did not recognise; here every flag must land somewhere:
+The flags are the fields of the dataclasses in configs/ (parsed by llm_recipes.flags, the parser of
+every command): undotted flags set train_config, `--<config>.<field>` (or `--<config>_<field>`) the
+others, llama-recipes' undotted FSDP names (`--fsdp_cpu_offload`) set fsdp_config, and the
+MultiLevelOT fork's `--f 1|2` selects MultiLevelOT fast / greedy. Flags of llama-recipes that this
+trainer does not support are in `REFUSED`, each with its reason.
 
-* `--lr 1e-6`                           -> train_config.lr (undotted flags set the train config; the
-                                           llama-recipes FSDP names such as `--fsdp_cpu_offload` set
-                                           fsdp_config when train_config has no such field)
-* `--distillation_config.model_name X`  -> distillation_config.model_name
-* `--distillation_config_model_name X`  -> the same (the MultiLevelOT README's spelling)
-* `--f 1|2`                             -> MultiLevelOT fast / greedy (the MultiLevelOT fork's flag)
-
-Anything else is a `UserError` naming the flag and the nearest valid one. Values are checked and
-converted against the dataclass field types.
+`parse_flags` gives a frozen `RunConfig`; `validate` refuses values that cannot work and flags that
+would have no effect; `resolve_plan` says what the configuration means for the two tokenizers (which
+loss `auto` became, its factor, whether the teacher is needed): the configuration itself is never
+changed.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
-import types
-import typing
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Optional
 
 from configs import dataset, distillation_config, fsdp_config, lora_config, train_config
+from llm_recipes import flags
 from llm_recipes.errors import UserError
+from llm_recipes.flags import Refused
+from llm_recipes.losses import table
+from llm_recipes.losses.table import SFT_ONLY
 
-CONFIG_CLASSES = {
-    "train_config": train_config,
-    "distillation_config": distillation_config,
-    "fsdp_config": fsdp_config,
-    "lora_config": lora_config,
-    "dataset": dataset,
-}
-# Fields of the dataset config that the trainer fills in before each get_split call.
-TRAINER_SET_DATASET_FIELDS = {"role", "model_name", "encoder_decoder"}
-MULTILEVEL_OT_MODES = {1: "fast", 2: "greedy"}
+MULTILEVEL_OT_F_MODES = {1: "fast", 2: "greedy"}  # the MultiLevelOT fork's --f
 OPTIMIZERS = ("adamw", "sgd", "adafactor")
 SCHEDULERS = ("onecycle", "cosine", "linear", "constant")
 
+_NO_LOW_CPU = Refused("is not supported: every process loads the full weights, then shards them; remove the flag",
+                      allowed=(False,))
+_NO_QUANTIZATION = Refused("is not supported by this trainer: use --pure_bf16 (student) and "
+                           "--distillation_config.pure_bf16 (teacher) to halve memory, or LoRA (--use_peft)",
+                           allowed=(False,))
+REFUSED = {
+    "low_cpu_fsdp": _NO_LOW_CPU,
+    "distillation_config.low_cpu_fsdp": _NO_LOW_CPU,
+    "quantization": _NO_QUANTIZATION,
+    "distillation_config.quantization": _NO_QUANTIZATION,
+    "distillation_config.fsdp_activation_checkpointing": Refused(
+        "has no effect: the frozen teacher runs no backward, so there is nothing to recompute; remove the flag",
+        allowed=(False,)),
+    "batching_strategy": Refused("is not supported: distillation pairs examples across two tokenizers, which "
+                                 "packing would break; padding is the only strategy", allowed=("padding",)),
+    "peft_method": Refused("is not supported: LoRA is the only method (--use_peft)", allowed=("lora",)),
+}
 
-@dataclass
+
+def _f_flag(value) -> dict:
+    mode = flags.coerce_value("f", value, int)
+    if mode not in MULTILEVEL_OT_F_MODES:
+        raise UserError(f"--f expects 1 (MultiLevelOT fast) or 2 (MultiLevelOT greedy), got {value!r}")
+    return {"distillation_config.loss": "multilevel_ot",
+            "distillation_config.multilevel_ot_mode": MULTILEVEL_OT_F_MODES[mode]}
+
+
+TRAINER = flags.Command(
+    program="python finetuning.py",
+    summary="Distill a teacher LLM into a student (or fine-tune the student alone without --distillation).",
+    sections={"train_config": train_config, "distillation_config": distillation_config, "fsdp_config": fsdp_config,
+              "lora_config": lora_config, "dataset": dataset},
+    refused=REFUSED,
+    expand={"f": _f_flag},
+    expand_help={"f": "1|2: MultiLevelOT fast (1) or greedy (2); sets distillation_config.loss=multilevel_ot"},
+    fallback=("fsdp_config",),
+    groups={"training": "training", "distillation": "distillation", "data": "data", "distributed": "distributed",
+            "output": "output", "logging": "logging"},
+    set_by="the trainer for each model",
+)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """All configs of one run, plus the flags the user actually gave (for provenance)."""
 
@@ -51,17 +83,8 @@ class RunConfig:
     dataset: dataset = field(default_factory=dataset)
     given: dict = field(default_factory=dict)
 
-    def section(self, config_name: str):
-        return {
-            "train_config": self.train,
-            "distillation_config": self.distillation,
-            "fsdp_config": self.fsdp,
-            "lora_config": self.lora,
-            "dataset": self.dataset,
-        }[config_name]
-
     def to_dict(self) -> dict:
-        out = {name: dataclasses.asdict(self.section(name)) for name in CONFIG_CLASSES}
+        out = {name: dataclasses.asdict(getattr(self, attr)) for name, attr in _SECTION_ATTRIBUTES.items()}
         out["flags_given"] = self.given
         return out
 
@@ -69,150 +92,34 @@ class RunConfig:
         return json.dumps(self.to_dict(), indent=2, default=str)
 
 
-def valid_flag_names() -> list[str]:
-    names = [f.name for f in fields(train_config)]
-    for config_name, cls in CONFIG_CLASSES.items():
-        if config_name == "train_config":
-            continue
-        names += [f"{config_name}.{f.name}" for f in fields(cls) if not _trainer_set(config_name, f.name)]
-    return names + ["f"]
+_SECTION_ATTRIBUTES = {"train_config": "train", "distillation_config": "distillation", "fsdp_config": "fsdp",
+                       "lora_config": "lora", "dataset": "dataset"}
 
 
-def _trainer_set(config_name: str, name: str) -> bool:
-    return config_name == "dataset" and name in TRAINER_SET_DATASET_FIELDS
-
-
-def _unknown(flag: str) -> UserError:
-    match = difflib.get_close_matches(flag, valid_flag_names(), n=1, cutoff=0.6)
-    hint = f"did you mean --{match[0]}?" if match else "run `python finetuning.py --help` for the list"
-    return UserError(f"unknown flag --{flag}: {hint}")
-
-
-def _field_names(config_name: str) -> set[str]:
-    return {f.name for f in fields(CONFIG_CLASSES[config_name])}
-
-
-def resolve_flag(flag: str) -> tuple[str, str]:
-    """Map a flag name to (config name, field name), or raise a UserError."""
-    flag = flag.replace("-", "_")
-    if "." in flag:
-        config_name, _, name = flag.partition(".")
-        if config_name not in CONFIG_CLASSES:
-            raise _unknown(flag)
-        if name not in _field_names(config_name):
-            raise _unknown(flag)
-        if _trainer_set(config_name, name):
-            raise UserError(f"--{flag} is set by the trainer for each model, not by a flag: remove it")
-        return config_name, name
-    for config_name in CONFIG_CLASSES:
-        prefix = config_name + "_"
-        if config_name != "train_config" and flag.startswith(prefix):
-            name = flag[len(prefix):]
-            if name in _field_names(config_name) and not _trainer_set(config_name, name):
-                return config_name, name
-            raise _unknown(f"{config_name}.{name}")
-    if flag in _field_names("train_config"):
-        return "train_config", flag
-    if flag in _field_names("fsdp_config"):
-        return "fsdp_config", flag
-    raise _unknown(flag)
-
-
-def coerce_value(flag: str, value: Any, annotation: Any) -> Any:
-    """Convert a fire-parsed value to the field's type, or raise a UserError naming the flag."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        inner = [a for a in args if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() == "none"):
-            return None
-        return coerce_value(flag, value, inner[0])
-    if origin in (list, typing.List):
-        items = value
-        if isinstance(value, str):
-            items = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(items, (list, tuple)):
-            raise UserError(f"--{flag} expects a list such as a,b or [a,b], got {value!r}")
-        return [coerce_value(flag, v, args[0] if args else str) for v in items]
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise UserError(f"--{flag} expects true or false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, bool):
-            raise UserError(f"--{flag} expects an integer value, got no value")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise UserError(f"--{flag} expects an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, bool):
-            raise UserError(f"--{flag} expects a number, got no value")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise UserError(f"--{flag} expects a number, got {value!r}")
-    if annotation is str:
-        if isinstance(value, bool):
-            raise UserError(f"--{flag} expects a value, e.g. --{flag} VALUE")
-        if isinstance(value, (int, float)):
-            return str(value)
-        if isinstance(value, str):
-            return value
-        raise UserError(f"--{flag} expects a string, got {value!r}")
-    return value
-
-
-def _field_type(config_name: str, name: str):
-    return typing.get_type_hints(CONFIG_CLASSES[config_name])[name]
-
-
-def parse_flags(kwargs: dict) -> RunConfig:
-    """Build the run's configs from fire's keyword arguments and validate them."""
-    run = RunConfig()
-    seen: dict[tuple[str, str], str] = {}
-    for flag, value in kwargs.items():
-        if flag == "f":
-            mode = coerce_value("f", value, int)
-            if mode not in MULTILEVEL_OT_MODES:
-                raise UserError(f"--f expects 1 (MultiLevelOT fast) or 2 (MultiLevelOT greedy), got {value!r}")
-            for name, v in (("loss", "multilevel_ot"), ("multilevel_ot_mode", MULTILEVEL_OT_MODES[mode])):
-                _set(run, seen, "distillation_config", name, v, f"--f {mode}")
-            continue
-        config_name, name = resolve_flag(flag)
-        coerced = coerce_value(flag, value, _field_type(config_name, name))
-        _set(run, seen, config_name, name, coerced, f"--{flag}")
-    run.given = {f"{c}.{n}" if c != "train_config" else n: getattr(run.section(c), n) for (c, n) in seen}
-    validate(run, seen)
+def parse_flags(kwargs: dict, args: tuple = ()) -> RunConfig:
+    """The run's frozen configs from fire's keyword (and positional) arguments, validated."""
+    parsed = flags.parse(TRAINER, dict(kwargs), tuple(args))
+    run = RunConfig(**{attr: parsed[name] for name, attr in _SECTION_ATTRIBUTES.items()}, given=parsed.given)
+    validate(run, parsed.spelled)
     return run
 
 
-def _set(run: RunConfig, seen: dict, config_name: str, name: str, value: Any, spelled: str) -> None:
-    key = (config_name, name)
-    if key in seen and getattr(run.section(config_name), name) != value:
-        raise UserError(f"{seen[key]} and {spelled} set {config_name}.{name} to different values: keep one")
-    if not hasattr(run.section(config_name), name):
-        raise UserError(f"{spelled} needs distillation_config.{name}, which this version does not have")
-    seen[key] = spelled
-    setattr(run.section(config_name), name, value)
+def flag_reference(markdown: bool = False) -> str:
+    """Every flag with its default and meaning (`--help`; the README's tables with markdown=True)."""
+    return flags.markdown_reference(TRAINER) if markdown else flags.help_text(TRAINER)
 
 
-def validate(run: RunConfig, seen: dict) -> None:
-    """Cross-field checks: reject values that cannot work and flags that would have no effect."""
+# ------------------------------------------------------------------------------------------- checks
+def validate(run: RunConfig, spelled: dict) -> None:
+    """Cross-field checks: reject values that cannot work and flags that would have no effect.
+    `spelled`: "field" / "section.field" -> the flag as the user wrote it."""
+    _validate_ranges(run)
+    _validate_dependent_flags(run, spelled)
+    validate_sharding(run, spelled)
+    validate_methods(run, spelled)
+
+
+def _validate_ranges(run: RunConfig) -> None:
     t, d = run.train, run.distillation
     for name in ("batch_size_training", "val_batch_size", "gradient_accumulation_steps", "num_epochs",
                  "logits_chunk_size", "log_every"):
@@ -231,11 +138,6 @@ def validate(run: RunConfig, seen: dict) -> None:
         raise UserError(f"--optimizer {t.optimizer} is not supported: use AdamW, SGD or Adafactor")
     if t.scheduler.lower() not in SCHEDULERS:
         raise UserError(f"--scheduler {t.scheduler} is not supported: use one of {', '.join(SCHEDULERS)}")
-    if t.batching_strategy != "padding":
-        raise UserError(f"--batching_strategy {t.batching_strategy} is not supported: distillation pairs "
-                        "examples across two tokenizers, which packing would break; use padding")
-    if t.peft_method != "lora":
-        raise UserError(f"--peft_method {t.peft_method} is not supported: use lora")
     if sum([t.pure_bf16, t.mixed_precision, t.use_fp16]) > 1:
         raise UserError("--pure_bf16, --mixed_precision and --use_fp16 exclude each other: choose one")
     if sum([d.pure_bf16, d.mixed_precision, d.use_fp16]) > 1:
@@ -245,35 +147,36 @@ def validate(run: RunConfig, seen: dict) -> None:
         raise UserError(f"--num_freeze_layers must be at least 1 with --freeze_layers, got {t.num_freeze_layers}")
     if not 0 < run.dataset.training_size <= 1:
         raise UserError(f"--dataset.training_size must be in (0, 1], got {run.dataset.training_size}")
+    if d.loss not in table.LOSS_CHOICES:
+        raise UserError(f"unknown loss {d.loss!r}: --distillation_config.loss must be one of "
+                        f"{', '.join(table.LOSS_CHOICES)}")
     if d.distil_factor is not None and d.distil_factor < 0:
         raise UserError(f"--distillation_config.distil_factor must be 0 or more, got {d.distil_factor}")
     if d.cross_entropy_factor < 0:
         raise UserError(f"--distillation_config.cross_entropy_factor must be 0 or more, got {d.cross_entropy_factor}")
-
-    given_sections = {c for (c, _) in seen}
-    if "distillation_config" in given_sections and not t.distillation:
-        flags = sorted(v for (c, _), v in seen.items() if c == "distillation_config")
-        raise UserError(f"{flags[0]} has no effect without --distillation: add --distillation or remove it")
-    if "lora_config" in given_sections and not t.use_peft:
-        flags = sorted(v for (c, _), v in seen.items() if c == "lora_config")
-        raise UserError(f"{flags[0]} has no effect without --use_peft: add --use_peft or remove it")
-    if "fsdp_config" in given_sections and not t.enable_fsdp:
-        flags = sorted(v for (c, _), v in seen.items() if c == "fsdp_config")
-        raise UserError(f"{flags[0]} has no effect without --enable_fsdp: add --enable_fsdp or remove it")
-    if ("train_config", "num_freeze_layers") in seen and not t.freeze_layers:
-        raise UserError("--num_freeze_layers has no effect without --freeze_layers: add --freeze_layers")
-    if t.quantization or d.quantization:
-        raise UserError("--quantization is not supported by this trainer: use --pure_bf16 (student) and "
-                        "--distillation_config.pure_bf16 (teacher) to halve memory, or LoRA (--use_peft)")
-    validate_sharding(run, seen)
-    validate_methods(run, seen)
     if t.use_fast_kernels and t.attn_implementation not in (None, "sdpa"):
         raise UserError("--use_fast_kernels means attn_implementation=sdpa: drop one of the two flags")
-    if t.use_fast_kernels:
-        t.attn_implementation = "sdpa"
 
 
-def validate_sharding(run: RunConfig, seen: dict) -> None:
+def _first_given(spelled: dict, section: str) -> Optional[str]:
+    given = sorted(flag for key, flag in spelled.items() if key.startswith(section + "."))
+    return given[0] if given else None
+
+
+def _validate_dependent_flags(run: RunConfig, spelled: dict) -> None:
+    """A flag of a section that is switched off would have no effect: refuse it."""
+    t = run.train
+    for section, switched_on, switch in (("distillation_config", t.distillation, "--distillation"),
+                                         ("lora_config", t.use_peft, "--use_peft"),
+                                         ("fsdp_config", t.enable_fsdp, "--enable_fsdp")):
+        flag = _first_given(spelled, section)
+        if flag and not switched_on:
+            raise UserError(f"{flag} has no effect without {switch}: add {switch} or remove it")
+    if "num_freeze_layers" in spelled and not t.freeze_layers:
+        raise UserError("--num_freeze_layers has no effect without --freeze_layers: add --freeze_layers")
+
+
+def validate_sharding(run: RunConfig, spelled: dict) -> None:
     """FSDP flags: supported strategies only, and no teacher sharding detail without the teacher's FSDP."""
     from llm_recipes.distributed import SHARDING_STRATEGIES
 
@@ -287,14 +190,11 @@ def validate_sharding(run: RunConfig, seen: dict) -> None:
     if f.sharding_group_size and f.sharding_strategy != "HYBRID_SHARD":
         raise UserError("--fsdp_config.sharding_group_size only applies to HYBRID_SHARD: set "
                         "--fsdp_config.sharding_strategy HYBRID_SHARD or remove it")
-    teacher_sharding = sorted(v for (c, name), v in seen.items() if c == "distillation_config"
-                              and name in ("sharding_strategy", "fsdp_cpu_offload"))
+    teacher_sharding = sorted(spelled[key] for key in ("distillation_config.sharding_strategy",
+                                                       "distillation_config.fsdp_cpu_offload") if key in spelled)
     if teacher_sharding and not d.enable_fsdp:
         raise UserError(f"{teacher_sharding[0]} has no effect without --distillation_config.enable_fsdp: add it "
                         "or remove the flag")
-    if t.low_cpu_fsdp or d.low_cpu_fsdp:
-        raise UserError("--low_cpu_fsdp is not supported: every process loads the full weights before sharding "
-                        "them; remove the flag")
     if t.enable_fsdp and t.use_fp16:
         raise UserError("--use_fp16 is not supported with --enable_fsdp (its loss scaler would see only this "
                         "process's shard): use --mixed_precision or --pure_bf16 (bf16 needs no scaler)")
@@ -314,7 +214,7 @@ METHOD_SWITCHES = {
 }
 
 
-def validate_methods(run: RunConfig, seen: dict) -> None:
+def validate_methods(run: RunConfig, spelled: dict) -> None:
     """Hidden-state, selective and freezing flags: valid values, and no detail flag of a method that is off."""
     from llm_recipes.losses.hidden import HIDDEN_ALIGNMENTS, HIDDEN_DISTANCES, HIDDEN_POSITIONS
     from llm_recipes.losses.selection import FEATURE_ATTRIBUTIONS, TOKEN_SELECTIONS
@@ -325,14 +225,15 @@ def validate_methods(run: RunConfig, seen: dict) -> None:
                   "feature_attribution": FEATURE_ATTRIBUTIONS}
     for name, choices in choices_of.items():
         if getattr(d, name) not in choices:
-            raise UserError(f"--distillation_config.{name} must be one of {', '.join(choices)}, got {getattr(d, name)!r}")
+            raise UserError(f"--distillation_config.{name} must be one of {', '.join(choices)}, "
+                            f"got {getattr(d, name)!r}")
     for name in ("hidden_weight", "feature_weight", "feature_offdiag_weight"):
         if not getattr(d, name) >= 0:
             raise UserError(f"--distillation_config.{name} must be 0 or more, got {getattr(d, name)}")
     if not 0 < d.token_selection_ratio <= 1:
         raise UserError(f"--distillation_config.token_selection_ratio must be in (0, 1], got {d.token_selection_ratio}")
     for name, (switch, is_on) in METHOD_SWITCHES.items():
-        if ("distillation_config", name) in seen and not is_on(d):
+        if f"distillation_config.{name}" in spelled and not is_on(d):
             raise UserError(f"--distillation_config.{name} has no effect without {switch}: set it or remove the flag")
     if d.token_selection != "none" and d.distil_factor == 0:
         raise UserError("--distillation_config.token_selection selects positions for the logit term, which "
@@ -350,51 +251,38 @@ def validate_methods(run: RunConfig, seen: dict) -> None:
                         "adapter: drop one of the two")
 
 
-def field_comments(cls) -> dict[str, str]:
-    """The `# comment` written after each field in configs/*.py: the single source of the flag docs."""
-    import inspect
-    import re
+# --------------------------------------------------------------------------------------------- plan
+@dataclass(frozen=True)
+class RunPlan:
+    """What the configuration resolves to for this student and teacher (derived, never stored back)."""
 
-    comments = {}
-    for line in inspect.getsource(cls).splitlines():
-        match = re.match(r"\s+(\w+)\s*:[^#]*?(?:#\s*(.*))?$", line)
-        if match and match.group(1) in {f.name for f in fields(cls)}:
-            comments[match.group(1)] = (match.group(2) or "").strip()
-    return comments
+    loss: Optional[table.Loss]  # the logit term (`auto` resolved); None: no logit term
+    distil_factor: float  # its weight (the loss's default when --distillation_config.distil_factor is unset)
+    same_tokenizer: bool  # the two tokenizers have the same vocabulary (token strings and ids)
+    intermediate_terms: bool  # a hidden-state or feature term is on
+    student_attention: Optional[str]  # attn_implementation of the student
 
+    @property
+    def loss_name(self) -> str:
+        return self.loss.name if self.loss is not None else SFT_ONLY
 
-def flag_reference(markdown: bool = False) -> str:
-    """Every flag with its default and meaning, for --help and the README."""
-    lines = []
-    for config_name, cls in CONFIG_CLASSES.items():
-        comments = field_comments(cls)
-        title = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        lines += ["", f"### {config_name}" if markdown else f"{config_name}: {title}"]
-        if markdown:
-            lines += ["", title, "", "| flag | default | meaning |", "| --- | --- | --- |"]
-        for f in fields(cls):
-            if _trainer_set(config_name, f.name):
-                continue
-            flag = f"--{f.name}" if config_name == "train_config" else f"--{config_name}.{f.name}"
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            default = _display_default(default)
-            if markdown:
-                lines.append(f"| `{flag}` | `{default}` | {comments.get(f.name, '')} |")
-            else:
-                lines.append(f"  {flag:<45} {str(default):<14} {comments.get(f.name, '')}")
-    alias = "--f 1|2: MultiLevelOT fast (1) or greedy (2); sets distillation_config.loss=multilevel_ot"
-    lines += ["", f"Alias: `{alias}`" if markdown else alias]
-    return "\n".join(lines).lstrip("\n")
+    @property
+    def uses_teacher(self) -> bool:
+        return self.loss is not None or self.intermediate_terms
 
 
-def _display_default(value: Any) -> str:
-    from configs.paths import REPO_ROOT
-
-    text = str(value)
-    return text.replace(str(REPO_ROOT) + "/", "") if isinstance(value, str) else text
-
-
-if __name__ == "__main__":
-    import sys
-
-    print(flag_reference(markdown="--markdown" in sys.argv[1:]))
+def resolve_plan(run: RunConfig, student_tokenizer, teacher_tokenizer) -> RunPlan:
+    """The run's plan once its tokenizers are loaded (teacher_tokenizer None without --distillation)."""
+    t, d = run.train, run.distillation
+    attention = "sdpa" if t.use_fast_kernels else t.attn_implementation
+    if not t.distillation:
+        return RunPlan(None, 0.0, True, False, attention)
+    same = student_tokenizer.get_vocab() == teacher_tokenizer.get_vocab()
+    loss = table.resolve(d.loss, same)
+    factor = d.distil_factor if d.distil_factor is not None else loss.distil_factor
+    intermediate = d.hidden_weight > 0 or d.feature_weight > 0
+    if intermediate and not same and d.hidden_alignment == "none":
+        raise UserError("hidden-state and feature distillation compare the two models position by position, but "
+                        "the student and teacher tokenizers differ: set --distillation_config.hidden_alignment "
+                        "answer_index (pairs the i-th answer tokens, as ULD does)")
+    return RunPlan(loss if factor > 0 else None, factor, same, intermediate, attention)

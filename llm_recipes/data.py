@@ -9,7 +9,7 @@ one index list drives both, so a student row can only ever meet its own teacher 
 """
 from __future__ import annotations
 
-import copy
+import dataclasses
 import importlib.util
 import os
 import traceback
@@ -19,10 +19,10 @@ from typing import Iterator, Optional
 import torch
 
 from llm_recipes.errors import UserError
+from llm_recipes.losses.pairing import IGNORE_INDEX
 
 REQUIRED_COLUMNS = ("input_ids", "labels", "attention_mask")
 ID_COLUMN = "id"
-IGNORE_INDEX = -100
 
 
 # --------------------------------------------------------------------------------------- the loader
@@ -60,8 +60,7 @@ def load_split(loader, dataset_config, tokenizer, split: str, *, role: str, mode
     """Call the loader for one model and check what it returned."""
     import datasets
 
-    config = copy.copy(dataset_config)
-    config.role, config.model_name, config.encoder_decoder = role, model_name, encoder_decoder
+    config = dataclasses.replace(dataset_config, role=role, model_name=model_name, encoder_decoder=encoder_decoder)
     path = getattr(loader, "__file__", "loader")
     try:
         data = loader.get_split(config, tokenizer, split)

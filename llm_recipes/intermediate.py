@@ -28,7 +28,7 @@ from torch import nn
 
 from llm_recipes import models
 from llm_recipes.errors import UserError
-from llm_recipes.losses.alignment import predicting_rows
+from llm_recipes.losses.pairing import predicting_rows
 from llm_recipes.losses.selection import unit_scores
 
 PROJECTIONS_FILE = "hidden_projections.safetensors"

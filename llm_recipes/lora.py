@@ -1,11 +1,22 @@
-"""LoRA adapters on the student through peft, and merging a saved adapter into its base model."""
+"""LoRA adapters on the student through peft, and merging a saved adapter into its base model.
+
+    python -m llm_recipes.lora OUTPUT/last MERGED_DIR [--base_model PATH_OR_ID] [--dtype bfloat16]
+    (also `llm-distill-merge-lora` and scripts/merge_lora.py)
+
+MERGED_DIR is an ordinary Hugging Face folder (model.safetensors, config, tokenizer) that loads with
+AutoModelForCausalLM.from_pretrained, without peft.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from torch import nn
 
+from llm_recipes import flags
 from llm_recipes.errors import UserError
+from llm_recipes.flags import option
 
 
 def add_lora(model: nn.Module, lora_config, encoder_decoder: bool) -> nn.Module:
@@ -76,3 +87,38 @@ def merge_adapter(adapter_dir: str, output_dir: str, base_model: str | None = No
     merged.save_pretrained(output)
     models.load_tokenizer(tokenizer_source, what="tokenizer").save_pretrained(output)
     return output
+
+
+@dataclass(frozen=True)
+class MergeArgs:
+    """Arguments of the merge command (the two folders may be given without their flag names)."""
+
+    adapter_dir: str = option(help="checkpoint folder of a --use_peft run (e.g. OUTPUT/last)")
+    output_dir: str = option(help="where to write the merged model")
+    base_model: Optional[str] = option(None, "base model (default: the one named in adapter_config.json)")
+    dtype: str = option("auto", "auto (the base model's), float32, bfloat16 or float16")
+
+
+MERGE = flags.Command(program="python -m llm_recipes.lora", summary="Merge a LoRA checkpoint into a full model.",
+                      sections={"args": MergeArgs}, positional=("adapter_dir", "output_dir"))
+
+
+def _merge(args: MergeArgs) -> None:
+    output = merge_adapter(args.adapter_dir, args.output_dir, args.base_model, args.dtype)
+    print(f"merged model written to {output}")
+
+
+def main(*args, **kwargs) -> None:
+    """fire entry point of the merge command."""
+    flags.run_command(MERGE, lambda parsed: _merge(parsed["args"]), args, kwargs)
+
+
+def cli() -> None:
+    """Console-script entry point (pyproject.toml)."""
+    import fire
+
+    fire.Fire(main)
+
+
+if __name__ == "__main__":
+    cli()

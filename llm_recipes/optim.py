@@ -36,7 +36,7 @@ def warmup_steps(train_config, total_steps: int) -> int:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, train_config, total_steps: int):
-    """OneCycle (the seeds' default), or cosine / linear / constant after a linear warm-up."""
+    """OneCycle (llama-recipes' default), or cosine / linear / constant after a linear warm-up."""
     name = train_config.scheduler.lower()
     if name == "onecycle" and total_steps >= 2:
         return torch.optim.lr_scheduler.OneCycleLR(

@@ -6,8 +6,8 @@
 #   bash scripts/demo.sh --seeds 3            # each student 3 times: mean and spread (about 25 minutes)
 #   bash scripts/demo.sh --teacher assets/tiny/teacher   # skip the teacher's training (same weights)
 #   bash scripts/demo.sh --quick              # a smoke run of the mechanics (about 3 minutes)
-# Details: llm_distillation/demo.py; the latest results: docs/demo/
+# Details: examples/tiny/demo.py; the latest results: docs/demo/
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-python -m llm_distillation.demo --output_dir "${OUTPUT:-output/demo}" "$@"
+python -m examples.tiny.demo --output_dir "${OUTPUT:-output/demo}" "$@"

@@ -1,12 +1,14 @@
-"""Regenerate the generated blocks of README.md (the flag reference) from configs/."""
+"""Regenerate the generated blocks of README.md (the flag reference) from configs/.
+
+    python -m scripts.sync_readme            # rewrite README.md
+    python -m scripts.sync_readme --check    # exit 1 if README.md is out of date (the tests run this)
+"""
 import re
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from llm_recipes.config import flag_reference  # noqa: E402
+from configs.paths import REPO_ROOT
+from llm_recipes.config import flag_reference
 
 
 def generated_blocks() -> dict:
@@ -21,6 +23,13 @@ def sync(text: str) -> str:
 
 
 if __name__ == "__main__":
-    readme = ROOT / "README.md"
-    readme.write_text(sync(readme.read_text()))
-    print("README.md updated")
+    readme = Path(REPO_ROOT) / "README.md"
+    text = readme.read_text()
+    if "--check" in sys.argv[1:]:
+        if sync(text) != text:
+            print("README.md is out of date: run python -m scripts.sync_readme")
+            sys.exit(1)
+        print("README.md is up to date")
+    else:
+        readme.write_text(sync(text))
+        print("README.md updated")

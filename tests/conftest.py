@@ -11,7 +11,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import json  # noqa: E402
 import random  # noqa: E402
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -22,7 +21,6 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 NAMES = ["ada", "bo", "cy", "dee", "eli", "fay", "gus", "hal"]
 CITIES = ["oslo", "rome", "lima", "new york", "bern", "rio de janeiro"]  # ragged answer lengths

@@ -14,14 +14,11 @@ import os
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import torch
 
-import torch  # noqa: E402
-
-from llm_recipes import distributed  # noqa: E402
-from llm_recipes.config import parse_flags  # noqa: E402
-from llm_recipes.finetuning import train  # noqa: E402
+from llm_recipes import distributed
+from llm_recipes.config import parse_flags
+from llm_recipes.finetuning import train
 
 
 def run_one(spec: dict) -> None:

@@ -2,7 +2,7 @@
 itself runs the real command lines, which the other test files cover)."""
 import statistics
 
-from llm_distillation import demo
+from examples.tiny import demo
 
 
 def _row(model, seed, f1, em=50.0, rouge=60.0, time_s=12.0, memory=0.5, steps=3):

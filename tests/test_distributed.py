@@ -115,7 +115,7 @@ def launch(specs: list, folder: Path, name: str, processes: int) -> subprocess.P
     runs_file = folder / f"{name}.json"
     runs_file.write_text(json.dumps(specs))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}  # the repository without an install too
     for variable in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(variable, None)
     command = [sys.executable, str(REPO / "tests" / "multi_run.py"), str(runs_file)]
@@ -185,6 +185,7 @@ def differences(a: Path, b: Path) -> tuple[float, float]:
 
 
 @pytest.mark.parametrize("name", list(TWO_PROCESS))
+@pytest.mark.slow  # 2-process launches (the `runs` fixture: about a minute on 2 cores)
 def test_two_processes_with_batch_b_match_one_process_with_batch_2b(runs, name):
     reference = runs / f"one_{TWO_PROCESS[name][1]}"
     loss, weight = differences(reference, runs / name)
@@ -198,6 +199,7 @@ def test_two_processes_with_batch_b_match_one_process_with_batch_2b(runs, name):
         assert {t.dtype for t in saved_weights(runs / name).values()} == {torch.float32}
 
 
+@pytest.mark.slow  # 2-process launches (the `runs` fixture: about a minute on 2 cores)
 def test_training_moves_the_weights(runs, tiny):
     """The equality above is not vacuous: 6 steps change every run's weights well beyond its tolerance."""
     start = load_file(str(Path(tiny["student_same"]) / "model.safetensors"))
@@ -207,6 +209,7 @@ def test_training_moves_the_weights(runs, tiny):
     assert lora_b and max(v.abs().max().item() for v in lora_b) > 100 * WEIGHT_ATOL  # B starts at zero
 
 
+@pytest.mark.slow  # 2-process launches (the `runs` fixture: about a minute on 2 cores)
 def test_student_is_synchronized_across_ranks(runs):
     """After DDP training both ranks hold bit-identical students; without a wrapper (the published ULD
     code's defect) the same run leaves two different students, so the check can fail."""
@@ -218,6 +221,7 @@ def test_student_is_synchronized_across_ranks(runs):
 
 @pytest.mark.parametrize("name, resumed_name", [(n, f"{n}_resumed") for n in RESUMED]
                          + [("adamw_fsdp", "adamw_fsdp_resumed_under_ddp")])
+@pytest.mark.slow  # 2-process launches (the `runs` fixture: about a minute on 2 cores)
 def test_resume_under_fsdp_equals_the_straight_run(runs, name, resumed_name):
     """Also across wrappers: an FSDP checkpoint resumed under DDP (same process count)."""
     straight, resumed = runs / name, runs / resumed_name
@@ -233,6 +237,7 @@ def test_resume_under_fsdp_equals_the_straight_run(runs, name, resumed_name):
         assert optimizer["state"]["model.embed_tokens.weight"]["exp_avg"].shape == (len_vocab(straight), 16)
 
 
+@pytest.mark.slow  # 2-process launches (the `runs` fixture: about a minute on 2 cores)
 def test_hidden_state_projections_are_synchronised_and_resumed(runs):
     """The projections live outside the DDP/FSDP wrapper: 2 processes must still train what 1 trains,
     and an FSDP run resumed from its step-3 checkpoint must end with the same projections."""
@@ -250,6 +255,7 @@ def len_vocab(folder: Path) -> int:
     return json.loads((folder / "last" / "config.json").read_text())["vocab_size"]
 
 
+@pytest.mark.slow  # 2-process launches (the `runs` fixture: about a minute on 2 cores)
 def test_fsdp_checkpoint_is_an_ordinary_hugging_face_folder(runs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -266,19 +272,19 @@ def test_fsdp_checkpoint_is_an_ordinary_hugging_face_folder(runs):
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items() if k in saved)
 
 
+@pytest.mark.slow  # 2-process launches (the `runs` fixture: about a minute on 2 cores)
 def test_lora_under_fsdp_saves_the_adapter_and_merges_into_a_full_model(runs, tiny, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    sys.path.insert(0, str(REPO / "scripts"))
-    from merge_lora import main as merge_main
+    from llm_recipes.lora import main as merge_main
 
     last = (runs / "lora_fsdp" / "last").resolve()
     files = {p.name for p in last.iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "run_config.json"} <= files
     assert "model.safetensors" not in files
     merged_dir = tmp_path / "merged"
-    merge_main([str(last), str(merged_dir)])
+    merge_main(str(last), str(merged_dir))
     assert (merged_dir / "model.safetensors").is_file() and (merged_dir / "tokenizer.json").is_file()
     merged = AutoModelForCausalLM.from_pretrained(merged_dir)
     adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["student_same"]), last)
@@ -292,11 +298,10 @@ def test_lora_under_fsdp_saves_the_adapter_and_merges_into_a_full_model(runs, ti
 
 
 def test_merge_lora_refuses_a_folder_without_adapter(tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "scripts"))
-    from merge_lora import main as merge_main
+    from llm_recipes.lora import main as merge_main
 
     with pytest.raises(SystemExit) as exit_info:
-        merge_main([str(tmp_path), str(tmp_path / "out")])
+        merge_main(str(tmp_path), str(tmp_path / "out"))
     assert exit_info.value.code == 2
     assert "holds no adapter_config.json" in capsys.readouterr().err
 
@@ -357,6 +362,7 @@ def test_activation_checkpointing_recomputes_each_layer_and_keeps_the_gradients(
     assert plain["lm_head.weight"].abs().max() > 0
 
 
+@pytest.mark.slow  # 2-process launches (the `runs` fixture: about a minute on 2 cores)
 def test_torchrun_command_line_with_fsdp_for_student_and_teacher(tiny, tmp_path):
     """The users' launch line, end to end: torchrun + finetuning.py + both enable_fsdp flags."""
     from transformers import AutoModelForCausalLM

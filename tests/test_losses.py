@@ -1,10 +1,8 @@
 """Loss library against plain float64 references written from the published definitions.
 
-The references below loop over sequences and positions, use the full softmax and a full sort, and
-share no code with llm_recipes.losses: they are the formulas of docs/losses.md, written obviously.
+The references (llm_recipes.losses.reference) use the full softmax and a full sort and share no code
+with the engine: they are the formulas of docs/losses.md, written obviously.
 """
-import math
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -12,183 +10,57 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from configs.distillation import distillation_config
 from llm_recipes.errors import UserError
 from llm_recipes.losses import (
-    LOSS_NAMES,
     LossSpec,
     count_units,
     distillation_terms,
     kl_loss,
     multilevel_ot_loss,
+    reference,
+    table,
     uld_loss,
 )
 
 RTOL = 1e-5
-KINDS = ("forward", "reverse", "jsd", "skew_forward", "skew_reverse", "tvd")
-KIND_TO_LOSS = {"forward": "kl", "reverse": "reverse_kl", "jsd": "jsd", "skew_forward": "skew_kl",
-                "skew_reverse": "skew_reverse_kl", "tvd": "tvd"}
+KINDS = table.DIVERGENCE_KINDS
+KIND_TO_LOSS = {kind: table.by_divergence(kind).name for kind in KINDS}
 
 
 # ----------------------------------------------------------------------------- references (float64)
-
-def answer_rows(labels_row, encoder_decoder):
-    """[(row, target)] in order: causal row t predicts label t+1; encoder-decoder row t predicts label t."""
-    labels_row = [int(x) for x in labels_row]
-    out = []
-    for t in range(len(labels_row)):
-        if encoder_decoder:
-            if labels_row[t] != -100:
-                out.append((t, labels_row[t]))
-        elif t + 1 < len(labels_row) and labels_row[t + 1] != -100:
-            out.append((t, labels_row[t + 1]))
-    return out
-
-
-def paired(s_labels, t_labels, skip_eos, s_ed=False, t_ed=False):
-    for b in range(s_labels.shape[0]):
-        s = answer_rows(s_labels[b], s_ed)
-        t = answer_rows(t_labels[b], t_ed)
-        if skip_eos:
-            s = s[:-1]
-        m = min(len(s), len(t))
-        yield b, s[:m], t[:m]
+# llm_recipes.losses.reference: the formulas of docs/losses.md written obviously (also the benchmarks'
+# naive baseline); the short names below keep the calls of this file readable.
+answer_rows, paired = reference.answer_rows, reference.paired
 
 
 def softmax(x):
-    x = x - x.max()
-    return x.exp() / x.exp().sum()
+    return torch.softmax(x, dim=-1)
 
 
 def ref_ce_sum(z, labels, ed=False):
-    total = z.new_zeros(())
-    for b in range(z.shape[0]):
-        for row, target in answer_rows(labels[b], ed):
-            total = total - torch.log(softmax(z[b, row])[target])
-    return total
+    return reference.cross_entropy_sum(z, labels, ed)
 
 
 def ref_uld(zs, s_labels, zt, t_labels, ts=1.0, tt=1.0, skip_eos=True, s_ed=False, t_ed=False):
-    per_sequence = []
-    for b, s, t in paired(s_labels, t_labels, skip_eos, s_ed, t_ed):
-        dists = []
-        for (rs, _), (rt, _) in zip(s, t):
-            q = torch.sort(softmax(zs[b, rs] / ts), descending=True).values
-            p = torch.sort(softmax(zt[b, rt] / tt), descending=True).values
-            width = max(len(q), len(p))
-            q = torch.cat([q, q.new_zeros(width - len(q))])
-            p = torch.cat([p, p.new_zeros(width - len(p))])
-            dists.append((q - p).abs().sum())
-        if dists:
-            per_sequence.append(sum(dists) / len(dists))
-    return sum(per_sequence) / len(per_sequence) if per_sequence else zs.sum() * 0
+    return reference.uld(zs, s_labels, zt, t_labels, student_temperature=ts, teacher_temperature=tt,
+                         skip_student_eos=skip_eos, student_encoder_decoder=s_ed, teacher_encoder_decoder=t_ed)
 
 
 def ref_uld_top_k(zs, s_labels, zt, t_labels, k, skip_eos=True):
-    """Top-k ULD as documented: the k largest compared index by index, the rest as one bucket."""
-    per_sequence = []
-    for b, s, t in paired(s_labels, t_labels, skip_eos):
-        dists = []
-        for (rs, _), (rt, _) in zip(s, t):
-            q = torch.sort(softmax(zs[b, rs]), descending=True).values[:k]
-            p = torch.sort(softmax(zt[b, rt]), descending=True).values[:k]
-            width = max(len(q), len(p))
-            qp = torch.cat([q, q.new_zeros(width - len(q))])
-            pp = torch.cat([p, p.new_zeros(width - len(p))])
-            dists.append((qp - pp).abs().sum() + ((1 - q.sum()) - (1 - p.sum())).abs())
-        if dists:
-            per_sequence.append(sum(dists) / len(dists))
-    return sum(per_sequence) / len(per_sequence)
-
-
-def kl(a, b):
-    return sum(a[i] * (torch.log(a[i]) - torch.log(b[i])) for i in range(len(a)) if a[i] > 0)
+    return reference.uld(zs, s_labels, zt, t_labels, skip_student_eos=skip_eos, top_k=k)
 
 
 def ref_divergence(p, q, kind, beta, alpha):
-    if kind == "forward":
-        return kl(p, q)
-    if kind == "reverse":
-        return kl(q, p)
-    if kind == "jsd":
-        m = beta * p + (1 - beta) * q
-        return beta * kl(p, m) + (1 - beta) * kl(q, m)
-    if kind == "skew_forward":
-        return kl(p, alpha * p + (1 - alpha) * q)
-    if kind == "skew_reverse":
-        return kl(q, alpha * q + (1 - alpha) * p)
-    if kind == "tvd":
-        return 0.5 * (p - q).abs().sum()
-    raise AssertionError(kind)
+    return reference.divergence_of(p, q, kind, beta, alpha)
 
 
 def ref_kl(zs, zt, labels, kind="forward", temperature=1.0, beta=0.5, alpha=0.1, ed=False, t_labels=None):
-    values = []
-    t_labels = labels if t_labels is None else t_labels
-    for b, s, t in paired(labels, t_labels, False, ed, ed):
-        for (rs, _), (rt, _) in zip(s, t):
-            p = softmax(zt[b, rt] / temperature)
-            q = softmax(zs[b, rs] / temperature)
-            values.append(ref_divergence(p, q, kind, beta, alpha))
-    if not values:
-        return zs.sum() * 0
-    return temperature**2 * sum(values) / len(values)
+    return reference.divergence(zs, zt, labels, kind=kind, temperature=temperature, beta=beta, alpha=alpha,
+                                encoder_decoder=ed, teacher_labels=t_labels)
 
 
-def ref_multilevel_ot(zs, s_labels, zt, t_labels, *, mode="fast", top_k=50, sl_weight=0.1, sd_weight=0.1,
-                      sl_temperature=1.0, sd_temperature=2.0, sinkhorn_reg=0.1, sinkhorn_iters=20,
-                      skip_eos=True, ts=1.0, tt=1.0, ranking="sequence", logit_norm="none",
-                      sl_form="paper", sd_scale=1.0, s_ed=False, t_ed=False):
-    per_sequence = []
-    for b, s, t in paired(s_labels, t_labels, skip_eos, s_ed, t_ed):
-        if not s:
-            continue
-        S = torch.stack([zs[b, r] for r, _ in s])
-        T = torch.stack([zt[b, r] for r, _ in t])
-        if logit_norm == "std":
-            S = S / (S.std(dim=-1, keepdim=True) + 1e-4)
-            T = T / (T.std(dim=-1, keepdim=True) + 1e-4)
-        L, k = S.shape[0], min(top_k, S.shape[1], T.shape[1])
-        q = torch.stack([softmax(row / ts) for row in S])
-        p = torch.stack([softmax(row / tt) for row in T])
-        if ranking == "token":
-            s_cols = [torch.argsort(q[l].detach(), descending=True)[:k] for l in range(L)]
-            t_cols = [torch.argsort(p[l].detach(), descending=True)[:k] for l in range(L)]
-        else:
-            tc = torch.argsort(p.detach().sum(0), descending=True)[:k]
-            t_cols = [tc] * L
-            if mode == "fast":
-                sc = torch.argsort(q.detach().sum(0), descending=True)[:k]
-            else:  # the public code's loop
-                available, picks = list(range(S.shape[1])), []
-                for j in range(k):
-                    best, best_cost = -1, math.inf
-                    for v in available:
-                        cost = (p[:, tc[j]] - q[:, v]).abs().sum().item()
-                        if cost < best_cost:
-                            best, best_cost = v, cost
-                    picks.append(best)
-                    available.remove(best)
-                sc = torch.tensor(picks)
-            s_cols = [sc] * L
-
-        def pick(probs, cols):
-            return torch.stack([probs[l, cols[l]] for l in range(L)])
-
-        had = (pick(q, s_cols) - pick(p, t_cols)).abs().sum(-1)
-        q_sl = pick(torch.stack([softmax(r / sl_temperature) for r in S]), s_cols)
-        p_sl = pick(torch.stack([softmax(r / sl_temperature) for r in T]), t_cols)
-        if sl_form == "paper":
-            sl = -(p_sl * torch.log(q_sl)).sum(-1)
-        else:
-            sl = -torch.stack([(softmax(q_sl[l]) * torch.log(softmax(p_sl[l]))).sum() for l in range(L)])
-        q_sd = pick(torch.stack([softmax(r / sd_temperature) for r in S]), s_cols)
-        p_sd = pick(torch.stack([softmax(r / sd_temperature) for r in T]), t_cols)
-        cost = torch.stack([torch.stack([(p_sd[i] - q_sd[j]).abs().sum() for j in range(L)]) for i in range(L)])
-        plan = torch.exp(-cost / sinkhorn_reg)
-        for _ in range(sinkhorn_iters):
-            plan = plan / plan.sum(1, keepdim=True) / L
-            plan = plan / plan.sum(0, keepdim=True) / L
-        sd = (plan * cost).sum()
-        per_sequence.append((had + sl_weight * sl).mean() + sd_weight * sd_scale * sd)
-    return sum(per_sequence) / len(per_sequence) if per_sequence else zs.sum() * 0
+def ref_multilevel_ot(zs, s_labels, zt, t_labels, *, skip_eos=True, ts=1.0, tt=1.0, s_ed=False, t_ed=False, **options):
+    return reference.multilevel_ot(zs, s_labels, zt, t_labels, skip_student_eos=skip_eos, student_temperature=ts,
+                                   teacher_temperature=tt, student_encoder_decoder=s_ed,
+                                   teacher_encoder_decoder=t_ed, **options)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -473,9 +345,7 @@ class CountingHead:
 def engine_case(name, chunk, student_vocab=VS, teacher_vocab=VT, student_pad=3, teacher_pad=2, same=False,
                 seed=0, dtype=torch.float32, s_ed=False, t_ed=False, **cfg):
     g = torch.Generator().manual_seed(seed)
-    config = distillation_config()
-    for key, value in cfg.items():
-        setattr(config, key, value)
+    config = distillation_config(**cfg)
     spec = LossSpec.from_config(config, name=name, student_vocab_size=student_vocab, teacher_vocab_size=teacher_vocab,
                                 same_tokenizer=same, student_encoder_decoder=s_ed, teacher_encoder_decoder=t_ed,
                                 chunk_size=chunk)
@@ -806,15 +676,13 @@ def test_spec_validation_messages():
         LossSpec.from_config(cfg, name="kd", **base)
     with pytest.raises(UserError, match="uld or multilevel_ot"):
         LossSpec.from_config(cfg, name="kl", **base)
-    cfg.student_temperature = -1.0
+    cfg = distillation_config(student_temperature=-1.0)
     with pytest.raises(UserError, match="student_temperature"):
         LossSpec.from_config(cfg, name="uld", **base)
-    cfg = distillation_config()
-    cfg.multilevel_ot_mode = "2"
+    cfg = distillation_config(multilevel_ot_mode="2")
     with pytest.raises(UserError, match="multilevel_ot_mode"):
         LossSpec.from_config(cfg, name="multilevel_ot", **base)
-    cfg = distillation_config()
-    cfg.skew_alpha = 1.0
+    cfg = distillation_config(skew_alpha=1.0)
     with pytest.raises(UserError, match="skew_alpha"):
         LossSpec.from_config(cfg, name="skew_kl", **dict(base, teacher_vocab_size=10, same_tokenizer=True))
     with pytest.raises(UserError, match="logits_chunk_size"):
@@ -826,8 +694,8 @@ def test_spec_auto_and_defaults():
     same = LossSpec.from_config(cfg, student_vocab_size=10, teacher_vocab_size=10, same_tokenizer=True)
     cross = LossSpec.from_config(cfg, student_vocab_size=10, teacher_vocab_size=12, same_tokenizer=False)
     assert (same.name, cross.name) == ("kl", "uld")
-    assert set(LOSS_NAMES) == {"auto", "uld", "multilevel_ot", "kl", "reverse_kl", "jsd", "skew_kl",
-                               "skew_reverse_kl", "tvd"}
+    assert set(table.LOSS_CHOICES) == {"auto", "uld", "multilevel_ot", "kl", "reverse_kl", "jsd", "skew_kl",
+                                       "skew_reverse_kl", "tvd"}
     mlot = LossSpec.from_config(cfg, name="multilevel_ot", student_vocab_size=10, teacher_vocab_size=12,
                                 same_tokenizer=False).options
     assert (mlot.top_k, mlot.sl_weight, mlot.sd_weight, mlot.sl_temperature, mlot.sd_temperature,

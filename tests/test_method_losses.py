@@ -246,10 +246,7 @@ def ref_kept_batches(method, ratio, zs, s_labels, zt, t_labels, spec, skip_eos, 
 
 def selection_case(loss, method, ratio=0.5, chunk=3, **cfg):
     g = torch.Generator().manual_seed(7)
-    config = distillation_config()
-    config.token_selection, config.token_selection_ratio = method, ratio
-    for key, value in cfg.items():
-        setattr(config, key, value)
+    config = distillation_config(token_selection=method, token_selection_ratio=ratio, **cfg)
     same = loss == "kl"
     vt, ht = (VS, H) if same else (VT, HT)
     spec = LossSpec.from_config(config, name=loss, student_vocab_size=VS, teacher_vocab_size=vt,
@@ -310,11 +307,10 @@ def test_token_selection_ratio_one_is_the_plain_loss():
 
 
 def test_token_selection_refusals():
-    config = distillation_config()
-    config.token_selection = "divergence"
+    config = distillation_config(token_selection="divergence")
     with pytest.raises(UserError, match="MultiLevelOT"):
         LossSpec.from_config(config, name="multilevel_ot", student_vocab_size=5, teacher_vocab_size=6,
                              same_tokenizer=False)
-    config.token_selection, config.token_selection_ratio = "student_ce", 0.0
+    config = distillation_config(token_selection="student_ce", token_selection_ratio=0.0)
     with pytest.raises(UserError, match="token_selection_ratio must be in"):
         LossSpec.from_config(config, name="uld", student_vocab_size=5, teacher_vocab_size=6, same_tokenizer=False)

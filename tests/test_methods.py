@@ -284,7 +284,7 @@ def test_encoder_decoder_student_distils_saves_and_generates(tiny, student_bart,
                                                               loss):
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from llm_recipes.generation import generate_answers
+    from llm_distillation.generation import generate_answers
 
     extra = {"distillation_config.distil_factor": 1.5} if loss == "multilevel_ot" else {}
     if student == "bart" and loss == "uld":  # and the hidden-state term on the decoder's states
@@ -308,7 +308,7 @@ def test_left_padding_changes_bart_encoder_states_right_padding_does_not(student
     """Why generate_answers right-pads encoder inputs (a benchmark left-padding every model would be wrong)."""
     from transformers import AutoModelForSeq2SeqLM
 
-    from llm_recipes.generation import pad_prompts
+    from llm_distillation.generation import pad_prompts
 
     model = AutoModelForSeq2SeqLM.from_pretrained(student_bart).eval()
     prompts, pad = [[5, 6, 7, 8, 2], [9, 2]], model.config.pad_token_id

@@ -15,7 +15,7 @@ from conftest import qa_rows
 
 # ------------------------------------------------------------------------------------- generation
 def test_first_line_and_longest_first():
-    from llm_recipes.generation import first_line, longest_first
+    from llm_distillation.generation import first_line, longest_first
 
     assert first_line("  Paris  \nmore text") == "Paris" and first_line("\nParis") == "" and first_line("") == ""
     assert longest_first([[1], [1, 2, 3], [1, 2], [4, 5, 6]]) == [1, 3, 2, 0]  # ties keep their order
@@ -24,7 +24,7 @@ def test_first_line_and_longest_first():
 def test_stop_on_text_stops_each_row_and_keeps_the_text_before_it(tiny):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llm_recipes.generation import generate_answers
+    from llm_distillation.generation import generate_answers
 
     tokenizer = AutoTokenizer.from_pretrained(tiny["student"])
     model = AutoModelForCausalLM.from_pretrained(tiny["student"])
@@ -76,11 +76,14 @@ class Recorder:
     """Wraps generate_batches: counts the prompts asked for, replaces chosen answers, can stop mid-run."""
 
     def __init__(self, module, monkeypatch, replace=None, fail_after_batches=None):
-        from llm_recipes.generation import generate_batches
+        from llm_distillation import generation
 
-        self.real, self.replace, self.fail_after = generate_batches, replace or {}, fail_after_batches
+        real = generation.generate_batches
+        while isinstance(real, Recorder):  # an earlier Recorder of the same test: wrap the real function
+            real = real.real
+        self.real, self.replace, self.fail_after = real, replace or {}, fail_after_batches
         self.prompts, self.batches = 0, 0
-        monkeypatch.setattr(module, "generate_batches", self)
+        monkeypatch.setattr(generation, "generate_batches", self)  # what `module` (generate, benchmark) calls
 
     def __call__(self, model, tokenizer, prompts, **kwargs):
         self.prompts += len(prompts)
@@ -216,13 +219,13 @@ def test_generate_copies_the_held_out_splits_of_the_task(tiny, squad_source, tmp
 def test_prompts_longer_than_the_model_are_refused_or_skipped(tiny, squad_source, tmp_path):
     from transformers import AutoTokenizer
 
-    from llm_distillation import answering, generate
+    from llm_distillation import generate, generation
     from llm_distillation.datasets.tasks import load_examples
     from llm_recipes.errors import UserError
 
     examples = load_examples("squad", "validation", source=squad_source)
     tokenizer = AutoTokenizer.from_pretrained(tiny["teacher"])
-    _, prompts = answering.build_prompts("squad", examples, tokenizer, k=0, pool=None, seed=42, chat=False,
+    _, prompts = generation.build_prompts("squad", examples, tokenizer, k=0, pool=None, seed=42, chat=False,
                                          encoder_decoder=False, progress=False)
     lengths = sorted(len(p) for p in prompts)
     budget = 128 - lengths[len(lengths) // 2]  # the tiny teacher has 128 positions: about half fit
@@ -270,12 +273,11 @@ def test_cli_errors_are_one_line_and_exit_2(tiny, squad_source, tmp_path, capsys
 
 
 def test_published_flag_names_are_aliases():
-    from llm_distillation.benchmark import ALIASES, BenchmarkArgs
-    from llm_distillation.cli import parse_flags
+    from llm_distillation.benchmark import COMMAND
+    from llm_recipes.flags import parse
 
-    args = parse_flags(BenchmarkArgs, {"model_id": "m", "task": "qed", "output_path": "o", "number_few_shot": 2,
-                                       "split_name": "test", "bfloat": True, "model_tokenizer": "t"},
-                       program="llm_distillation.benchmark", aliases=ALIASES)
+    args = parse(COMMAND, {"model_id": "m", "task": "qed", "output_path": "o", "number_few_shot": 2,
+                           "split_name": "test", "bfloat": True, "model_tokenizer": "t"})["args"]
     assert (args.model_name, args.output_dir, args.few_shot, args.split, args.bf16, args.tokenizer_name) == \
         ("m", "o", 2, "test", True, "t")
 
@@ -328,7 +330,7 @@ def test_benchmark_encoder_decoder_student(tiny, squad_source, tmp_path):
 
     from llm_distillation import benchmark
     from llm_distillation.datasets.tasks import encode_prompt
-    from llm_recipes.generation import first_line, generate_answers
+    from llm_distillation.generation import first_line, generate_answers
 
     benchmark.benchmark(bench_args(tiny["student_t5"], squad_source, tmp_path, number_of_examples=5))
     _, rows = check_scores_match_predictions(tmp_path, 5)
@@ -344,7 +346,7 @@ def test_benchmark_lora_adapter_loads_base_and_adapter(tiny, squad_source, tmp_p
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llm_distillation import answering, benchmark
+    from llm_distillation import benchmark, generation
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny["student_same"])
@@ -355,7 +357,7 @@ def test_benchmark_lora_adapter_loads_base_and_adapter(tiny, squad_source, tmp_p
     AutoTokenizer.from_pretrained(tiny["student_same"]).save_pretrained(adapter)
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny["student_same"]
 
-    model, _ = answering.load_for_generation(str(adapter))
+    model, _ = generation.load_for_generation(str(adapter))
     reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["student_same"]), adapter).eval()
     plain = AutoModelForCausalLM.from_pretrained(tiny["student_same"]).eval()
     ids = torch.tensor([[5, 9, 14, 20, 7]])

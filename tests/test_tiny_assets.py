@@ -5,7 +5,8 @@ import json
 import pytest
 
 from configs.paths import REPO_ROOT as REPO, TINY_ASSETS
-from llm_distillation import synthetic_qa, tiny_assets
+from examples.tiny import assets as tiny_assets
+from examples.tiny import synthetic_qa
 
 SPLITS = ("train", "validation", "test")
 
@@ -109,6 +110,7 @@ def test_the_untrained_students_are_the_seeded_initialisation():
             assert torch.equal(value, shipped[key]), f"{name}: {key}"
 
 
+@pytest.mark.slow  # the whole default run
 def test_embedded_default_run_distills_the_shipped_teacher(tmp_path):
     """`python finetuning.py --distillation` with no model or data flags: the shipped pair, ULD (tokenizers
     differ), offline; 40 steps here (the full default run is 750 steps, about half a minute)."""

@@ -23,20 +23,18 @@ from __future__ import annotations
 import itertools
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from configs.paths import TINY_QA_DATA
 from llm_distillation.datasets.sources import load_splits
 from llm_distillation.prompts import (answer_separator, build_prompt, few_shot_count, has_chat_template,
                                       prompt_uses_title)
 from llm_recipes.errors import UserError
+from llm_recipes.losses.pairing import IGNORE_INDEX
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-TINY_QA_DATA = REPO_ROOT / "assets" / "tiny" / "data"
 CARVE_SEED = 42  # the held-out splits cut off `train` must not move with --dataset.seed
-IGNORE_INDEX = -100
 VALIDATION_NAMES = ("valid", "dev")  # source split names that serve as `validation`
 
 

@@ -12,16 +12,9 @@ import torch
 from llm_recipes.errors import UserError
 from llm_recipes.losses.engine import DistillationTerms, distillation_terms
 from llm_recipes.losses.multilevel_ot import MultiLevelOTOptions
-from llm_recipes.losses.spec import (
-    SAME_TOKENIZER_LOSSES,
-    KLOptions,
-    LossSpec,
-    ULDOptions,
-    validate_kl,
-    validate_multilevel_ot,
-)
+from llm_recipes.losses import table
+from llm_recipes.losses.spec import KLOptions, LossSpec, ULDOptions, validate_kl, validate_multilevel_ot
 
-_KIND_TO_NAME = {kind: name for name, kind in SAME_TOKENIZER_LOSSES.items()}
 DEFAULT_CHUNK_SIZE = 1024
 
 
@@ -33,6 +26,11 @@ def _mean(terms: DistillationTerms) -> torch.Tensor:
     if terms.distill_count == 0:
         return terms.distill_sum * 0.0
     return terms.distill_sum / terms.distill_count
+
+
+def _check_chunk_size(chunk_size) -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise UserError(f"chunk_size must be a positive integer (rows per chunk), got {chunk_size!r}")
 
 
 def _check_logits(name, logits, labels):
@@ -64,6 +62,7 @@ def uld_loss(
             raise UserError(f"{field} must be > 0, got {value}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise UserError(f"top_k must be an integer >= 0, got {top_k!r}")
+    _check_chunk_size(chunk_size)
     spec = LossSpec(
         "uld",
         student_encoder_decoder=encoder_decoder,
@@ -109,6 +108,7 @@ def multilevel_ot_loss(
                                sinkhorn_iters, student_temperature, teacher_temperature, ranking, logit_norm,
                                sl_form, sd_scale)
     validate_multilevel_ot(opts)
+    _check_chunk_size(chunk_size)
     spec = LossSpec(
         "multilevel_ot",
         student_encoder_decoder=encoder_decoder,
@@ -139,8 +139,9 @@ def kl_loss(
     widths differ only by padding rows need `vocab_size=len(tokenizer)`: both are cut to it."""
     _check_logits("student_logits", student_logits, labels)
     _check_logits("teacher_logits", teacher_logits, labels)
-    if kind not in _KIND_TO_NAME:
-        raise UserError(f"unknown kind {kind!r}; expected one of {', '.join(_KIND_TO_NAME)}")
+    if kind not in table.DIVERGENCE_KINDS:
+        raise UserError(f"unknown kind {kind!r}; expected one of {', '.join(table.DIVERGENCE_KINDS)}")
+    _check_chunk_size(chunk_size)
     widths = (student_logits.shape[-1], teacher_logits.shape[-1])
     if vocab_size is None and widths[0] != widths[1]:
         raise UserError(
@@ -153,7 +154,7 @@ def kl_loss(
     opts = KLOptions(kind, float(temperature), float(beta), float(skew))
     validate_kl(opts)
     spec = LossSpec(
-        _KIND_TO_NAME[kind],
+        table.by_divergence(kind).name,
         student_vocab_size=vocab_size,
         teacher_vocab_size=vocab_size,
         same_tokenizer=True,

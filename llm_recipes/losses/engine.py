@@ -32,7 +32,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from llm_recipes.errors import UserError
-from llm_recipes.losses.alignment import Pairing, check_head_width, pair_answers
+from llm_recipes.losses.pairing import Pairing, check_head_width, pair_answers
 from llm_recipes.losses.cross_entropy import cross_entropy_sum
 from llm_recipes.losses.kl import divergence_rows
 from llm_recipes.losses.multilevel_ot import multilevel_ot_plan, multilevel_ot_sum
@@ -44,7 +44,8 @@ from llm_recipes.losses.selection import (
     select_top,
     uld_rows,
 )
-from llm_recipes.losses.spec import CROSS_TOKENIZER_LOSSES, SFT_ONLY, LossSpec
+from llm_recipes.losses.spec import LossSpec
+from llm_recipes.losses.table import CROSS_TOKENIZER_LOSSES, SFT_ONLY
 from llm_recipes.losses.token_terms import token_terms_sum
 from llm_recipes.losses.uld import teacher_sorted, uld_plan, uld_sum
 
@@ -110,7 +111,7 @@ class _Chunk(NamedTuple):
 def _plan_chunks(spec: LossSpec, pairing: Pairing) -> List[_Chunk]:
     size, n_paired, n_rows = spec.chunk_size, pairing.num_paired, pairing.ce_count
     chunks: List[_Chunk] = []
-    if spec.name == "multilevel_ot" and n_paired:
+    if spec.family == "multilevel_ot" and n_paired:
         lengths = [int(m) for m in pairing.pairs_per_sequence.tolist() if m > 0]
         start, group = 0, []
         for length in lengths:
@@ -180,7 +181,7 @@ def _chunk_terms(batch: _Batch, chunk: _Chunk, checkpointed: bool, hidden: torch
         )
     z = logits.float()
     targets = batch.targets[chunk.start:chunk.end]
-    if chunk.paired == 0 or spec.name not in CROSS_TOKENIZER_LOSSES:
+    if chunk.paired == 0 or spec.family == "divergence":
         return _token_terms(batch, chunk, _own(z, hidden), targets)
     ce = cross_entropy_sum(z, targets) if batch.with_ce else z[:0].sum()
     vocab_s = spec.student_vocab_size or width
@@ -188,7 +189,7 @@ def _chunk_terms(batch: _Batch, chunk: _Chunk, checkpointed: bool, hidden: torch
     zs = z[: chunk.paired, :vocab_s]
     weights = batch.row_weights[chunk.start:chunk.start + chunk.paired]
     opts = spec.options
-    if spec.name == "uld":
+    if spec.family == "uld":
         def make_uld_plan():
             teacher = teacher_sorted(_teacher_logits(batch, chunk), opts.teacher_temperature, opts.top_k)
             return uld_plan(zs.detach(), teacher, opts.student_temperature, opts.top_k)
@@ -212,7 +213,7 @@ def _token_terms(batch: _Batch, chunk: _Chunk, z: torch.Tensor, targets: torch.T
     if vocab_s != zt.shape[1]:
         raise UserError(
             f"student and teacher vocabularies differ ({vocab_s} vs {zt.shape[1]}); a same-tokenizer "
-            f"loss needs one vocabulary: use --distillation_config.loss uld or multilevel_ot"
+            f"loss needs one vocabulary: use --distillation_config.loss {' or '.join(CROSS_TOKENIZER_LOSSES)}"
         )
     weights = batch.row_weights[chunk.start:chunk.start + chunk.paired]
     return token_terms_sum(z, targets, zt, weights, opts.kind, opts.temperature, opts.beta, opts.alpha,
@@ -241,7 +242,7 @@ def _selection_scores(spec: LossSpec, pairing: Pairing, h_rows: torch.Tensor, st
             score = entropy_rows(zs)
         elif method == "student_ce":
             score = cross_entropy_rows(zs, targets[start:end])
-        elif spec.name == "uld":
+        elif spec.family == "uld":
             teacher = teacher_sorted(zt, opts.teacher_temperature, opts.top_k)
             score = uld_rows(zs, teacher, opts.student_temperature, opts.top_k)
         else:  # the KL family (MultiLevelOT is refused by LossSpec)
@@ -301,7 +302,7 @@ def distillation_terms(
             teacher_rows = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).index_select(
                 0, pairing.teacher_rows.to(teacher_hidden.device))
         seq = pairing.student_rows[: pairing.num_paired] // student_labels.shape[1]
-        if spec.name == "uld":  # per-sequence mean over its positions
+        if spec.family == "uld":  # per-sequence mean over its positions
             row_weights = (1.0 / pairing.pairs_per_sequence[seq].float()).to(student_hidden.device)
         else:
             row_weights = torch.ones(pairing.num_paired, device=student_hidden.device)

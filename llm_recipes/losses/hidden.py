@@ -1,4 +1,4 @@
-"""Hidden-state distillation (DistillKit, seed 002): which rows pair up, and their distance.
+"""Hidden-state distillation (as DistillKit): which rows pair up, and their distance.
 
 Rows. Intermediate hidden states are compared at positions that correspond on both sides:
 - `positions="answer"` (default): the answer-predicting rows of docs/losses.md (causal row t-1 for
@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 
 from llm_recipes.errors import UserError
-from llm_recipes.losses.alignment import pair_answers, predicting_rows
+from llm_recipes.losses.pairing import pair_answers, predicting_rows
 
 HIDDEN_DISTANCES = ("mse", "cosine")
 HIDDEN_POSITIONS = ("answer", "all")

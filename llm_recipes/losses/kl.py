@@ -19,7 +19,7 @@ import math
 
 import torch
 
-KL_KINDS = ("forward", "reverse", "jsd", "skew_forward", "skew_reverse", "tvd")
+from llm_recipes.losses.table import DIVERGENCE_KINDS
 
 
 def scaled(logits, temperature):
@@ -88,5 +88,5 @@ def divergence_rows(kind, log_q, log_p, beta=0.5, alpha=0.1, with_grad=False, wi
         if with_grad:
             grad = _project(log_q.exp(), diff.sign_().mul_(0.5))
     else:
-        raise ValueError(f"unknown divergence kind {kind!r}; expected one of {KL_KINDS}")
+        raise ValueError(f"unknown divergence kind {kind!r}; expected one of {DIVERGENCE_KINDS}")
     return value, grad

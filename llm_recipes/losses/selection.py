@@ -1,5 +1,5 @@
 """Selective distillation: which answer positions the logit term uses (token selection), and which
-teacher hidden units the student matches (feature selection, seed 003).
+teacher hidden units the student matches (feature selection; where the method comes from: docs/methods.md).
 
 Token selection, per sequence: a sequence with m paired answer positions keeps
 k = min(m, max(1, ceil(ratio * m))) of them, those with the highest score (ties: the earlier
@@ -18,8 +18,8 @@ accumulation and several processes train exactly what one big batch trains. CE k
 Feature selection: per micro-batch, each teacher hidden unit d of the chosen layer is scored by the
 gradient of the summed target-token log-probabilities w.r.t. the teacher's hidden state,
     abs:    sum_{b,t} |d sum log p(y) / d h[b, t, d]|
-    signed: sum_{b,t}  d sum log p(y) / d h[b, t, d]      (the seed's ranking, differentiating log p(y)
-                                                        instead of the seed's sum of softmax, which is 1)
+    signed: sum_{b,t}  d sum log p(y) / d h[b, t, d]      (the published code's ranking, differentiating log p(y)
+                                                        instead of its sum of softmax, which is 1)
 and the top d_s units are kept, in increasing unit order (student unit i matches the i-th kept unit).
 The student's hidden state at the mapped layer is matched to them without a projector by the
 correlation loss, over the N paired rows of the micro-batch:
@@ -31,7 +31,7 @@ from typing import Sequence, Tuple
 
 import torch
 
-from llm_recipes.losses.alignment import Pairing
+from llm_recipes.losses.pairing import Pairing
 from llm_recipes.losses.uld import TeacherSorted, uld_plan
 
 TOKEN_SELECTIONS = ("none", "teacher_entropy", "student_entropy", "student_ce", "divergence")

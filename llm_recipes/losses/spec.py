@@ -1,27 +1,17 @@
 """The loss of a run, resolved and validated once: which loss, its constants, the vocabularies.
 
 `LossSpec.from_config` is the only place that reads `distillation_config`'s loss fields and the
-only place that rejects bad values (one-line `UserError`s naming the flag and the fix).
+only place that rejects bad values (one-line `UserError`s naming the flag and the fix). Which
+losses exist, their families and defaults: llm_recipes.losses.table.
 """
 from dataclasses import dataclass
 from typing import Optional, Union
 
 from llm_recipes.errors import UserError
+from llm_recipes.losses import table
 from llm_recipes.losses.multilevel_ot import LOGIT_NORMS, MODES, RANKINGS, SL_FORMS, MultiLevelOTOptions
 from llm_recipes.losses.selection import TOKEN_SELECTIONS
-
-# names accepted by --distillation_config.loss ("auto" is resolved by `resolve_loss_name`)
-SAME_TOKENIZER_LOSSES = {
-    "kl": "forward",
-    "reverse_kl": "reverse",
-    "jsd": "jsd",
-    "skew_kl": "skew_forward",
-    "skew_reverse_kl": "skew_reverse",
-    "tvd": "tvd",
-}
-CROSS_TOKENIZER_LOSSES = ("uld", "multilevel_ot")
-LOSS_NAMES = ("auto",) + CROSS_TOKENIZER_LOSSES + tuple(SAME_TOKENIZER_LOSSES)
-SFT_ONLY = "none"  # no teacher term: cross-entropy only
+from llm_recipes.losses.table import SFT_ONLY
 
 
 @dataclass(frozen=True)
@@ -33,7 +23,7 @@ class ULDOptions:
 
 @dataclass(frozen=True)
 class KLOptions:
-    kind: str = "forward"  # a value of SAME_TOKENIZER_LOSSES
+    kind: str = "forward"  # a divergence kind of the loss table (table.DIVERGENCE_KINDS)
     temperature: float = 1.0
     beta: float = 0.5  # jsd
     alpha: float = 0.1  # skew_forward / skew_reverse
@@ -42,16 +32,9 @@ class KLOptions:
 Options = Union[ULDOptions, MultiLevelOTOptions, KLOptions, None]
 
 
-def resolve_loss_name(name: str, same_tokenizer: bool) -> str:
-    """'auto' -> 'kl' when the two models share a tokenizer, else 'uld'."""
-    if name == "auto":
-        return "kl" if same_tokenizer else "uld"
-    return name
-
-
 @dataclass(frozen=True)
 class LossSpec:
-    name: str  # a LOSS_NAMES entry other than "auto", or "none"
+    name: str  # a loss of the table (llm_recipes.losses.table), or "none" (SFT_ONLY)
     student_vocab_size: Optional[int] = None  # real (tokenizer) sizes; None: the logits' full width
     teacher_vocab_size: Optional[int] = None
     same_tokenizer: bool = False
@@ -64,8 +47,17 @@ class LossSpec:
     token_selection_ratio: float = 1.0  # fraction of each answer's paired positions kept
 
     @property
+    def loss(self) -> Optional[table.Loss]:
+        return table.LOSSES.get(self.name)
+
+    @property
+    def family(self) -> str:
+        """The table's family of the loss ("uld", "multilevel_ot", "divergence"), "none" for SFT."""
+        return self.loss.family if self.loss is not None else SFT_ONLY
+
+    @property
     def is_same_tokenizer_loss(self) -> bool:
-        return self.name in SAME_TOKENIZER_LOSSES
+        return self.loss is not None and self.loss.same_tokenizer
 
     @property
     def selects_tokens(self) -> bool:
@@ -73,8 +65,8 @@ class LossSpec:
 
     @property
     def per_sequence(self) -> bool:
-        """ULD / MultiLevelOT: a unit is a sequence (mean over its positions); else a token."""
-        return self.name in CROSS_TOKENIZER_LOSSES
+        """A unit is a sequence (mean over its positions: ULD, MultiLevelOT); else a token."""
+        return self.loss is not None and self.loss.per_sequence
 
     @classmethod
     def from_config(
@@ -90,22 +82,15 @@ class LossSpec:
         chunk_size: int = 1024,
     ) -> "LossSpec":
         cfg = distillation_config
-        name = resolve_loss_name(name if name is not None else cfg.loss, same_tokenizer)
-        valid = LOSS_NAMES + (SFT_ONLY,)
-        if name not in valid:
-            raise UserError(f"unknown loss {name!r}: --distillation_config.loss must be one of {', '.join(LOSS_NAMES)}")
-        _positive_int("--logits_chunk_size", chunk_size)
-        if name in SAME_TOKENIZER_LOSSES:
-            if not same_tokenizer:
-                raise UserError(
-                    f"loss {name!r} compares the two models token by token and needs one tokenizer, but "
-                    f"student and teacher tokenizers differ; use --distillation_config.loss uld or multilevel_ot"
-                )
-            if student_vocab_size != teacher_vocab_size:
+        name = name if name is not None else cfg.loss
+        if name != SFT_ONLY:
+            name = table.resolve(name, same_tokenizer).name
+            if table.LOSSES[name].same_tokenizer and student_vocab_size != teacher_vocab_size:
                 raise UserError(
                     f"same_tokenizer is set but the tokenizers have {student_vocab_size} and "
-                    f"{teacher_vocab_size} tokens; use --distillation_config.loss uld or multilevel_ot"
-                )
+                    f"{teacher_vocab_size} tokens; use --distillation_config.loss "
+                    f"{' or '.join(table.CROSS_TOKENIZER_LOSSES)}")
+        _positive_int("--logits_chunk_size", chunk_size)
         options = _options(name, cfg)
         selection = getattr(cfg, "token_selection", "none") if name != SFT_ONLY else "none"
         ratio = getattr(cfg, "token_selection_ratio", 1.0)
@@ -126,12 +111,13 @@ class LossSpec:
 
 
 def _options(name: str, cfg) -> Options:
-    if name == "uld":
+    family = table.LOSSES[name].family if name in table.LOSSES else SFT_ONLY
+    if family == "uld":
         _positive("student_temperature", cfg.student_temperature)
         _positive("teacher_temperature", cfg.teacher_temperature)
         _non_negative_int("uld_top_k", cfg.uld_top_k)
         return ULDOptions(float(cfg.student_temperature), float(cfg.teacher_temperature), int(cfg.uld_top_k))
-    if name == "multilevel_ot":
+    if family == "multilevel_ot":
         opts = MultiLevelOTOptions(
             mode=cfg.multilevel_ot_mode,
             top_k=cfg.top_k,
@@ -150,8 +136,9 @@ def _options(name: str, cfg) -> Options:
         )
         validate_multilevel_ot(opts)
         return opts
-    if name in SAME_TOKENIZER_LOSSES:
-        opts = KLOptions(SAME_TOKENIZER_LOSSES[name], float(cfg.temperature), float(cfg.jsd_beta), float(cfg.skew_alpha))
+    if family == "divergence":
+        opts = KLOptions(table.LOSSES[name].divergence, float(cfg.temperature), float(cfg.jsd_beta),
+                         float(cfg.skew_alpha))
         validate_kl(opts)
         return opts
     return None
@@ -182,21 +169,23 @@ def validate_token_selection(name: str, selection: str, ratio) -> None:
         return
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
         raise UserError(f"--distillation_config.token_selection_ratio must be in (0, 1], got {ratio!r}")
-    if selection == "divergence" and name == "multilevel_ot":
+    if selection == "divergence" and name in table.LOSSES and table.LOSSES[name].family == "multilevel_ot":
         raise UserError("--distillation_config.token_selection divergence needs a per-position loss value, which "
                         "MultiLevelOT (per-sequence ranking and transport) does not have: use teacher_entropy, "
                         "student_entropy or student_ce")
 
 
 def validate_kl(opts: KLOptions) -> None:
+    """The KL family's constants; each is checked only for the kinds that read it."""
     _positive("temperature", opts.temperature)
-    if not 0 < opts.beta < 1:
+    if opts.kind == "jsd" and not 0 < opts.beta < 1:
         raise UserError(
-            f"--distillation_config.jsd_beta must be strictly between 0 and 1, got {opts.beta} "
+            f"--distillation_config.jsd_beta (loss jsd) must be strictly between 0 and 1, got {opts.beta} "
             f"(beta -> 0 and 1 are the plain divergences: use loss kl or reverse_kl)"
         )
-    if not 0 <= opts.alpha < 1:
-        raise UserError(f"--distillation_config.skew_alpha must be in [0, 1), got {opts.alpha}")
+    if opts.kind in ("skew_forward", "skew_reverse") and not 0 <= opts.alpha < 1:
+        raise UserError(f"--distillation_config.skew_alpha (losses skew_kl, skew_reverse_kl) must be in [0, 1), "
+                        f"got {opts.alpha}")
 
 
 def _positive(field, value):

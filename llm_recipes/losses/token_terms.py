@@ -20,7 +20,8 @@ that callers ignore.
 """
 import torch
 
-from llm_recipes.losses.kl import KL_KINDS, divergence_rows, scaled
+from llm_recipes.losses.kl import divergence_rows, scaled
+from llm_recipes.losses.table import DIVERGENCE_KINDS
 
 
 def block_rows(width: int, device: torch.device) -> int:
@@ -98,8 +99,8 @@ def token_terms_sum(z, targets, zt=None, weights=None, kind="forward", temperatu
     z [n, W] fp32 student logits and zt [P, V] fp32 teacher logits (P <= n, V <= W: the divergence
     uses the first V columns) are CONSUMED (overwritten); targets [n] long; weights [P] fp32.
     Differentiable w.r.t. z."""
-    if kind not in KL_KINDS:
-        raise ValueError(f"unknown divergence kind {kind!r}; expected one of {KL_KINDS}")
+    if kind not in DIVERGENCE_KINDS:
+        raise ValueError(f"unknown divergence kind {kind!r}; expected one of {DIVERGENCE_KINDS}")
     if zt is not None and (weights is None or zt.shape[0] > z.shape[0] or zt.shape[1] > z.shape[1]):
         raise ValueError(f"teacher logits {tuple(zt.shape)} must fit the student's {tuple(z.shape)}, with weights")
     need_grad = torch.is_grad_enabled() and z.requires_grad

@@ -3,15 +3,15 @@
 They make the default run (`python finetuning.py --distillation`) and the demo work offline on a
 laptop CPU, across tokenizers as the published methods do:
 
-- data/{train,validation,test}.jsonl: the synthetic QA task (`llm_distillation.synthetic_qa`);
+- data/{train,validation,test}.jsonl: the synthetic QA task (`examples/tiny/synthetic_qa.py`);
 - teacher: a small Llama with a byte-level BPE tokenizer, trained with this project's own trainer on
   more generated examples of the task (`write_teacher_data`), so that it answers far better than an
   untrained model;
 - student: a smaller GPT-NeoX with a SentencePiece Unigram tokenizer, untrained;
 - student_same: a small Llama with the teacher's tokenizer, untrained (same-tokenizer KL).
 
-`scripts/build_tiny_assets.py` is the command line; the demo (`llm_distillation/demo.py`) trains its
-teacher with the same flags (`teacher_training_flags`) through finetuning.py.
+`python -m examples.tiny.build_assets` is the command line; the demo (`examples/tiny/demo.py`) trains
+its teacher with the same flags (`teacher_training_flags`) through finetuning.py.
 Data and tokenizers are byte-identical from run to run (`check_reproducible`); weights depend on the
 seed and, for the trained teacher, on the torch build.
 """
@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from llm_distillation import synthetic_qa
+from examples.tiny import synthetic_qa
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 TEACHER_VOCAB_SIZE = 800  # byte-level BPE; this corpus saturates at 723 (every word one token)
@@ -229,7 +229,7 @@ def answer_scores(model_dir: str, rows: list[dict], max_new_tokens: int = 12, ba
 
     from llm_distillation.datasets.tasks import encode_prompt
     from llm_distillation.metrics import best_over_references, exact_match, token_f1
-    from llm_recipes.generation import first_line, generate_answers
+    from llm_distillation.generation import first_line, generate_answers
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

@@ -1,15 +1,15 @@
 """The published pipeline at toy scale, offline, on a CPU: SFT vs ULD vs MultiLevelOT vs KL.
 
-    python -m llm_distillation.demo [--output_dir output/demo] [--seeds 1] [--quick] [--teacher PATH]
+    python -m examples.tiny.demo [--output_dir output/demo] [--seeds 1] [--quick] [--teacher PATH]
     (scripts/demo.sh)
 
 Steps, each through the project's real command lines (subprocesses), so the demo exercises exactly
 what a user runs:
 
-1. the synthetic QA data and the two tokenizers (`llm_distillation.tiny_assets`, deterministic);
+1. the synthetic QA data and the two tokenizers (`examples/tiny/assets.py`, deterministic);
 2. a fresh tiny teacher trained on the gold answers of freshly generated examples of the task
    (`finetuning.py`, distillation off, the flags of `tiny_assets.teacher_training_flags`: what
-   scripts/build_tiny_assets.py does; --teacher PATH uses a trained one instead);
+   python -m examples.tiny.build_assets does; --teacher PATH uses a trained one instead);
 3. the teacher answers the train split (`llm_distillation.generate`): the students' labels;
 4. students trained on those answers: with the other tokenizer by SFT (distil_factor 0), ULD,
    MultiLevelOT fast and greedy; with the teacher's tokenizer by SFT and forward KL;
@@ -38,6 +38,9 @@ from pathlib import Path
 from typing import Optional
 
 from configs.paths import REPO_ROOT, TINY_QA_LOADER, TINY_TEACHER
+from llm_recipes import flags
+from llm_recipes.errors import UserError
+from llm_recipes.flags import option
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,7 @@ def peak_memory_gb(records: list[dict]) -> Optional[float]:
 
 def prepare_assets(root: Path, quick: bool) -> None:
     """Data, tokenizers and the untrained models (the same ones assets/tiny ships, rebuilt here)."""
-    from llm_distillation import tiny_assets
+    from examples.tiny import assets as tiny_assets
 
     tiny_assets.save_untrained_models(root, tiny_assets.build_data_and_tokenizers(root)["tokenizers"])
     if quick:  # a few examples per split: the pipeline's mechanics in seconds
@@ -118,7 +121,7 @@ def student_init(assets: Path, student: str, seed: int, out: Path) -> Path:
         return assets / student
     from transformers import AutoTokenizer
 
-    from llm_distillation import tiny_assets
+    from examples.tiny import assets as tiny_assets
 
     folder = out / f"{student}-init-seed{seed}"
     if not (folder / "config.json").exists():
@@ -138,7 +141,7 @@ def benchmark(model: Path, data: Path, out: Path, quick: bool, threads: int = 1)
 
 
 def pipeline(output_dir: Path, seeds: int, quick: bool, teacher: Optional[str] = None, threads: int = 1) -> dict:
-    from llm_distillation import tiny_assets
+    from examples.tiny import assets as tiny_assets
 
     assets, data = output_dir / "assets", output_dir / "assets" / "data"
     logs = output_dir / "logs"
@@ -296,26 +299,49 @@ def write_report(results: dict, output_dir: Path) -> str:
     return text
 
 
-def main(output_dir: str = "output/demo", seeds: int = 1, quick: bool = False, teacher: Optional[str] = None,
-         threads: int = 1) -> None:
-    """Run the toy pipeline into `output_dir`; `--seeds N` trains each student N times; `--quick`: a smoke run;
-    `--teacher PATH`: use that trained teacher instead of training one; `--threads`: OMP_NUM_THREADS of the steps."""
-    if not isinstance(seeds, int) or seeds < 1:
-        raise SystemExit(f"error: --seeds must be a positive integer, got {seeds!r}")
-    if not isinstance(threads, int) or threads < 1:
-        raise SystemExit(f"error: --threads must be a positive integer, got {threads!r}")
-    if teacher is not None and not (Path(teacher) / "config.json").is_file():
-        raise SystemExit(f"error: --teacher {teacher} is not a model folder (no config.json): pass a trained "
-                         "teacher such as assets/tiny/teacher, or leave it out to train one")
-    out = Path(output_dir).resolve()
+@dataclass(frozen=True)
+class DemoArgs:
+    """Flags of `python -m examples.tiny.demo`."""
+
+    output_dir: str = option("output/demo", "where the runs, results.md, results.png and results.json go")
+    seeds: int = option(1, "train each student this many times (seeds 0..N-1): mean and spread")
+    quick: bool = option(False, "a smoke run of the mechanics on a few examples (the shipped teacher)")
+    teacher: Optional[str] = option(None, "a trained teacher folder to use instead of training one")
+    threads: int = option(1, "OMP_NUM_THREADS of every step")
+
+
+COMMAND = flags.Command(program="python -m examples.tiny.demo", summary=__doc__.strip().splitlines()[0],
+                        sections={"args": DemoArgs})
+
+
+def run_demo(args: DemoArgs) -> None:
+    """Run the toy pipeline into `output_dir` (see DemoArgs)."""
+    if args.seeds < 1:
+        raise UserError(f"--seeds must be a positive integer, got {args.seeds!r}")
+    if args.threads < 1:
+        raise UserError(f"--threads must be a positive integer, got {args.threads!r}")
+    if args.teacher is not None and not (Path(args.teacher) / "config.json").is_file():
+        raise UserError(f"--teacher {args.teacher} is not a model folder (no config.json): pass a trained "
+                        "teacher such as assets/tiny/teacher, or leave it out to train one")
+    out = Path(args.output_dir).resolve()
     start = time.time()
-    results = pipeline(out, seeds, quick, teacher, threads)
+    results = pipeline(out, args.seeds, args.quick, args.teacher, args.threads)
     results["total_time_s"] = time.time() - start
     print(write_report(results, out))
     print(f"demo done in {results['total_time_s'] / 60:.1f} min: {out / 'results.md'}, {out / 'results.png'}")
 
 
-if __name__ == "__main__":
+def main(*args, **kwargs) -> None:
+    """fire entry point; see the module docstring."""
+    flags.run_command(COMMAND, lambda parsed: run_demo(parsed["args"]), args, kwargs)
+
+
+def cli() -> None:
+    """Console-script entry point (pyproject.toml)."""
     import fire
 
     fire.Fire(main)
+
+
+if __name__ == "__main__":
+    cli()

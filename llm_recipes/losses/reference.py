@@ -1,0 +1,238 @@
+"""Plain reference implementations of every loss: the formulas of docs/losses.md, written the obvious way.
+
+One per loss, used twice: the tests call them in float64 and compare the engine's values and gradients
+with theirs; the benchmarks time them in float32 as the naive published algorithm (full
+[batch, seq, vocab] logits, a full-vocabulary softmax and sort, plain autograd through everything,
+positions of the whole batch at once as the public code does). They share nothing with the engine
+but the conventions: the causal shift (row t predicts label t + 1; encoder-decoder: row t predicts
+label t), answers paired by index from their start and cropped to the shorter one, the student's
+last answer position dropped by `skip_student_eos`, and the units (ULD / MultiLevelOT: the mean over
+a sequence's paired positions, then over the sequences that have one; the KL family: the mean over
+paired answer tokens). A batch with nothing paired gives a zero that keeps the graph.
+"""
+import math
+
+import torch
+
+from llm_recipes.losses.pairing import IGNORE_INDEX
+
+
+# ------------------------------------------------------------------------------------------- pairing
+def answer_rows(labels_row: torch.Tensor, encoder_decoder: bool = False) -> list[tuple[int, int]]:
+    """[(row, target)] of one sequence, in order: the rows whose logits predict an answer token."""
+    labels_row = [int(x) for x in labels_row]
+    if encoder_decoder:
+        return [(t, label) for t, label in enumerate(labels_row) if label != IGNORE_INDEX]
+    return [(t, labels_row[t + 1]) for t in range(len(labels_row) - 1) if labels_row[t + 1] != IGNORE_INDEX]
+
+
+def paired(student_labels, teacher_labels, skip_student_eos=False, student_encoder_decoder=False,
+           teacher_encoder_decoder=False):
+    """Per sequence b: (b, student [(row, target)], teacher [(row, target)]) paired by index."""
+    for b in range(student_labels.shape[0]):
+        s = answer_rows(student_labels[b], student_encoder_decoder)
+        t = answer_rows(teacher_labels[b], teacher_encoder_decoder)
+        if skip_student_eos:
+            s = s[:-1]
+        m = min(len(s), len(t))
+        yield b, s[:m], t[:m]
+
+
+def paired_index(student_labels, teacher_labels, skip_student_eos=False, student_encoder_decoder=False,
+                 teacher_encoder_decoder=False):
+    """-> (student rows [B, m], teacher rows [B, m], valid [B, m]), m the longest pairing of the batch."""
+    pairs = list(paired(student_labels, teacher_labels, skip_student_eos, student_encoder_decoder,
+                        teacher_encoder_decoder))
+    m = max([len(s) for _, s, _ in pairs] + [1])
+    s_index = torch.zeros(len(pairs), m, dtype=torch.long)
+    t_index = torch.zeros_like(s_index)
+    valid = torch.zeros(len(pairs), m, dtype=torch.bool)
+    for b, s, t in pairs:
+        n = len(s)
+        s_index[b, :n] = torch.tensor([r for r, _ in s], dtype=torch.long)
+        t_index[b, :n] = torch.tensor([r for r, _ in t], dtype=torch.long)
+        valid[b, :n] = True
+    return s_index, t_index, valid
+
+
+def gather_rows(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """logits [B, S, V], index [B, m] -> [B, m, V] (a copy, as the public code's roll and crop make)."""
+    return logits.gather(1, index.to(logits.device)[:, :, None].expand(-1, -1, logits.shape[-1]))
+
+
+def per_sequence_mean(per_position: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean over each sequence's valid positions, then over the sequences that have one."""
+    valid = valid.to(per_position.device)
+    per_position = torch.where(valid, per_position, 0.0)
+    counts = valid.sum(dim=1)
+    used = counts > 0
+    if not used.any():
+        return per_position.sum() * 0.0
+    return (per_position.sum(dim=1)[used] / counts[used]).mean()
+
+
+def _softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return torch.softmax(logits / temperature, dim=-1)
+
+
+def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
+    """float64 stays float64 (the tests); bf16 / fp16 logits are computed in fp32 (the trainer's rule)."""
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
+# ------------------------------------------------------------------------------------ cross-entropy
+def cross_entropy_sum(logits, labels, encoder_decoder=False):
+    """sum over answer rows of -log softmax(row)[target]."""
+    total = logits.new_zeros(())
+    for b in range(logits.shape[0]):
+        for row, target in answer_rows(labels[b], encoder_decoder):
+            total = total - torch.log_softmax(logits[b, row], dim=-1)[target]
+    return total
+
+
+# ---------------------------------------------------------------------------------------------- ULD
+def uld(student_logits, student_labels, teacher_logits, teacher_labels, *, student_temperature=1.0,
+        teacher_temperature=1.0, skip_student_eos=True, student_encoder_decoder=False,
+        teacher_encoder_decoder=False, top_k=0):
+    """ULD: softmax, full sort, zero padding of the smaller vocabulary, L1 per paired position.
+    `top_k > 0`: only the k largest of each side compared index by index, plus |tail_q - tail_p|."""
+    s_index, t_index, valid = paired_index(student_labels, teacher_labels, skip_student_eos,
+                                           student_encoder_decoder, teacher_encoder_decoder)
+    q = _softmax(_at_least_fp32(gather_rows(student_logits, s_index)), student_temperature)
+    with torch.no_grad():
+        p = _softmax(_at_least_fp32(gather_rows(teacher_logits, t_index)), teacher_temperature)
+    q = q.sort(dim=-1, descending=True).values
+    p = p.sort(dim=-1, descending=True).values
+    if top_k > 0:
+        q, p = q[..., :top_k], p[..., :top_k]
+    width = max(q.shape[-1], p.shape[-1])
+    q_padded = torch.nn.functional.pad(q, (0, width - q.shape[-1]))
+    p_padded = torch.nn.functional.pad(p, (0, width - p.shape[-1]))
+    distance = (q_padded - p_padded).abs().sum(dim=-1)
+    if top_k > 0:
+        distance = distance + ((1 - q.sum(dim=-1)) - (1 - p.sum(dim=-1))).abs()
+    return per_sequence_mean(distance, valid)
+
+
+# ---------------------------------------------------------------------------------------- KL family
+def divergence_of(p, q, kind, beta=0.5, alpha=0.1):
+    """One position's divergence of the KL family between probability vectors (0 log 0 = 0)."""
+    def kl(a, b):
+        return torch.where(a > 0, a * (torch.log(a) - torch.log(b)), 0.0).sum(dim=-1)
+
+    if kind == "forward":
+        return kl(p, q)
+    if kind == "reverse":
+        return kl(q, p)
+    if kind == "jsd":
+        m = beta * p + (1 - beta) * q
+        return beta * kl(p, m) + (1 - beta) * kl(q, m)
+    if kind == "skew_forward":
+        return kl(p, alpha * p + (1 - alpha) * q)
+    if kind == "skew_reverse":
+        return kl(q, alpha * q + (1 - alpha) * p)
+    if kind == "tvd":
+        return 0.5 * (p - q).abs().sum(dim=-1)
+    raise ValueError(f"unknown kind {kind!r}")
+
+
+def divergence(student_logits, teacher_logits, labels, *, kind="forward", temperature=1.0, beta=0.5, alpha=0.1,
+               encoder_decoder=False, teacher_labels=None):
+    """Same-tokenizer divergence x T^2, mean over the paired answer tokens (teacher_labels: the teacher's
+    own labels when its prompt differs; default the student's). As the public code, the softmaxes run
+    over the full [batch, seq, vocab] logits before the answer rows are picked."""
+    teacher_labels = labels if teacher_labels is None else teacher_labels
+    s_index, t_index, valid = paired_index(labels, teacher_labels, False, encoder_decoder, encoder_decoder)
+    q = gather_rows(_softmax(_at_least_fp32(student_logits), temperature), s_index)
+    with torch.no_grad():
+        p = gather_rows(_softmax(_at_least_fp32(teacher_logits), temperature), t_index)
+    value = divergence_of(p, q, kind, beta, alpha)
+    valid = valid.to(value.device)
+    if not valid.any():
+        return value.sum() * 0.0
+    return torch.where(valid, value, 0.0).sum() / valid.sum() * temperature**2
+
+
+# ------------------------------------------------------------------------------------- MultiLevelOT
+def greedy_columns_python(teacher_columns, student_probs, k):
+    """The public code's greedy matching: for each teacher column in order, a Python loop over every
+    student column for the unused one with the smallest L1 distance (the first found wins ties)."""
+    student_columns = student_probs.t().contiguous()  # [V, L]
+    used = [False] * student_columns.shape[0]
+    picks = []
+    for j in range(k):
+        target = teacher_columns[:, j]
+        best, best_v = math.inf, -1
+        for v in range(student_columns.shape[0]):
+            if used[v]:
+                continue
+            cost = float((student_columns[v] - target).abs().sum())
+            if cost < best:
+                best, best_v = cost, v
+        used[best_v] = True
+        picks.append(best_v)
+    return torch.tensor(picks, dtype=torch.long, device=student_probs.device)
+
+
+def sinkhorn_distance(cost, reg, iters):
+    """<P, C> for the entropic plan with uniform marginals: rows then columns normalised, `iters` times."""
+    n_rows, n_cols = cost.shape
+    plan = torch.exp(-cost / reg)
+    for _ in range(iters):
+        plan = plan / plan.sum(dim=1, keepdim=True) / n_rows
+        plan = plan / plan.sum(dim=0, keepdim=True) / n_cols
+    return (plan * cost).sum()
+
+
+def _ranked_columns(q, p, k, mode, ranking, greedy_vocab_limit):
+    """(student columns [L, k], teacher columns [L, k]) of one sequence."""
+    if ranking == "token":
+        return q.detach().argsort(dim=-1, descending=True)[:, :k], p.argsort(dim=-1, descending=True)[:, :k]
+    cols_t = torch.argsort(p.sum(dim=0), descending=True)[:k]
+    if mode == "fast":
+        cols_s = torch.argsort(q.detach().sum(dim=0), descending=True)[:k]
+    else:
+        limit = greedy_vocab_limit or q.shape[1]
+        cols_s = greedy_columns_python(p[:, cols_t], q.detach()[:, :limit], k)
+    length = q.shape[0]
+    return cols_s.expand(length, k), cols_t.expand(length, k)
+
+
+def multilevel_ot(student_logits, student_labels, teacher_logits, teacher_labels, *, mode="fast", top_k=50,
+                  sl_weight=0.1, sd_weight=0.1, sl_temperature=1.0, sd_temperature=2.0, sinkhorn_reg=0.1,
+                  sinkhorn_iters=20, skip_student_eos=True, student_temperature=1.0, teacher_temperature=1.0,
+                  ranking="sequence", logit_norm="none", sl_form="paper", sd_scale=1.0,
+                  student_encoder_decoder=False, teacher_encoder_decoder=False, greedy_vocab_limit=None):
+    """MultiLevelOT per sequence: full-vocabulary softmaxes at each temperature, the ranking (the summed
+    column mass, or each position's own top k), top-k columns, then HAD + sl_weight SL per position and
+    sd_weight sd_scale x Sinkhorn distance per sequence; mean over sequences.
+
+    `greedy_vocab_limit`: run the Python-loop greedy on the first that many student columns only (the
+    full loop takes hours at real vocabularies); the benchmark then scales its time, not its value."""
+    values = []
+    for b, s, t in paired(student_labels, teacher_labels, skip_student_eos, student_encoder_decoder,
+                          teacher_encoder_decoder):
+        if not s:
+            continue
+        zs = _at_least_fp32(student_logits[b, [r for r, _ in s]])
+        with torch.no_grad():
+            zt = _at_least_fp32(teacher_logits[b, [r for r, _ in t]])
+        if logit_norm == "std":
+            zs = zs / (zs.std(dim=-1, keepdim=True) + 1e-4)
+            zt = zt / (zt.std(dim=-1, keepdim=True) + 1e-4)
+        k = min(top_k, zs.shape[-1], zt.shape[-1])
+        q, p = _softmax(zs, student_temperature), _softmax(zt, teacher_temperature)
+        cols_s, cols_t = _ranked_columns(q, p, k, mode, ranking, greedy_vocab_limit)
+        had = (q.gather(1, cols_s) - p.gather(1, cols_t)).abs().sum(dim=-1)
+        q_sl = _softmax(zs, sl_temperature).gather(1, cols_s)
+        p_sl = _softmax(zt, sl_temperature).gather(1, cols_t)
+        if sl_form == "paper":
+            sl = -(p_sl * torch.log(q_sl)).sum(dim=-1)
+        else:
+            sl = -(torch.softmax(q_sl, dim=-1) * torch.log_softmax(p_sl, dim=-1)).sum(dim=-1)
+        q_sd = _softmax(zs, sd_temperature).gather(1, cols_s)
+        p_sd = _softmax(zt, sd_temperature).gather(1, cols_t)
+        cost = (p_sd[:, None, :] - q_sd[None, :, :]).abs().sum(dim=-1)  # [teacher row, student row]
+        sd = sinkhorn_distance(cost, sinkhorn_reg, sinkhorn_iters)
+        values.append((had + sl_weight * sl).mean() + sd_weight * sd_scale * sd)
+    return torch.stack(values).mean() if values else student_logits.sum() * 0.0
