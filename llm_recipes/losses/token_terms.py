@@ -17,6 +17,10 @@ costs page faults worth more than the arithmetic). This function instead
 The logits buffers are consumed: the caller passes tensors nothing else reads (the engine clones a
 buffer that aliases its input). The student buffer is marked dirty and returned as a third output
 that callers ignore.
+
+Masked vocabulary entries (-inf logits, on either side or both) follow llm_recipes.losses.kl: the
+value is +inf where the true divergence is (never NaN) and every gradient is finite, with no extra
+pass for the forward KL (nansum already drops its 0 * inf terms; q - p is its gradient's limit).
 """
 import torch
 
@@ -54,7 +58,8 @@ class _TokenTermsSum(torch.autograd.Function):
                 log_p = torch.log_softmax(scaled(t, temperature), dim=-1)
                 if kind == "forward":  # the default: q and p computed once, the gradient q - p written in place
                     p = log_p.exp()
-                    value = torch.nansum(log_p.sub_(log_q).mul_(p), dim=-1)  # 0 log 0 = 0 (nansum)
+                    # 0 log 0 = 0 (nansum drops 0 * -inf and 0 * NaN); p > 0 = q (a -inf student logit): +inf
+                    value = torch.nansum(log_p.sub_(log_q).mul_(p), dim=-1)
                     if need_grad:
                         if shared and with_ce:
                             torch.exp(log_softmax, out=s)
