@@ -289,8 +289,7 @@ def test_engine_with_masked_entries(kind, temperature, side, monkeypatch):
     monkeypatch.setattr(token_terms, "block_rows", lambda width, device: 3)
     pad = 0 if temperature == 1 else 3
     labels, hidden, t_hidden, w_s, w_t = engine_batch(side, seed=3, pad=pad)
-    config = distillation_config()
-    config.temperature, config.jsd_beta, config.skew_alpha = temperature, BETA, ALPHA
+    config = distillation_config(temperature=temperature, jsd_beta=BETA, skew_alpha=ALPHA)
     spec = LossSpec.from_config(config, name=KIND_TO_LOSS[kind], student_vocab_size=VOCAB, teacher_vocab_size=VOCAB,
                                 same_tokenizer=True, chunk_size=5)
     s_mask = column_mask(VOCAB + pad, side in ("student", "both"))
@@ -327,8 +326,7 @@ def test_engine_divergence_token_selection_with_masked_entries(kind, side):
     """Token selection by the divergence scores masked rows (+inf ranks first, never NaN) and the step
     keeps finite gradients."""
     labels, hidden, t_hidden, w_s, w_t = engine_batch(side, seed=4, pad=0)
-    config = distillation_config()
-    config.token_selection, config.token_selection_ratio = "divergence", 0.5
+    config = distillation_config(token_selection="divergence", token_selection_ratio=0.5)
     spec = LossSpec.from_config(config, name=KIND_TO_LOSS[kind], student_vocab_size=VOCAB, teacher_vocab_size=VOCAB,
                                 same_tokenizer=True, chunk_size=4)
     terms = distillation_terms(spec, hidden, labels, masked_head(w_s, column_mask(VOCAB, side != "teacher")),
