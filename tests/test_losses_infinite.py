@@ -24,14 +24,13 @@ import pytest
 import torch
 
 from configs.distillation import distillation_config
-from llm_recipes.losses import LossSpec, distillation_terms, kl_loss
+from llm_recipes.losses import LossSpec, distillation_terms, kl_loss, table
 from llm_recipes.losses.kl import divergence_rows
 
 NEG_INF = float("-inf")
 RTOL = 1e-5
-KINDS = ("forward", "reverse", "jsd", "skew_forward", "skew_reverse", "tvd")
-KIND_TO_LOSS = {"forward": "kl", "reverse": "reverse_kl", "jsd": "jsd", "skew_forward": "skew_kl",
-                "skew_reverse": "skew_reverse_kl", "tvd": "tvd"}
+KINDS = table.DIVERGENCE_KINDS
+KIND_TO_LOSS = {kind: table.by_divergence(kind).name for kind in KINDS}
 SIDES = ("student", "teacher", "both")
 BETA, ALPHA = 0.3, 0.2
 # where the TRUE value is +inf: the side whose -inf entries sit in the divergence's denominator
