@@ -155,17 +155,7 @@ COMMAND = flags.Command(program="python -m llm_distillation.benchmark", summary=
                         sections={"args": BenchmarkArgs}, aliases=ALIASES, refused=REFUSED)
 
 
-def main(*args, **kwargs) -> None:
-    """fire entry point; see the module docstring."""
-    flags.run_command(COMMAND, lambda parsed: benchmark(parsed["args"]), args, kwargs)
-
-
-def cli() -> None:
-    """Console-script entry point (pyproject.toml)."""
-    import fire
-
-    fire.Fire(main)
-
+main, cli = flags.entry_points(COMMAND, lambda parsed: benchmark(parsed["args"]))
 
 if __name__ == "__main__":
     cli()

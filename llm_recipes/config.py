@@ -96,12 +96,16 @@ _SECTION_ATTRIBUTES = {"train_config": "train", "distillation_config": "distilla
                        "lora_config": "lora", "dataset": "dataset"}
 
 
-def parse_flags(kwargs: dict, args: tuple = ()) -> RunConfig:
-    """The run's frozen configs from fire's keyword (and positional) arguments, validated."""
-    parsed = flags.parse(TRAINER, dict(kwargs), tuple(args))
+def run_config(parsed: flags.Parsed) -> RunConfig:
+    """The run's frozen configs from the parsed flags, validated."""
     run = RunConfig(**{attr: parsed[name] for name, attr in _SECTION_ATTRIBUTES.items()}, given=parsed.given)
     validate(run, parsed.spelled)
     return run
+
+
+def parse_flags(kwargs: dict, args: tuple = ()) -> RunConfig:
+    """The run's frozen configs from fire's keyword (and positional) arguments, validated."""
+    return run_config(flags.parse(TRAINER, dict(kwargs), tuple(args)))
 
 
 def flag_reference(markdown: bool = False) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import random
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -26,27 +25,13 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from llm_recipes import checkpoint, data, distributed, freezing, intermediate, models, objective
-from llm_recipes.config import RunConfig, RunPlan, flag_reference, parse_flags, resolve_plan
+from llm_recipes import checkpoint, data, distributed, flags, freezing, intermediate, models, objective
+from llm_recipes.config import TRAINER, RunConfig, RunPlan, resolve_plan, run_config
 from llm_recipes.errors import UserError
 from llm_recipes.losses import LossSpec
 from llm_recipes.metrics_log import MetricsLog, peak_memory_gb
 from llm_recipes.objective import Counts, Models, Objective
 from llm_recipes.optim import build_optimizer, build_scheduler
-
-
-def main(*args, **kwargs) -> None:
-    """fire entry point: flags in, a trained student out; user errors become one line and exit code 2."""
-    if kwargs.pop("help", False) or kwargs.pop("h", False):
-        print(flag_reference())
-        return
-    try:
-        train(parse_flags(kwargs, args))
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(error.exit_code)
-    finally:
-        distributed.teardown()
 
 
 # ------------------------------------------------------------------------------------------- state
@@ -544,8 +529,6 @@ def report(state: TrainState) -> None:
     print(f"metrics: {output / 'metrics.jsonl'}")
 
 
-def cli() -> None:
-    """Console-script entry point (pyproject.toml)."""
-    import fire
 
-    fire.Fire(main)
+# fire's target (`main(**flags)`; user errors: one line, exit code 2) and the console script
+main, cli = flags.entry_points(TRAINER, lambda parsed: train(run_config(parsed)), cleanup=distributed.teardown)

@@ -341,3 +341,17 @@ def run_command(command: Command, entry: Callable[[Parsed], Any], args: tuple, k
     finally:
         if cleanup is not None:
             cleanup()
+
+
+def entry_points(command: Command, run: Callable[[Parsed], Any], cleanup: Optional[Callable[[], None]] = None):
+    """(main, cli) of a command: `main(*args, **kwargs)` is fire's target (tests call it directly),
+    `cli()` runs fire on the process's arguments (the console scripts and `python -m ...`)."""
+    def main(*args, **kwargs):
+        return run_command(command, run, args, kwargs, cleanup)
+
+    def cli() -> None:
+        import fire
+
+        fire.Fire(main)
+
+    return main, cli

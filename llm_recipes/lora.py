@@ -108,17 +108,7 @@ def _merge(args: MergeArgs) -> None:
     print(f"merged model written to {output}")
 
 
-def main(*args, **kwargs) -> None:
-    """fire entry point of the merge command."""
-    flags.run_command(MERGE, lambda parsed: _merge(parsed["args"]), args, kwargs)
-
-
-def cli() -> None:
-    """Console-script entry point (pyproject.toml)."""
-    import fire
-
-    fire.Fire(main)
-
+main, cli = flags.entry_points(MERGE, lambda parsed: _merge(parsed["args"]))
 
 if __name__ == "__main__":
     cli()

@@ -15,9 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from configs.paths import TINY_ASSETS
-from llm_recipes import flags
-from llm_recipes.flags import option
+for _name, _value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+    os.environ.setdefault(_name, _value)  # before transformers / datasets read them
+
+from configs.paths import TINY_ASSETS  # noqa: E402
+from llm_recipes import flags  # noqa: E402
+from llm_recipes.flags import option  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -52,13 +55,7 @@ def build(args: BuildArgs) -> None:
     print(json.dumps(figures, indent=2))
 
 
-def main(*args, **kwargs) -> None:
-    for name, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
-        os.environ.setdefault(name, value)
-    flags.run_command(COMMAND, lambda parsed: build(parsed["args"]), args, kwargs)
-
+main, cli = flags.entry_points(COMMAND, lambda parsed: build(parsed["args"]))
 
 if __name__ == "__main__":
-    import fire
-
-    fire.Fire(main)
+    cli()

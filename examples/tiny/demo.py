@@ -331,17 +331,7 @@ def run_demo(args: DemoArgs) -> None:
     print(f"demo done in {results['total_time_s'] / 60:.1f} min: {out / 'results.md'}, {out / 'results.png'}")
 
 
-def main(*args, **kwargs) -> None:
-    """fire entry point; see the module docstring."""
-    flags.run_command(COMMAND, lambda parsed: run_demo(parsed["args"]), args, kwargs)
-
-
-def cli() -> None:
-    """Console-script entry point (pyproject.toml)."""
-    import fire
-
-    fire.Fire(main)
-
+main, cli = flags.entry_points(COMMAND, lambda parsed: run_demo(parsed["args"]))
 
 if __name__ == "__main__":
     cli()
