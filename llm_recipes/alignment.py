@@ -769,6 +769,10 @@ class ProjectionMap:
                             "pair): rebuild it for these tokenizers")
         return cls(tensors, metadata.get("fingerprint", ""))
 
+    def to(self, device) -> "ProjectionMap":
+        """A copy with every tensor on `device` (the loss gathers on the device of its logits)."""
+        return ProjectionMap({k: getattr(self, k).to(device) for k in self.TENSORS}, self.fingerprint)
+
     # -- queries
     @property
     def num_nodes(self) -> int:
@@ -1187,8 +1191,27 @@ def inspect(flags: InspectFlags) -> None:
         print(f"{key}: {json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else value}")
 
 
+USAGE = """usage: python -m llm_recipes.alignment --teacher_tokenizer T --student_tokenizer S
+                                          (--text TEXT | --file F.jsonl [--column C])
+
+Shows how two tokenizers' tokens group by the text they cover (minimal groups of consecutive tokens).
+  --text TEXT               the groups side by side; with --json one JSON list of
+                            {"text", "teacher_ids", "student_ids"}
+  --file F.jsonl            figures over a data set: share of 1:1 groups, largest group, share of
+                            student answer positions the projection serves, sigma consistency
+  --column answers.text     dotted path of the answer in each row (a list gives its first item)
+  --teacher_separator " "   what precedes the answer on each side (the trainer's: student " ",
+  --student_separator " "   plain-prompted teacher " ", chat-prompted teacher "")
+  --limit N                 the first N rows only
+  --map PATH                a saved projection map (built and saved there if missing)
+  --json                    machine-readable output"""
+
+
 def main(*args, **kwargs) -> None:
     """fire entry point: UserError -> `error: <message>` on stderr, exit code 2."""
+    if kwargs.pop("help", False) or kwargs.pop("h", False):
+        print(USAGE)
+        return
     try:
         if args:
             raise UserError(f"unexpected argument {args[0]!r}: every input is a --flag")
@@ -1205,4 +1228,7 @@ if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import fire
 
+    if any(arg in ("--help", "-h") for arg in sys.argv[1:]):  # fire would describe `main` instead
+        print(USAGE)
+        sys.exit(0)
     fire.Fire(main)
