@@ -63,6 +63,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from llm_recipes.errors import UserError
@@ -470,7 +471,9 @@ def _utf8_runs(data: bytes) -> list[tuple[bool, object]]:
 def _without_prefix_space(spec: dict) -> dict:
     """A tokenizer.json with the prefix-space options off: ByteLevel(add_prefix_space=False),
     Metaspace(prepend_scheme="never"), no Prepend normalizer; no post-processor, padding, truncation."""
-    spec = copy.deepcopy(spec)
+    spec = dict(spec)  # the model (vocabulary) is shared, only the parts changed below are copied
+    spec["pre_tokenizer"] = copy.deepcopy(spec.get("pre_tokenizer"))
+    spec["normalizer"] = copy.deepcopy(spec.get("normalizer"))
     for part in _components(spec.get("pre_tokenizer")):
         if part.get("type") == "ByteLevel":
             part["add_prefix_space"] = False
@@ -515,14 +518,17 @@ class StudentTokenizer:
         from tokenizers import Tokenizer
 
         self.info = tokenizer_info(tokenizer)
-        real = copy.deepcopy(self.info.spec)
+        real = json.loads(self.info.backend.to_str())  # a fresh copy (faster than deepcopy)
         for key in ("post_processor", "padding", "truncation"):
             real[key] = None
+        free = _without_prefix_space(real)
         self.real = Tokenizer.from_str(json.dumps(real))
-        self.free = Tokenizer.from_str(json.dumps(_without_prefix_space(self.info.spec)))
+        # without prefix-space options to turn off (Llama-3, Qwen, Gemma) both are the same tokenizer
+        self.free = self.real if free == real else Tokenizer.from_str(json.dumps(free))
         for tok in (self.real, self.free):
             tok.encode_special_tokens = True
         self.vocab = self.info.backend.get_vocab(with_added_tokens=True)
+        self.no_text = {i for i in range(self.info.vocab_size) if not self.info.text_id(i)}
 
     def _stray(self, data: bytes) -> Optional[list[int]]:
         info = self.info
@@ -558,32 +564,46 @@ class StudentTokenizer:
 
     def tokenize_many(self, items: Sequence[tuple[bytes, bool]]) -> list[Optional[tuple[int, ...]]]:
         """sigma of each (text bytes, at_start); None where the student cannot represent the text."""
-        plans, batch = [], {"real": {}, "free": {}}
+        wordpiece = self.info.kind == "wordpiece"
+        same = self.free is self.real
+        batch: dict[str, dict[str, Optional[list[int]]]] = {"real": {}, "free": {}}
+        plans = []
         for data, at_start in items:
+            try:
+                runs = [(True, data.decode("utf-8"))]
+            except UnicodeDecodeError:
+                runs = _utf8_runs(data)
             plan = []
-            for n, (valid, run) in enumerate(_utf8_runs(data)):
+            for n, (valid, run) in enumerate(runs):
                 if not valid:
                     plan.append(("stray", run))
                     continue
                 start = at_start and n == 0
-                if self.info.kind == "wordpiece" and not start and not run[:1].isspace() and run[:1].isalnum():
+                if wordpiece and not start and run[:1].isalnum():
                     plan.append(("wordpiece", run))
                     continue
-                which = "real" if start or self.info.kind == "wordpiece" else "free"
-                batch[which].setdefault(run, None)
+                which = "real" if start or wordpiece or same else "free"
+                batch[which][run] = None
                 plan.append((which, run))
             plans.append(plan)
         for which, tok in (("real", self.real), ("free", self.free)):
             texts = list(batch[which])
-            for text, encoding in zip(texts, tok.encode_batch(texts, add_special_tokens=False) if texts else []):
-                batch[which][text] = list(encoding.ids)
+            if texts:
+                for text, encoding in zip(texts, tok.encode_batch(texts, add_special_tokens=False)):
+                    ids = encoding.ids
+                    batch[which][text] = ids if self.no_text.isdisjoint(ids) else None
         out: list[Optional[tuple[int, ...]]] = []
         for plan in plans:
             ids: Optional[list[int]] = []
             for which, run in plan:
-                part = (self._stray(run) if which == "stray" else self._wordpiece_continuation(run)
-                        if which == "wordpiece" else batch[which][run])
-                if part is None or not all(self.info.text_id(i) for i in part):
+                if which == "stray":
+                    part = self._stray(run)
+                elif which == "wordpiece":
+                    part = self._wordpiece_continuation(run)
+                    part = part if part is not None and self.no_text.isdisjoint(part) else None
+                else:
+                    part = batch[which][run]
+                if part is None:
                     ids = None
                     break
                 ids += part
@@ -625,12 +645,10 @@ def _view_text(data: bytes, view: int) -> Optional[bytes]:
     return rest or None
 
 
-def _csr(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    offsets = torch.zeros(len(rows) + 1, dtype=torch.long)
-    if rows:
-        offsets[1:] = torch.tensor([len(r) for r in rows], dtype=torch.long).cumsum(0)
-    values = torch.tensor([x for r in rows for x in r], dtype=torch.long)
-    return offsets, values
+def _offsets(counts: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=out[1:])
+    return out
 
 
 def _gather_slices(offsets: torch.Tensor, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -695,52 +713,70 @@ class ProjectionMap:
         for (view, v), seq in zip(where, sigma_of.tokenize_many(items)):
             sigmas[view][v] = seq
 
-        node_index: dict[tuple[int, tuple[int, ...]], int] = {}
-        pairs: list[list[tuple[int, int]]] = []
-        children: list[dict[int, int]] = []
-        depth: list[int] = []
-
-        def node(view: int, prefix: tuple[int, ...]) -> int:
-            n = node_index.get((view, prefix))
-            if n is None:
-                parent = node(view, prefix[:-1]) if prefix else -1
-                n = len(depth)
-                node_index[(view, prefix)] = n
-                pairs.append([])
-                children.append({})
-                depth.append(len(prefix))
-                if parent >= 0:
-                    children[parent][prefix[-1]] = n
-            return n
-
-        roots = [node(view, ()) for view in range(len(VIEW_NAMES))]
+        # nodes in creation order: roots first, then each new prefix as sigmas extend it; a pair
+        # (node, v, sigma(v)[depth]) for every proper prefix of every sigma
+        roots = list(range(len(VIEW_NAMES)))
+        depth, parent, via = [0] * len(roots), [-1] * len(roots), [-1] * len(roots)
+        child_of: dict[tuple[int, int], int] = {}
+        pair_node, pair_teacher, pair_student = [], [], []
         for view in range(len(VIEW_NAMES)):
             for v, seq in enumerate(sigmas[view]):
-                for d in range(len(seq or ())):
-                    pairs[node(view, seq[:d])].append((v, seq[d]))
-        node_offsets, teacher_ids = _csr([[v for v, _ in p] for p in pairs])
-        _, next_student = _csr([[u for _, u in p] for p in pairs])
-        child_rows = [sorted(c.items()) for c in children]
-        child_offsets, child_tokens = _csr([[u for u, _ in r] for r in child_rows])
-        _, child_nodes = _csr([[n for _, n in r] for r in child_rows])
-        sigma_offsets, sigma_tokens = _csr([list(seq or ()) for view in sigmas for seq in view])
+                if not seq:
+                    continue
+                n = roots[view]
+                for d, u in enumerate(seq):
+                    if d:
+                        m = child_of.get((n, seq[d - 1]))
+                        if m is None:
+                            m = len(depth)
+                            child_of[(n, seq[d - 1])] = m
+                            depth.append(d)
+                            parent.append(n)
+                            via.append(seq[d - 1])
+                        n = m
+                    pair_node.append(n)
+                    pair_teacher.append(v)
+                    pair_student.append(u)
+        num_nodes = len(depth)
+        pair_node_a = np.asarray(pair_node, dtype=np.int64)
+        order = np.argsort(pair_node_a, kind="stable")  # by node, then by teacher id within a view
+        node_offsets = _offsets(np.bincount(pair_node_a, minlength=num_nodes))
+        teacher_ids = np.asarray(pair_teacher, dtype=np.int64)[order]
+        next_student = np.asarray(pair_student, dtype=np.int64)[order]
+        parent_a, via_a = np.asarray(parent, dtype=np.int64), np.asarray(via, dtype=np.int64)
+        kids = np.flatnonzero(parent_a >= 0)
+        kids = kids[np.lexsort((via_a[kids], parent_a[kids]))]  # by parent, then by token
+        child_offsets = _offsets(np.bincount(parent_a[kids], minlength=num_nodes))
+        flat = [seq or () for view in sigmas for seq in view]
+        sigma_offsets = _offsets(np.asarray([len(seq) for seq in flat], dtype=np.int64))
+        sigma_tokens = np.fromiter((u for seq in flat for u in seq), dtype=np.int64, count=int(sigma_offsets[-1]))
+        as_tensor = torch.from_numpy
         tensors = {
-            "roots": torch.tensor(roots, dtype=torch.long), "node_offsets": node_offsets, "teacher_ids": teacher_ids,
-            "next_student_ids": next_student, "child_offsets": child_offsets, "child_tokens": child_tokens,
-            "child_nodes": child_nodes, "node_depth": torch.tensor(depth, dtype=torch.long),
-            "sigma_offsets": sigma_offsets, "sigma_tokens": sigma_tokens,
+            "roots": torch.tensor(roots, dtype=torch.long), "node_offsets": as_tensor(node_offsets),
+            "teacher_ids": as_tensor(teacher_ids), "next_student_ids": as_tensor(next_student),
+            "child_offsets": as_tensor(child_offsets), "child_tokens": as_tensor(via_a[kids]),
+            "child_nodes": as_tensor(kids.astype(np.int64)), "node_depth": torch.tensor(depth, dtype=torch.long),
+            "sigma_offsets": as_tensor(sigma_offsets), "sigma_tokens": as_tensor(sigma_tokens),
             "student_starts_with_space": torch.tensor(student.starts_with_space, dtype=torch.bool),
             "sizes": torch.tensor([vt, student.vocab_size], dtype=torch.long)}
         return cls(tensors, pair_fingerprint(teacher_tokenizer, student_tokenizer))
 
     # -- storage
     def save(self, path) -> None:
-        """safetensors file: the tensors above, fingerprint and format in its metadata."""
+        """safetensors file: the tensors above (ids as int32 on disk: half the size), fingerprint and
+        format in its metadata."""
         from safetensors.torch import save_file
 
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: getattr(self, k).contiguous() for k in self.TENSORS}, str(path),
-                  metadata={"format": FORMAT_VERSION, "fingerprint": self.fingerprint})
+        tensors = {}
+        for k in self.TENSORS:
+            t = getattr(self, k).detach().cpu()
+            if t.dtype == torch.long:
+                if t.numel() and int(t.abs().max()) >= 2 ** 31:
+                    raise UserError(f"projection map tensor {k} holds values beyond int32")
+                t = t.to(torch.int32)
+            tensors[k] = t.contiguous()
+        save_file(tensors, str(path), metadata={"format": FORMAT_VERSION, "fingerprint": self.fingerprint})
 
     @classmethod
     def load(cls, path, teacher_tokenizer=None, student_tokenizer=None, *,
@@ -756,6 +792,7 @@ class ProjectionMap:
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: t.long() if t.dtype == torch.int32 else t for k, t in tensors.items()}
         except Exception as error:  # noqa: BLE001 - any unreadable file is the user's to fix
             raise UserError(f"projection map {path} is not a readable safetensors file ({error})") from error
         if metadata.get("format") != FORMAT_VERSION:
