@@ -25,9 +25,11 @@ whitespace (offsets <= 0 lie in the leading whitespace). Whitespace-only leading
 of their own (with empty text) where both sides have one ending at the same distance from the text
 ("Ġ" before "421" in both Llama-3 and Qwen); otherwise they join the first group, which so absorbs
 the whitespace difference (student "▁" "Paris" vs teacher "Paris"). Trailing whitespace falls into
-the last group. The two answers are aligned when
-their bytes agree after stripping leading and trailing whitespace; otherwise `UnalignedAnswer` (a
-ValueError) is raised, which a data collator catches and counts.
+the last group. The two answers are aligned when their bytes agree after stripping leading and
+trailing whitespace; otherwise `UnalignedAnswer` (a ValueError) is raised, which a data collator
+catches and counts. When a side is WordPiece (or "other"), whose decoded text need not reproduce the
+original spacing, common coordinates count non-whitespace bytes only and the texts must agree once
+all whitespace is removed.
 
 Tokenizer families (`TokenizerInfo.kind`):
 - "byte_level" (GPT-2, Llama-3, Qwen, SmolLM2): token strings map back to bytes through the
@@ -45,7 +47,11 @@ UTF-8 character (a tokenizer's own offsets are character offsets, which partial-
 
 Limits: a lossy normalizer on one side only (lowercasing, accent stripping) makes the answers
 unaligned; so does an unknown token (`<unk>` has no text). Student EOS and other special tokens
-belong to no group.
+belong to no group. sigma (see `StudentTokenizer`) is the student's tokenization of a teacher token's
+text out of context; in running text the student may split that text otherwise (BPE merges across
+the token's edges: SmolLM2 splits " beek" as "Ġbe" "ek" but " beekeeper" as "Ġbee" "keeper"), so the
+projected target can miss the student's actual token: `projection_positions` counts these positions
+("inconsistent") and can skip them (`strict=True`).
 """
 from __future__ import annotations
 
