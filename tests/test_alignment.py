@@ -106,8 +106,8 @@ def _wordpiece():
     tok = Tokenizer(models.WordPiece(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(_corpus(), trainers.WordPieceTrainer(vocab_size=120, special_tokens=SPECIALS,
-                                                                 show_progress=False))
+    tok.train_from_iterator(_corpus(["hello, world. Paris!"] * 5),
+                            trainers.WordPieceTrainer(vocab_size=120, special_tokens=SPECIALS, show_progress=False))
     return _wrap(tok)
 
 
@@ -242,6 +242,39 @@ def test_leading_space_tokens_on_both_sides_form_their_own_group(toks):
     probs[:, t_ids[1]] = 1.0
     q = pmap.project(probs, nodes[1:4])
     assert q.argmax(dim=1).tolist() == s_ids[1:4] and torch.allclose(q.max(dim=1).values, torch.ones(3))
+
+
+def test_wordpiece_side_aligns_without_whitespace(toks):
+    teacher, student = toks["bl"], toks["wp"]
+    t_ids = _ids(teacher, "hello,world 421")
+    s_ids = _ids(student, " hello,world 421") + [student.eos_token_id]
+    _, s_text = al.answer_byte_spans(student, s_ids)
+    assert s_text != b"hello,world 421"  # WordPiece decoding does not give the spacing back
+    a = al.align_answer(teacher, t_ids, student, s_ids)
+    assert a.whitespace_free and a.text == b"hello,world421"
+    assert a.student_group_of_token[-1] == -1 and len(a.groups) >= 3
+    for g in a.groups:
+        t_text = b"".join(al.token_bytes(teacher)[t_ids[i]] for i in g.teacher).replace(b" ", b"")
+        s_text = b"".join(al.token_bytes(student)[s_ids[i]] for i in g.student)
+        assert t_text == s_text == a.text[g.start:g.end]
+
+
+def test_file_figures_through_the_cli(tmp_path, capsys):
+    rows = [{"answers": {"text": ["pale green parrot"]}}, {"answers": {"text": ["May", "x"]}}]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert al.read_column(data, "answers.text") == ["pale green parrot", "May"]
+    flags = al.InspectFlags(teacher_tokenizer=str(REPO / "assets/tiny/teacher"),
+                            student_tokenizer=str(REPO / "assets/tiny/student"), file=str(data), json=True,
+                            map=str(tmp_path / "m.safetensors"))
+    al.inspect(flags)
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["examples"] == 2 and figures["served_share_of_text_positions"] == 1.0
+    assert figures["student_positions"] == figures["student_text_positions"] + 2  # the two EOS
+    al.inspect(flags)  # the map saved by the first run is loaded and checked
+    assert json.loads(capsys.readouterr().out)["groups"] == figures["groups"]
+    with pytest.raises(UserError, match="no column"):
+        al.read_column(data, "answer")
 
 
 def test_align_spans_leading_whitespace_is_absorbed():
