@@ -73,6 +73,7 @@ import numpy as np
 import torch
 
 from llm_recipes.errors import UserError
+from llm_recipes.flags import Command, entry_points, option
 
 FORMAT_VERSION = "llm_recipes.alignment/1"
 WHITESPACE = b" \t\n\r\x0b\x0c"
@@ -1138,20 +1139,28 @@ def format_groups(teacher_tokenizer, student_tokenizer, groups: list[dict]) -> s
     return "\n".join(lines)
 
 
-@dataclass
+@dataclass(frozen=True)
 class InspectFlags:
     """Flags of `python -m llm_recipes.alignment`."""
 
-    teacher_tokenizer: str = ""  # a tokenizer folder (or tokenizer.json)
-    student_tokenizer: str = ""
-    text: Optional[str] = None  # show the groups of this text
-    file: Optional[str] = None  # or: figures over the answers of a .jsonl file
-    column: str = "answers.text"  # dotted path in each row; a list gives its first item
-    json: bool = False  # --text: one JSON list of groups; --file: the figures as one JSON object
-    teacher_separator: str = " "  # --file: what precedes the answer on each side (the trainer's defaults)
-    student_separator: str = " "
-    limit: int = 0  # --file: the first N rows only (0: all)
-    map: Optional[str] = None  # --file: a projection map file to use (built and saved there if missing)
+    teacher_tokenizer: str = option("", "a tokenizer folder (or tokenizer.json)")
+    student_tokenizer: str = option("", "a tokenizer folder (or tokenizer.json)")
+    text: Optional[str] = option(None, "show the groups of this text (--json: one JSON list of {text, teacher_ids, "
+                                       "student_ids})")
+    file: Optional[str] = option(None, "or: figures over the answers of a .jsonl file (1:1 groups, largest group, "
+                                       "positions the projection serves)")
+    column: str = option("answers.text", "--file: dotted path of the answer in each row (a list gives its first item)")
+    json: bool = option(False, "machine-readable output")
+    teacher_separator: str = option(" ", "--file: what precedes the answer on the teacher's side (plain prompt: \" \", "
+                                         "chat prompt: \"\")")
+    student_separator: str = option(" ", "--file: what precedes the answer on the student's side")
+    limit: int = option(0, "--file: the first N rows only (0: all)")
+    map: Optional[str] = option(None, "--file: a saved projection map (built and saved there if missing)")
+
+
+COMMAND = Command(program="python -m llm_recipes.alignment", sections={"flags": InspectFlags},
+                  summary="Shows how two tokenizers' tokens group by the text they cover (minimal groups of "
+                          "consecutive tokens), or figures over a data set.")
 
 
 def _load_tokenizer(path: str):
@@ -1171,43 +1180,9 @@ def _load_tokenizer(path: str):
         raise UserError(f"cannot load tokenizer {path!r}: {first_line}") from error
 
 
-def _raw_flag(name: str, argv: Sequence[str]) -> Optional[str]:
-    """A string flag's value exactly as typed (fire would turn "421" into an int, "[1]" into a list)."""
-    spellings = {f"--{name}", f"--{name.replace('_', '-')}"}
-    for n, arg in enumerate(argv):
-        head, eq, value = arg.partition("=")
-        if head in spellings:
-            if eq:
-                return value
-            if n + 1 < len(argv):
-                return argv[n + 1]
-    return None
-
-
-def parse_inspect_flags(kwargs: dict, argv: Sequence[str] = ()) -> InspectFlags:
-    names = {f.name: f for f in dataclasses.fields(InspectFlags)}
-    values = {}
-    for key, value in kwargs.items():
-        name = key.replace("-", "_")
-        if name not in names:
-            raise UserError(f"unknown flag --{key}: the flags are {', '.join('--' + n for n in names)}")
-        annotation = names[name].type
-        if name == "json":
-            if not isinstance(value, bool):
-                raise UserError(f"--json takes no value (got {value!r})")
-        elif name == "limit":
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise UserError(f"--limit must be a whole number >= 0, got {value!r}")
-        elif "str" in str(annotation):
-            if isinstance(value, bool):
-                raise UserError(f"--{name} needs a value")
-            raw = _raw_flag(name, argv)
-            value = raw if raw is not None else str(value)
-        values[name] = value
-    return InspectFlags(**values)
-
-
 def inspect(flags: InspectFlags) -> None:
+    if flags.limit < 0:
+        raise UserError(f"--limit must be a whole number >= 0, got {flags.limit}")
     if (flags.text is None) == (flags.file is None):
         raise UserError("give exactly one of --text or --file")
     teacher = _load_tokenizer(flags.teacher_tokenizer)
@@ -1234,44 +1209,11 @@ def inspect(flags: InspectFlags) -> None:
         print(f"{key}: {json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else value}")
 
 
-USAGE = """usage: python -m llm_recipes.alignment --teacher_tokenizer T --student_tokenizer S
-                                          (--text TEXT | --file F.jsonl [--column C])
-
-Shows how two tokenizers' tokens group by the text they cover (minimal groups of consecutive tokens).
-  --text TEXT               the groups side by side; with --json one JSON list of
-                            {"text", "teacher_ids", "student_ids"}
-  --file F.jsonl            figures over a data set: share of 1:1 groups, largest group, share of
-                            student answer positions the projection serves, sigma consistency
-  --column answers.text     dotted path of the answer in each row (a list gives its first item)
-  --teacher_separator " "   what precedes the answer on each side (the trainer's: student " ",
-  --student_separator " "   plain-prompted teacher " ", chat-prompted teacher "")
-  --limit N                 the first N rows only
-  --map PATH                a saved projection map (built and saved there if missing)
-  --json                    machine-readable output"""
-
-
-def main(*args, **kwargs) -> None:
-    """fire entry point: UserError -> `error: <message>` on stderr, exit code 2."""
-    if kwargs.pop("help", False) or kwargs.pop("h", False):
-        print(USAGE)
-        return
-    try:
-        if args:
-            raise UserError(f"unexpected argument {args[0]!r}: every input is a --flag")
-        inspect(parse_inspect_flags(kwargs, sys.argv[1:]))
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(error.exit_code)
-
+main, cli = entry_points(COMMAND, lambda parsed: inspect(parsed["flags"]))
 
 if __name__ == "__main__":
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import fire
-
-    if any(arg in ("--help", "-h") for arg in sys.argv[1:]):  # fire would describe `main` instead
-        print(USAGE)
-        sys.exit(0)
-    fire.Fire(main)
+    cli()

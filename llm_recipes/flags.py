@@ -205,8 +205,26 @@ def resolve(command: Command, flag: str) -> tuple[str, str]:
 
 
 # ------------------------------------------------------------------------------------------- parsing
-def parse(command: Command, kwargs: dict, args: tuple = ()) -> Parsed:
-    """The command's frozen sections from fire's positional and keyword arguments."""
+def raw_value(flag: str, argv: Optional[list]) -> Optional[str]:
+    """A flag's value exactly as typed on the command line (fire reads "0421" as 421, "1.50" as 1.5 and
+    "[a]" as a list; a string flag must keep what was typed), or None when it is not there."""
+    spellings = {f"--{flag}", f"--{flag.replace('_', '-')}"}
+    for n, arg in enumerate(argv or ()):
+        head, eq, value = arg.partition("=")
+        if head in spellings:
+            return value if eq else (argv[n + 1] if n + 1 < len(argv) and not argv[n + 1].startswith("--")
+                                     else None)
+    return None
+
+
+def _is_text(annotation) -> bool:
+    return annotation is str or (typing.get_origin(annotation) in (typing.Union, types.UnionType)
+                                 and str in typing.get_args(annotation))
+
+
+def parse(command: Command, kwargs: dict, args: tuple = (), argv: Optional[list] = None) -> Parsed:
+    """The command's frozen sections from fire's positional and keyword arguments; `argv` (the command
+    line, when parsing one) gives string flags their value as typed."""
     values: dict = {section: {} for section in command.sections}
     spelled: dict = {}
     if len(args) > len(command.positional):
@@ -225,7 +243,9 @@ def parse(command: Command, kwargs: dict, args: tuple = ()) -> Parsed:
                 _set(command, values, spelled, resolve(command, target), target_value, f"{flag} {value}",
                      coerce=False)
             continue
-        _set(command, values, spelled, resolve(command, flag), value, flag)
+        target = resolve(command, flag)
+        raw = raw_value(flag, argv) if _is_text(_type_hints(command.sections[target[0]])[target[1]]) else None
+        _set(command, values, spelled, target, raw if raw is not None else value, flag)
     sections = {}
     for section, cls in command.sections.items():
         missing = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
@@ -328,13 +348,13 @@ def markdown_reference(command: Command) -> str:
 
 # ---------------------------------------------------------------------------------------- entry point
 def run_command(command: Command, entry: Callable[[Parsed], Any], args: tuple, kwargs: dict,
-                cleanup: Optional[Callable[[], None]] = None) -> Any:
+                cleanup: Optional[Callable[[], None]] = None, argv: Optional[list] = None) -> Any:
     """A fire entry point's body: --help, parsing, and UserError -> `error: <one line>`, exit code 2."""
     try:
         if kwargs.pop("help", False) or kwargs.pop("h", False):
             print(help_text(command))
             return None
-        return entry(parse(command, kwargs, args))
+        return entry(parse(command, kwargs, args, argv))
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
@@ -352,6 +372,10 @@ def entry_points(command: Command, run: Callable[[Parsed], Any], cleanup: Option
     def cli() -> None:
         import fire
 
-        fire.Fire(main)
+        argv = sys.argv[1:]
+        if any(arg in ("--help", "-h") for arg in argv):  # fire would describe the function instead
+            print(help_text(command))
+            return
+        fire.Fire(lambda *args, **kwargs: run_command(command, run, args, kwargs, cleanup, argv))
 
     return main, cli

@@ -518,14 +518,12 @@ def _cli(*args):
 
 
 def test_cli_json_through_fire(tmp_path, toks, monkeypatch, capsys):
-    import fire
-
     toks["bl"].save_pretrained(tmp_path / "bl")
     text = "421 東京, pale green"
     argv = ["--teacher_tokenizer", str(REPO / "assets/tiny/teacher"), "--student_tokenizer", str(tmp_path / "bl"),
             "--text", text, "--json"]
     monkeypatch.setattr(sys, "argv", ["alignment"] + argv)
-    fire.Fire(al.main, command=argv)
+    al.cli()
     out = capsys.readouterr().out
     assert len(out.strip().splitlines()) == 1
     groups = json.loads(out)
@@ -543,10 +541,14 @@ def test_cli_unknown_flag_is_an_error():
 
 
 def test_flag_parsing_keeps_text_verbatim():
-    flags = al.parse_inspect_flags({"teacher_tokenizer": "t", "student_tokenizer": "s", "text": 421},
-                                   ["--teacher_tokenizer", "t", "--student_tokenizer", "s", "--text", "0421"])
+    from llm_recipes.flags import parse
+
+    flags = parse(al.COMMAND, {"teacher_tokenizer": "t", "student_tokenizer": "s", "text": 421},
+                  argv=["--teacher_tokenizer", "t", "--student_tokenizer", "s", "--text", "0421"])["flags"]
     assert flags.text == "0421"
     with pytest.raises(UserError, match="unknown flag --textt"):
-        al.parse_inspect_flags({"textt": "x"})
+        parse(al.COMMAND, {"textt": "x"})
     with pytest.raises(UserError, match="exactly one of"):
         al.inspect(al.InspectFlags(teacher_tokenizer="t", student_tokenizer="s"))
+
+
