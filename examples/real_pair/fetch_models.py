@@ -169,20 +169,38 @@ def pip_index(index_url: str | None) -> str:
     return configured or "https://pypi.org/simple"
 
 
+def unreachable(index: str) -> str | None:
+    """Why the index cannot be reached; None when it answers (even with an HTTP error)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(index.rstrip("/") + "/", timeout=20).close()
+    except urllib.error.HTTPError:
+        return None
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        return str(getattr(error, "reason", error))
+    return None
+
+
 def pip_failure(output: str, missing: list[dict], index_url: str | None) -> str:
     """One line saying why pip download failed."""
     names = ", ".join(f"{p['name']}=={p['version']}" for p in missing)
-    unreachable = re.findall(r"(Failed to establish a new connection: [^\"')]+|Connection refused|"
-                             r"Name or service not known|Temporary failure in name resolution|"
-                             r"timed out|ProxyError[^\"')]*|SSLError[^\"')]*|Could not fetch URL [^:]+)", output)
-    if unreachable:
-        return (f"cannot reach the package index {pip_index(index_url)} ({unreachable[-1].strip()}) "
-                f"to download {names}")
+    if len(missing) > 2:
+        names = f"the {len(missing)} wheels pinned in {PACKAGES.name} ({missing[0]['name']}, ...)"
     if "DO NOT MATCH THE HASHES" in output:
         return f"a downloaded wheel does not match its SHA-256 pinned in {PACKAGES} ({names})"
+    index = pip_index(index_url)
+    said = re.findall(r"(Failed to establish a new connection: [^\"')]+|Name or service not known|"
+                      r"Temporary failure in name resolution|Read timed out|ProxyError[^\"')]*|SSLError[^\"')]*)",
+                      output)
+    # pip's output names a connection failure only while it retries (not with --retries 0): ask the index too
+    why = said[-1].strip() if said else unreachable(index)
+    if why:
+        return f"cannot reach the package index {index} ({why}) to download {names}"
     nothing = re.search(r"No matching distribution found for (\S+)", output)
     if nothing:
-        return f"the package index {pip_index(index_url)} has no {nothing[1]} (pinned in {PACKAGES})"
+        return f"the package index {index} has no {nothing[1]} (pinned in {PACKAGES})"
     last = [line for line in output.splitlines() if line.strip()][-1:] or ["no output"]
     return f"pip download of {names} failed: {last[0].strip()}"
 
