@@ -146,6 +146,8 @@ def load_model(name: str, *, encoder_decoder: bool, dtype: torch.dtype, trust_re
                    "--distillation_config.encoder_decoder for the teacher)"
         raise UserError(f"cannot load the {what} from {name}: {message}{hint}") from None
     if "gguf_file" in extra:
+        # The file, not its folder, is then what a LoRA adapter on this model names as its base.
+        model.name_or_path = model.config.name_or_path = extra["gguf_file"]
         print(f"{what}: weights dequantized from GGUF {name} to {str(dtype).removeprefix('torch.')}")
     return model
 

@@ -202,6 +202,18 @@ def test_finetuning_with_a_gguf_student_and_teacher(tiny, tiny_gguf, tmp_path, c
     assert type(AutoModelForCausalLM.from_pretrained(saved)).__name__ == "LlamaForCausalLM"
 
 
+def test_a_lora_adapter_on_a_gguf_student_names_the_file_as_its_base(tiny, tiny_gguf, tmp_path):
+    from llm_recipes import lora
+
+    flags = base_flags(tiny, tmp_path, model_name=tiny_gguf["student"], max_train_step=2, max_eval_step=1,
+                       use_peft=True, **{"lora_config.r": 4, "distillation_config.model_name": tiny_gguf["teacher"]})
+    train(parse_flags(flags))
+    adapter = json.loads((tmp_path / "last" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == tiny_gguf["student"]
+    merged = lora.merge_adapter(str(tmp_path / "last"), str(tmp_path / "merged"))
+    assert (Path(merged) / "model.safetensors").is_file()
+
+
 def test_generation_loads_a_gguf_model(tiny_gguf):
     from llm_distillation.answering import load_for_generation
 
