@@ -6,6 +6,10 @@ empty slice), and `output_head` returns the projection as a function of rows, so
 compute logits only at answer positions, a chunk of rows at a time. `check_output_head` verifies on
 real inputs that this path reproduces the model's own logits, so an architecture that post-processes
 its logits in a way we do not know is refused instead of silently trained on the wrong objective.
+
+A model name may also be a `.gguf` file (e.g. the real pair of examples/real_pair): transformers' GGUF
+loader reads it, every weight is dequantized to the run's dtype, and the result is an ordinary model
+that trains and saves as safetensors.
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ import torch
 from torch import nn
 
 from llm_recipes.errors import UserError
+
+GGUF_VERSION = "0.19.0"  # requirements.txt's pin of the gguf package, named when it is missing
 
 
 # ----------------------------------------------------------------------------------------- locating
@@ -46,10 +52,30 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def _gguf_file(name: str, what: str) -> Optional[str]:
+    """The absolute path of the .gguf file `name` names; None for a folder or a hub id."""
+    if not name.lower().endswith(".gguf"):
+        return None
+    path = os.path.abspath(os.path.expanduser(name))
+    if not os.path.isfile(path):
+        raise UserError(f"{what} GGUF file {name} does not exist")
+    try:
+        import gguf  # noqa: F401  (transformers' GGUF loader reads the file with it)
+    except ImportError:
+        raise UserError(f"{what} {name} is a GGUF file, which needs the gguf package: "
+                        f"pip install gguf=={GGUF_VERSION}") from None
+    return path
+
+
 def locate(name: str, what: str, probe_file: str = "config.json") -> tuple[str, dict]:
-    """Return (name or path, extra from_pretrained kwargs) or fail at once with a UserError."""
+    """Return (name or path, extra from_pretrained kwargs) or fail at once with a UserError.
+
+    A .gguf file gives (its folder, {"gguf_file": the file}): config, tokenizer and weights come from it."""
     from huggingface_hub import try_to_load_from_cache
 
+    gguf_path = _gguf_file(name, what)
+    if gguf_path:
+        return os.path.dirname(gguf_path), {"gguf_file": gguf_path}
     expanded = os.path.expanduser(name)
     if os.path.isdir(expanded):
         return expanded, {}
@@ -103,6 +129,12 @@ def load_model(name: str, *, encoder_decoder: bool, dtype: torch.dtype, trust_re
     path, extra = locate(name, what)
     if attn_implementation:
         extra["attn_implementation"] = attn_implementation
+    if "gguf_file" in extra:
+        # Unpack every weight at load time: the loader then also drops its quantizer marker (with it,
+        # save_pretrained refuses the model) and the model is a plain, trainable one.
+        from transformers import GgufConfig
+
+        extra["quantization_config"] = GgufConfig(dequantize=True)
     auto = AutoModelForSeq2SeqLM if encoder_decoder else AutoModelForCausalLM
     try:
         model = auto.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
@@ -113,6 +145,10 @@ def load_model(name: str, *, encoder_decoder: bool, dtype: torch.dtype, trust_re
             hint = " (is it encoder-decoder? then add --encoder_decoder for the student or " \
                    "--distillation_config.encoder_decoder for the teacher)"
         raise UserError(f"cannot load the {what} from {name}: {message}{hint}") from None
+    if "gguf_file" in extra:
+        # The file, not its folder, is then what a LoRA adapter on this model names as its base.
+        model.name_or_path = model.config.name_or_path = extra["gguf_file"]
+        print(f"{what}: weights dequantized from GGUF {name} to {str(dtype).removeprefix('torch.')}")
     return model
 
 
