@@ -215,7 +215,7 @@ def test_a_lora_adapter_on_a_gguf_student_names_the_file_as_its_base(tiny, tiny_
 
 
 def test_generation_loads_a_gguf_model(tiny_gguf):
-    from llm_distillation.answering import load_for_generation
+    from llm_distillation.generation import load_for_generation
 
     model, tokenizer = load_for_generation(tiny_gguf["teacher"])
     assert not model.training and tokenizer.chat_template is None
