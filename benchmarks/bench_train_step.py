@@ -113,7 +113,8 @@ def train_state(step: Step, group: Group, student, teacher, optimizer=None):
     loss = "none" if step.loss in ("sft", "none") else step.loss
     run = RunConfig(train=train_config(distillation=step.loss != "sft", logits_chunk_size=group.chunk_size,
                                        scheduler="constant"),
-                    distillation=distillation_config(uld_top_k=step.uld_top_k, multilevel_ot_mode=step.mode))
+                    distillation=distillation_config(uld_top_k=step.uld_top_k, multilevel_ot_mode=step.mode,
+                                                    alignment="index"))
     vocab_t = group.vocab_student if group.same_tokenizer else group.vocab_teacher
     spec = LossSpec.from_config(run.distillation, name=loss, student_vocab_size=group.vocab_student,
                                 teacher_vocab_size=vocab_t, same_tokenizer=group.same_tokenizer,

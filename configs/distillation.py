@@ -35,6 +35,10 @@ class distillation_config:
     # total loss = cross_entropy_factor * CE + distil_factor * term
     loss: str = _distillation("auto", choices_text() + " (auto: kl with one tokenizer, uld across tokenizers)")
     cross_entropy_factor: float = _distillation(1.0, "weight of the student's cross-entropy on the labels")
+    alignment: str = _distillation(
+        "auto", "auto | text | index: how answer tokens pair across tokenizers; text: tokens that start the same text "
+                "(llm_recipes/alignment.py), index: the i-th with the i-th (the seeds' ULD); auto: text across "
+                "tokenizers")
     distil_factor: Optional[float] = _distillation(
         None, "weight of the distillation term; None: the loss's default (1.5, 0.15 for multilevel_ot)")
 
@@ -58,6 +62,16 @@ class distillation_config:
     multilevel_ot_sl_form: str = _distillation(
         "paper", "paper: -sum T log S | public: -sum softmax(S) log softmax(T)")
     sd_scale: float = _distillation(1.0, "MultiLevelOT: extra factor on the Sinkhorn distance (public code: 0.001)")
+    # projected: the teacher's distribution on the student's vocabulary (docs/losses.md)
+    projected_divergence: str = _distillation(
+        "kl", "projected: the KL-family loss comparing the student with the projected target (kl | jsd | skew_kl | "
+              "skew_reverse_kl | tvd); its constants: temperature, jsd_beta, skew_alpha")
+    # hybrid (TRL GOLD): jsd_beta on the shared tokens, ULD on the rest
+    hybrid_matched_weight: Optional[float] = _distillation(
+        None, "hybrid: weight of the JSD on shared tokens; None: GOLD's default, the shared share of the teacher's "
+              "vocabulary")
+    hybrid_unmatched_weight: Optional[float] = _distillation(
+        None, "hybrid: weight of ULD on the other tokens; None: 1 - the matched weight")
     # same-tokenizer family (kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd); the term is x T^2
     temperature: float = _distillation(1.0, "KL family: p = softmax(z_t / T), q = softmax(z_s / T); the term x T^2")
     jsd_beta: float = _distillation(0.5, "jsd: m = beta p + (1 - beta) q")
@@ -82,7 +96,7 @@ class distillation_config:
         "answer", "answer: answer-predicting rows | all: every non-pad position (identical inputs only)")
     hidden_alignment: str = _distillation(
         "none", "none: same tokenizer, paired answer tokens must be identical | answer_index: i-th answer token with "
-                "i-th (ULD's pairing); also for the feature term")
+                "i-th (ULD's pairing) | text: the first tokens of text-aligned groups; also for the feature term")
 
     # feature selection: total += feature_weight * correlation term (docs/methods.md)
     feature_weight: float = _distillation(

@@ -890,6 +890,21 @@ class ProjectionMap:
         return VIEW_SPACED if spaced else VIEW_BARE
 
 
+def load_or_build_map(teacher_tokenizer, student_tokenizer, path) -> tuple[ProjectionMap, str]:
+    """The pair's projection map from `path` when it was built for these tokenizers, else built and saved
+    there (a cache: another pair's map is replaced). Returns (map, "loaded" | "built in N s")."""
+    path = Path(path)
+    if path.is_file():
+        try:
+            return ProjectionMap.load(path, teacher_tokenizer, student_tokenizer), f"loaded from {path}"
+        except UserError:
+            pass  # built for other tokenizers, or unreadable: rebuild
+    started = time.perf_counter()
+    pmap = ProjectionMap.build(teacher_tokenizer, student_tokenizer)
+    pmap.save(path)
+    return pmap, f"built in {time.perf_counter() - started:.1f} s, saved to {path}"
+
+
 SKIP_REASONS = ("special", "beyond_first_teacher_token", "prefix_not_in_trie", "inconsistent")
 
 

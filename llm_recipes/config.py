@@ -154,6 +154,13 @@ def _validate_ranges(run: RunConfig) -> None:
     if d.loss not in table.LOSS_CHOICES:
         raise UserError(f"unknown loss {d.loss!r}: --distillation_config.loss must be one of "
                         f"{', '.join(table.LOSS_CHOICES)}")
+    if d.alignment not in (table.AUTO,) + table.ALIGNMENTS:
+        raise UserError(f"--distillation_config.alignment must be one of auto, {', '.join(table.ALIGNMENTS)}, "
+                        f"got {d.alignment!r}")
+    if d.projected_divergence not in table.PROJECTED_DIVERGENCES:
+        raise UserError(f"--distillation_config.projected_divergence must be one of "
+                        f"{', '.join(table.PROJECTED_DIVERGENCES)} (a projected target is zero on many tokens, where "
+                        f"reverse_kl is infinite), got {d.projected_divergence!r}")
     if d.distil_factor is not None and d.distil_factor < 0:
         raise UserError(f"--distillation_config.distil_factor must be 0 or more, got {d.distil_factor}")
     if d.cross_entropy_factor < 0:
@@ -265,6 +272,8 @@ class RunPlan:
     same_tokenizer: bool  # the two tokenizers have the same vocabulary (token strings and ids)
     intermediate_terms: bool  # a hidden-state or feature term is on
     student_attention: Optional[str]  # attn_implementation of the student
+    alignment: str = "index"  # how the logit term pairs answer tokens: "index" or "text" (table.resolve_alignment)
+    text_groups: bool = False  # the data pipeline aligns answers by text (the logit term or hidden_alignment text)
 
     @property
     def loss_name(self) -> str:
@@ -287,6 +296,9 @@ def resolve_plan(run: RunConfig, student_tokenizer, teacher_tokenizer) -> RunPla
     intermediate = d.hidden_weight > 0 or d.feature_weight > 0
     if intermediate and not same and d.hidden_alignment == "none":
         raise UserError("hidden-state and feature distillation compare the two models position by position, but "
-                        "the student and teacher tokenizers differ: set --distillation_config.hidden_alignment "
-                        "answer_index (pairs the i-th answer tokens, as ULD does)")
-    return RunPlan(loss if factor > 0 else None, factor, same, intermediate, attention)
+                        "the student and teacher tokenizers differ: set --distillation_config.hidden_alignment text "
+                        "(the first tokens of text-aligned groups) or answer_index (the i-th answer tokens, as ULD)")
+    alignment = table.resolve_alignment(loss, d.alignment, same)
+    logit = loss if factor > 0 else None
+    text_groups = (logit is not None and alignment == "text") or (intermediate and d.hidden_alignment == "text")
+    return RunPlan(logit, factor, same, intermediate, attention, alignment, text_groups)

@@ -1,4 +1,5 @@
-"""Paired teacher/student data: the loader file, the pairing checks, the joint filter, the batches.
+"""Paired teacher/student data: the loader file, the pairing checks, the joint filter, the text
+alignment, the batches.
 
 A loader file is user code (it is imported and executed as is) that defines
 `get_split(dataset_config, tokenizer, split) -> datasets.Dataset` with `input_ids`, `labels` (-100 on
@@ -6,6 +7,12 @@ the prompt) and `attention_mask`, and ideally an `id` column. For distillation i
 tokenizer. The ULD fork kept the two sides in sync through a module-level global; here both sides are
 checked to hold the same examples (count and ids), filtered jointly, and always indexed together:
 one index list drives both, so a student row can only ever meet its own teacher row.
+
+Text alignment (across tokenizers, `attach_alignment`) is computed here once per example, never in
+the training step: every answer token gets the index of its text-aligned group (`alignment_group`,
+-1 elsewhere, e.g. the student's EOS), and with a projection map every student answer token the trie
+node its projected target comes from (`projection_node`, -1: not served). Both columns are aligned
+with `labels`; the loss engine turns them into paired rows (llm_recipes.losses.pairing).
 """
 from __future__ import annotations
 
@@ -13,7 +20,8 @@ import dataclasses
 import importlib.util
 import os
 import traceback
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import torch
@@ -22,6 +30,7 @@ from llm_recipes.errors import UserError
 from llm_recipes.losses.pairing import IGNORE_INDEX
 
 REQUIRED_COLUMNS = ("input_ids", "labels", "attention_mask")
+ALIGNMENT_COLUMNS = ("alignment_group", "projection_node")  # per label position, -1 where none
 ID_COLUMN = "id"
 
 
@@ -112,6 +121,7 @@ class PairedSplit:
     teacher: Optional[object]
     dropped_too_long: int = 0
     without_answer: int = 0
+    alignment: dict = field(default_factory=dict)  # text-alignment figures (attach_alignment), {} without it
 
     def __len__(self) -> int:
         return len(self.student)
@@ -177,6 +187,81 @@ def build_paired_split(loader, dataset_config, split: str, *, student_tokenizer,
     return PairedSplit(student, teacher, dropped_too_long=dropped, without_answer=without_answer)
 
 
+# ------------------------------------------------------------------------------------ text alignment
+def _answer(labels: list[int]) -> tuple[list[int], list[int]]:
+    """(positions, ids) of the answer tokens of one label row."""
+    positions = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+    return positions, [labels[i] for i in positions]
+
+
+def _align_example(student_labels, teacher_labels, student_tokenizer, teacher_tokenizer, projection, counts, shapes):
+    """(alignment_group per student label, per teacher label, projection_node per student label)."""
+    from llm_recipes import alignment
+
+    s_pos, s_ids = _answer(student_labels)
+    t_pos, t_ids = _answer(teacher_labels)
+    s_groups, t_groups, nodes = [-1] * len(student_labels), [-1] * len(teacher_labels), [-1] * len(student_labels)
+    try:
+        found = alignment.align_answer(teacher_tokenizer, t_ids, student_tokenizer, s_ids)
+    except alignment.UnalignedAnswer:
+        counts["unaligned_examples"] += 1
+        return s_groups, t_groups, nodes
+    for i, g in zip(s_pos, found.student_group_of_token):
+        s_groups[i] = g
+    for i, g in zip(t_pos, found.teacher_group_of_token):
+        t_groups[i] = g
+    shapes.update((len(g.teacher), len(g.student)) for g in found.groups)
+    if projection is not None:
+        _, served = alignment.projection_positions(found.teacher_group_of_token, found.student_group_of_token,
+                                                   found.teacher_spans, found.student_spans, s_ids, projection,
+                                                   counts=counts)
+        for i, node in zip(s_pos, served):
+            nodes[i] = node
+    return s_groups, t_groups, nodes
+
+
+def attach_alignment(split: PairedSplit, student_tokenizer, teacher_tokenizer, projection=None) -> PairedSplit:
+    """The split with the text-alignment columns added to both sides (see the module docstring), and its
+    figures: unaligned examples, groups, the share of 1:1 groups, the largest group, the share of student
+    answer tokens the projection serves (with `projection`, a ProjectionMap)."""
+    from tqdm.auto import tqdm
+
+    counts, shapes = Counter(), Counter()
+    columns = ([], [], [])
+    pairs = zip(split.student["labels"], split.teacher["labels"])
+    for s_labels, t_labels in tqdm(pairs, total=len(split), desc="aligning answers", leave=False,
+                                   disable=len(split) < 5000):
+        for column, values in zip(columns, _align_example(s_labels, t_labels, student_tokenizer, teacher_tokenizer,
+                                                          projection, counts, shapes)):
+            column.append(values)
+    student = split.student.add_column("alignment_group", columns[0])
+    teacher = split.teacher.add_column("alignment_group", columns[1])
+    if projection is not None:
+        student = student.add_column("projection_node", columns[2])
+    groups = sum(shapes.values())
+    largest = max(shapes, key=sum) if shapes else (0, 0)
+    figures = {"unaligned_examples": counts["unaligned_examples"], "groups": groups,
+               "one_to_one_share": shapes[(1, 1)] / groups if groups else 0.0,
+               "largest_group": {"teacher_tokens": largest[0], "student_tokens": largest[1]}}
+    if projection is not None:
+        answer_tokens = sum(sum(1 for label in row if label != IGNORE_INDEX) for row in split.student["labels"])
+        figures["projection_served_share"] = counts["served"] / answer_tokens if answer_tokens else 0.0
+        figures["projection_skipped"] = {k: counts[k] for k in ("special", "beyond_first_teacher_token",
+                                                                "prefix_not_in_trie") if counts[k]}
+    return dataclasses.replace(split, student=student.with_format("python"), teacher=teacher.with_format("python"),
+                               alignment=figures)
+
+
+def one_to_one_share(batch: dict) -> float:
+    """Share of 1:1 text-aligned groups in a collated batch (the start-up report)."""
+    one = total = 0
+    for s_row, t_row in zip(batch["student"]["alignment_group"].tolist(), batch["teacher"]["alignment_group"].tolist()):
+        s_sizes, t_sizes = Counter(g for g in s_row if g >= 0), Counter(g for g in t_row if g >= 0)
+        total += len(s_sizes)
+        one += sum(1 for g, n in s_sizes.items() if n == 1 and t_sizes.get(g) == 1)
+    return one / total if total else 0.0
+
+
 # -------------------------------------------------------------------------------------- batching
 def epoch_order(num_examples: int, epoch: int, seed: int) -> list[int]:
     """The epoch's permutation: a function of (seed, epoch) only, so resume can recompute it."""
@@ -223,12 +308,26 @@ def pad(rows: list[list[int]], value: int) -> torch.Tensor:
 
 
 def collate(rows: list[dict], pad_token_id: int) -> dict:
-    """Right-pad one side's rows: pad id for inputs, 0 for the mask, -100 for the labels."""
-    return {
+    """Right-pad one side's rows: pad id for inputs, 0 for the mask, -100 for the labels, -1 for the
+    alignment columns."""
+    batch = {
         "input_ids": pad([r["input_ids"] for r in rows], pad_token_id),
         "attention_mask": pad([r["attention_mask"] for r in rows], 0),
         "labels": pad([r["labels"] for r in rows], IGNORE_INDEX),
     }
+    for column in ALIGNMENT_COLUMNS:
+        if column in rows[0]:
+            batch[column] = pad([r[column] for r in rows], -1)
+    return batch
+
+
+def batch_alignment(batch: dict) -> Optional[dict]:
+    """The text-alignment ids of a collated paired batch, as the loss engine takes them (None without)."""
+    student, teacher = batch["student"], batch.get("teacher")
+    if teacher is None or "alignment_group" not in student:
+        return None
+    return {"student_groups": student["alignment_group"], "teacher_groups": teacher["alignment_group"],
+            "student_nodes": student.get("projection_node")}
 
 
 class PairedBatches(torch.utils.data.Dataset):
@@ -249,6 +348,9 @@ class PairedBatches(torch.utils.data.Dataset):
         if placeholder:
             for side in batch.values():
                 side["labels"].fill_(IGNORE_INDEX)
+                for column in ALIGNMENT_COLUMNS:
+                    if column in side:
+                        side[column].fill_(-1)
         return batch
 
 

@@ -33,6 +33,8 @@ from llm_recipes.metrics_log import MetricsLog, peak_memory_gb
 from llm_recipes.objective import Counts, Models, Objective
 from llm_recipes.optim import build_optimizer, build_scheduler
 
+PROJECTION_MAP = "projection_map.safetensors"  # the tokenizer pair's map, cached in the output folder
+
 
 # ------------------------------------------------------------------------------------------- state
 @dataclass
@@ -115,17 +117,54 @@ def load_models(run: RunConfig, plan: RunPlan, info: distributed.DistInfo):
     return student, teacher
 
 
-def loss_spec(run: RunConfig, plan: RunPlan, student_tokenizer, teacher_tokenizer) -> LossSpec:
+@dataclass(frozen=True)
+class PairArtifacts:
+    """What a text-aligned cross-tokenizer loss needs of the tokenizer pair, made once per run."""
+
+    projection_map: object = None  # llm_recipes.alignment.ProjectionMap (the projected loss)
+    shared_tokens: Optional[tuple] = None  # (teacher ids, student ids) with the same text (the hybrid loss)
+
+
+def pair_artifacts(plan: RunPlan, student_tokenizer, teacher_tokenizer, output: Path, info) -> PairArtifacts:
+    """The projection map (cached in the output folder, built by rank 0) or the shared tokens."""
+    from llm_recipes import alignment
+
+    family = plan.loss.family if plan.loss is not None else None
+    if family == "projection":
+        path = output / PROJECTION_MAP
+        if info.is_main:
+            pmap, how = alignment.load_or_build_map(teacher_tokenizer, student_tokenizer, path)
+            print(f"projection map: {pmap.num_nodes:,} nodes, {pmap.num_pairs:,} pairs ({how})")
+        distributed.barrier()
+        if not info.is_main:
+            pmap = alignment.ProjectionMap.load(path, teacher_tokenizer, student_tokenizer)
+        return PairArtifacts(projection_map=pmap)
+    if family == "hybrid":
+        shared = alignment.shared_token_pairs(teacher_tokenizer, student_tokenizer)
+        if info.is_main:
+            print(f"hybrid: {shared[0].numel():,} tokens with the same text in both vocabularies")
+        return PairArtifacts(shared_tokens=shared)
+    return PairArtifacts()
+
+
+def loss_spec(run: RunConfig, plan: RunPlan, student_tokenizer, teacher_tokenizer,
+              artifacts: PairArtifacts = PairArtifacts()) -> LossSpec:
+    from llm_recipes.losses.projection import Projection
+
     t, d = run.train, run.distillation
+    projection = Projection(artifacts.projection_map) if artifacts.projection_map is not None else None
     return LossSpec.from_config(
         d, name=plan.loss_name, student_vocab_size=len(student_tokenizer),
         teacher_vocab_size=len(teacher_tokenizer) if teacher_tokenizer is not None else len(student_tokenizer),
         same_tokenizer=plan.same_tokenizer, student_encoder_decoder=t.encoder_decoder,
-        teacher_encoder_decoder=d.encoder_decoder, chunk_size=t.logits_chunk_size)
+        teacher_encoder_decoder=d.encoder_decoder, chunk_size=t.logits_chunk_size, projection=projection,
+        shared_tokens=artifacts.shared_tokens)
 
 
-def load_data(run: RunConfig, student_tokenizer, teacher_tokenizer, student, teacher, info):
-    """(train split, validation split or None): the loader file called once per tokenizer, paired."""
+def load_data(run: RunConfig, plan: RunPlan, tokenizers: tuple, student, teacher, projection_map, info):
+    """(train split, validation split or None): the loader file called once per tokenizer, paired, and
+    aligned by text when the plan says so."""
+    student_tokenizer, teacher_tokenizer = tokenizers
     t, d = run.train, run.distillation
     teacher_config = None
     if t.distillation:
@@ -138,14 +177,27 @@ def load_data(run: RunConfig, student_tokenizer, teacher_tokenizer, student, tea
                       teacher_tokenizer=teacher_tokenizer, teacher_name=d.model_name,
                       teacher_encoder_decoder=d.encoder_decoder,
                       teacher_max=models.max_positions(teacher_config) if teacher_config is not None else None)
-    train_split = data.build_paired_split(loader, run.dataset, "train", **split_args)
-    val_split = data.build_paired_split(loader, run.dataset, "validation", **split_args) if t.run_validation else None
+    splits = [data.build_paired_split(loader, run.dataset, name, **split_args)
+              for name in (("train", "validation") if t.run_validation else ("train",))]
+    if plan.text_groups:
+        splits = [data.attach_alignment(split, student_tokenizer, teacher_tokenizer, projection_map)
+                  for split in splits]
     if info.is_main:
-        for name, split in (("train", train_split), ("validation", val_split)):
-            if split is not None:
-                print(f"{name}: {len(split)} examples ({split.dropped_too_long} dropped as too long, "
-                      f"{split.without_answer} without answer tokens)")
-    return train_split, val_split
+        for name, split in zip(("train", "validation"), splits):
+            print(f"{name}: {len(split)} examples ({split.dropped_too_long} dropped as too long, "
+                  f"{split.without_answer} without answer tokens)" + describe_alignment(split.alignment))
+    return splits[0], splits[1] if len(splits) > 1 else None
+
+
+def describe_alignment(figures: dict) -> str:
+    if not figures:
+        return ""
+    text = (f"; text alignment: {figures['groups']:,} groups, {figures['one_to_one_share']:.1%} one-to-one, "
+            f"largest {figures['largest_group']['teacher_tokens']}:{figures['largest_group']['student_tokens']}, "
+            f"{figures['unaligned_examples']} examples unaligned")
+    if "projection_served_share" in figures:
+        text += f"; the projection serves {figures['projection_served_share']:.1%} of the student's answer tokens"
+    return text
 
 
 def schedule(run: RunConfig, train_examples: int, world_size: int) -> tuple[int, int]:
@@ -211,8 +263,10 @@ def setup(run: RunConfig) -> TrainState:
     if t.distillation and not plan.uses_teacher and info.is_main:
         print("distil_factor 0: plain fine-tuning on the loader's labels; the teacher model is not loaded")
     student, teacher = load_models(run, plan, info)
-    spec = loss_spec(run, plan, student_tokenizer, teacher_tokenizer)
-    train_split, val_split = load_data(run, student_tokenizer, teacher_tokenizer, student, teacher, info)
+    artifacts = pair_artifacts(plan, student_tokenizer, teacher_tokenizer, output, info)
+    spec = loss_spec(run, plan, student_tokenizer, teacher_tokenizer, artifacts)
+    train_split, val_split = load_data(run, plan, (student_tokenizer, teacher_tokenizer), student, teacher,
+                                       artifacts.projection_map, info)
     per_epoch, total_steps = schedule(run, len(train_split), info.world_size)
     pad_ids = (student_tokenizer.pad_token_id,
                teacher_tokenizer.pad_token_id if teacher_tokenizer is not None else None)
@@ -224,7 +278,9 @@ def setup(run: RunConfig) -> TrainState:
     distributed.release(placed.teacher)
     placed = add_projections(run, placed, layers, info)
     objective_ = objective.build_objective(run, plan.distil_factor, spec, layers)
-    report_setup(run, placed, objective_, info)
+    first = next(data.train_micro_batches(len(train_split), 0, t.seed, t.batch_size_training, 1, info.world_size,
+                                          info.rank))
+    report_setup(run, plan, placed, objective_, data.PairedBatches(train_split, *pad_ids)[first], info)
     optimizer = build_optimizer(distributed.trainables(placed.student, placed.projections), t)
     scheduler = build_scheduler(optimizer, t, total_steps)
     scaler = torch.amp.GradScaler("cuda", enabled=t.use_fp16)  # fp16 needs loss scaling, bf16 does not
@@ -238,12 +294,18 @@ def setup(run: RunConfig) -> TrainState:
     return state
 
 
-def report_setup(run: RunConfig, placed: Models, objective_: Objective, info) -> None:
+def report_setup(run: RunConfig, plan: RunPlan, placed: Models, objective_: Objective, first_batch: dict,
+                 info) -> None:
     if not info.is_main:
         return
     trainable, total = models.count_parameters(placed.student_inner)
+    pairing = ""
+    if plan.loss is not None and not plan.same_tokenizer:
+        pairing = f"; answer tokens paired by {plan.alignment}"
+        if plan.text_groups:
+            pairing += f" ({data.one_to_one_share(first_batch):.0%} of the first batch's groups are one-to-one)"
     print(f"student: {trainable:,} trainable of {total:,} parameters; loss: "
-          f"{objective.describe(objective_, run.train.distillation)}")
+          f"{objective.describe(objective_, run.train.distillation)}{pairing}")
     layers = objective_.layers
     if layers is not None:
         print(layers.describe() + (f"; projections: {models.count_parameters(placed.projections)[0]:,} parameters"

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from llm_recipes import intermediate, models
+from llm_recipes.data import batch_alignment
 from llm_recipes.losses import LossSpec, count_units as count_logit_units, distillation_terms
 from llm_recipes.losses.hidden import RowPairs, hidden_row_pairs, hidden_states_sum
 from llm_recipes.losses.selection import feature_selection_sum, top_units
@@ -101,7 +102,7 @@ def _row_counts(objective: Objective, rows: int) -> tuple[int, int]:
 def count_units(objective: Objective, batch: dict) -> Counts:
     """Units of every term, from labels and masks only (before any forward)."""
     teacher_labels = batch["teacher"]["labels"] if objective.uses_teacher else None
-    ce, units = count_logit_units(objective.spec, batch["student"]["labels"], teacher_labels)
+    ce, units = count_logit_units(objective.spec, batch["student"]["labels"], teacher_labels, batch_alignment(batch))
     rows = row_pairs(objective, batch).count if objective.layers is not None else 0
     return Counts(int(ce), int(units), *_row_counts(objective, rows))
 
@@ -134,7 +135,7 @@ def compute_terms(objective: Objective, models_: Models, batch: dict, device: to
             objective.spec, student_hidden, batch["student"]["labels"], models.output_head(models_.student_inner),
             teacher.head_input if teacher is not None else None,
             batch["teacher"]["labels"] if teacher is not None else None,
-            models.output_head(models_.teacher) if teacher is not None else None)
+            models.output_head(models_.teacher) if teacher is not None else None, alignment=batch_alignment(batch))
         sums = {"ce": logit.ce_sum, "distill": logit.distill_sum}
         rows = 0
         if layers is not None:
@@ -175,6 +176,8 @@ def describe(objective: Objective, distillation: bool) -> str:
     text = f"{d.cross_entropy_factor} x CE"
     if spec.name != SFT_ONLY:
         text += f" + {objective.weights['distill']} x {spec.name}"
+        if spec.family == "projection":
+            text += f" ({d.projected_divergence} to the projected teacher)"
         if spec.selects_tokens:
             text += f" (on the top {spec.token_selection_ratio:g} of answer positions by {spec.token_selection})"
     if layers is not None and layers.hidden_pairs:

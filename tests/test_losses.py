@@ -345,7 +345,7 @@ class CountingHead:
 def engine_case(name, chunk, student_vocab=VS, teacher_vocab=VT, student_pad=3, teacher_pad=2, same=False,
                 seed=0, dtype=torch.float32, s_ed=False, t_ed=False, **cfg):
     g = torch.Generator().manual_seed(seed)
-    config = distillation_config(**cfg)
+    config = distillation_config(**{"alignment": "index", **cfg})
     spec = LossSpec.from_config(config, name=name, student_vocab_size=student_vocab, teacher_vocab_size=teacher_vocab,
                                 same_tokenizer=same, student_encoder_decoder=s_ed, teacher_encoder_decoder=t_ed,
                                 chunk_size=chunk)
@@ -491,7 +491,7 @@ def test_same_tokenizer_step_allocates_only_the_logits(loss, monkeypatch):
 
     monkeypatch.setattr(token_terms, "block_rows", lambda width, device: 2)
     rows, vocab, hidden_size = 24, 400, 4
-    spec = LossSpec.from_config(distillation_config(), name="none" if loss == "sft" else loss,
+    spec = LossSpec.from_config(distillation_config(alignment="index"), name="none" if loss == "sft" else loss,
                                 student_vocab_size=vocab, teacher_vocab_size=vocab, same_tokenizer=True,
                                 chunk_size=1000)
     labels = make_labels([rows], rows + 1, vocab, 0)  # rows answer rows after the causal shift
@@ -507,7 +507,7 @@ def test_same_tokenizer_step_allocates_only_the_logits(loss, monkeypatch):
 
 def test_engine_same_tokenizer_pairs_by_answer_index_with_different_prompts():
     """Teacher prompt longer than the student's (teacher-specific prompt), same answer tokens."""
-    spec = LossSpec.from_config(distillation_config(), name="kl", student_vocab_size=VS, teacher_vocab_size=VS,
+    spec = LossSpec.from_config(distillation_config(alignment="index"), name="kl", student_vocab_size=VS, teacher_vocab_size=VS,
                                 same_tokenizer=True, chunk_size=2)
     sl = make_labels([3, 2], 8, VS, 1, prompt=[2, 5])
     tl = torch.full((2, 11), -100)
@@ -554,7 +554,7 @@ def test_engine_bf16_hidden():
 
 
 def test_engine_sft_only_and_answer_free_batch():
-    spec = LossSpec.from_config(distillation_config(), name="none", student_vocab_size=VS, teacher_vocab_size=VS,
+    spec = LossSpec.from_config(distillation_config(alignment="index"), name="none", student_vocab_size=VS, teacher_vocab_size=VS,
                                 same_tokenizer=True, chunk_size=4)
     hidden = torch.randn(4, S_LEN, H, requires_grad=True)
     w = torch.randn(VS, H, requires_grad=True)
@@ -564,7 +564,7 @@ def test_engine_sft_only_and_answer_free_batch():
     assert_close(terms.ce_sum, ref_ce_sum(hidden.detach().double() @ w.detach().double().t(), sl))
     assert terms.distill_sum.item() == 0
     empty = torch.full_like(sl, -100)
-    uld = LossSpec.from_config(distillation_config(), name="uld", student_vocab_size=VS, teacher_vocab_size=VT,
+    uld = LossSpec.from_config(distillation_config(alignment="index"), name="uld", student_vocab_size=VS, teacher_vocab_size=VT,
                                same_tokenizer=False, chunk_size=4)
     terms = distillation_terms(uld, hidden, empty, lambda r: r @ w.t(), torch.randn(4, 5, HT), empty[:, :5],
                                lambda r: r @ torch.randn(VT, HT).t())
@@ -600,7 +600,7 @@ class LargestTensor(TorchDispatchMode):
 @pytest.mark.parametrize("loss", ["uld", "multilevel_ot", "kl"])
 def test_engine_never_builds_batch_seq_vocab(loss):
     batch, seq, vocab, hidden_size, chunk = 8, 64, 500, 4, 8
-    spec = LossSpec.from_config(distillation_config(), name=loss, student_vocab_size=vocab, teacher_vocab_size=vocab,
+    spec = LossSpec.from_config(distillation_config(alignment="index"), name=loss, student_vocab_size=vocab, teacher_vocab_size=vocab,
                                 same_tokenizer=True, chunk_size=chunk)
     labels = make_labels([6] * batch, seq, vocab, 0)  # 5 paired per sequence (EOS skipped), 6 for KL
     hidden = torch.randn(batch, seq, hidden_size, requires_grad=True)
@@ -670,23 +670,23 @@ def test_engine_backward_recompute_reuses_sorts_and_teacher(loss, options):
 # ----------------------------------------------------------------------------- LossSpec / config
 
 def test_spec_validation_messages():
-    cfg = distillation_config()
+    cfg = distillation_config(alignment="index")
     base = dict(student_vocab_size=10, teacher_vocab_size=12, same_tokenizer=False, chunk_size=8)
     with pytest.raises(UserError, match="must be one of auto, uld"):
         LossSpec.from_config(cfg, name="kd", **base)
     with pytest.raises(UserError, match="uld or multilevel_ot"):
         LossSpec.from_config(cfg, name="kl", **base)
-    cfg = distillation_config(student_temperature=-1.0)
+    cfg = distillation_config(alignment="index", student_temperature=-1.0)
     with pytest.raises(UserError, match="student_temperature"):
         LossSpec.from_config(cfg, name="uld", **base)
-    cfg = distillation_config(multilevel_ot_mode="2")
+    cfg = distillation_config(alignment="index", multilevel_ot_mode="2")
     with pytest.raises(UserError, match="multilevel_ot_mode"):
         LossSpec.from_config(cfg, name="multilevel_ot", **base)
-    cfg = distillation_config(skew_alpha=1.0)
+    cfg = distillation_config(alignment="index", skew_alpha=1.0)
     with pytest.raises(UserError, match="skew_alpha"):
         LossSpec.from_config(cfg, name="skew_kl", **dict(base, teacher_vocab_size=10, same_tokenizer=True))
     with pytest.raises(UserError, match="logits_chunk_size"):
-        LossSpec.from_config(distillation_config(), name="uld", **dict(base, chunk_size=0))
+        LossSpec.from_config(distillation_config(alignment="index"), name="uld", **dict(base, chunk_size=0))
 
 
 def test_spec_auto_and_defaults():
@@ -694,8 +694,9 @@ def test_spec_auto_and_defaults():
     same = LossSpec.from_config(cfg, student_vocab_size=10, teacher_vocab_size=10, same_tokenizer=True)
     cross = LossSpec.from_config(cfg, student_vocab_size=10, teacher_vocab_size=12, same_tokenizer=False)
     assert (same.name, cross.name) == ("kl", "uld")
-    assert set(table.LOSS_CHOICES) == {"auto", "uld", "multilevel_ot", "kl", "reverse_kl", "jsd", "skew_kl",
-                                       "skew_reverse_kl", "tvd"}
+    assert set(table.LOSS_CHOICES) == {"auto", "uld", "multilevel_ot", "projected", "hybrid", "kl", "reverse_kl",
+                                       "jsd", "skew_kl", "skew_reverse_kl", "tvd"}
+    assert (same.alignment, cross.alignment) == ("index", "text")  # text pairing by default across tokenizers
     mlot = LossSpec.from_config(cfg, name="multilevel_ot", student_vocab_size=10, teacher_vocab_size=12,
                                 same_tokenizer=False).options
     assert (mlot.top_k, mlot.sl_weight, mlot.sd_weight, mlot.sl_temperature, mlot.sd_temperature,
@@ -703,12 +704,12 @@ def test_spec_auto_and_defaults():
 
 
 def test_count_units_before_forward():
-    spec = LossSpec.from_config(distillation_config(), name="uld", student_vocab_size=VS, teacher_vocab_size=VT,
+    spec = LossSpec.from_config(distillation_config(alignment="index"), name="uld", student_vocab_size=VS, teacher_vocab_size=VT,
                                 same_tokenizer=False)
     sl, tl = make_labels(S_ANS, S_LEN, VS, 1), make_labels(T_ANS, T_LEN, VT, 2)
     # student answers 5, 0, 1, 4 -> usable 4, 0, 0, 3 after EOS; teacher 7, 3, 2, 2 -> sequences 0 and 3
     assert count_units(spec, sl, tl) == (10, 2)
-    kl = LossSpec.from_config(distillation_config(), name="kl", student_vocab_size=VS, teacher_vocab_size=VS,
+    kl = LossSpec.from_config(distillation_config(alignment="index"), name="kl", student_vocab_size=VS, teacher_vocab_size=VS,
                               same_tokenizer=True)
     assert count_units(kl, sl, sl) == (10, 10)
     assert count_units(kl, sl, None) == (10, 0)

@@ -246,7 +246,7 @@ def ref_kept_batches(method, ratio, zs, s_labels, zt, t_labels, spec, skip_eos, 
 
 def selection_case(loss, method, ratio=0.5, chunk=3, **cfg):
     g = torch.Generator().manual_seed(7)
-    config = distillation_config(token_selection=method, token_selection_ratio=ratio, **cfg)
+    config = distillation_config(alignment="index", token_selection=method, token_selection_ratio=ratio, **cfg)
     same = loss == "kl"
     vt, ht = (VS, H) if same else (VT, HT)
     spec = LossSpec.from_config(config, name=loss, student_vocab_size=VS, teacher_vocab_size=vt,
@@ -298,7 +298,7 @@ def test_token_selection_matches_the_loss_on_the_kept_positions(loss, method):
 
 def test_token_selection_ratio_one_is_the_plain_loss():
     spec, hidden, w_s, t_hidden, w_t, s_labels, t_labels = selection_case("uld", "student_ce", ratio=1.0)
-    plain = LossSpec.from_config(distillation_config(), name="uld", student_vocab_size=VS, teacher_vocab_size=VT,
+    plain = LossSpec.from_config(distillation_config(alignment="index"), name="uld", student_vocab_size=VS, teacher_vocab_size=VT,
                                  same_tokenizer=False, chunk_size=3)
     a = distillation_terms(spec, hidden, s_labels, CountingHead(w_s, 3), t_hidden, t_labels, CountingHead(w_t, 3))
     b = distillation_terms(plain, hidden, s_labels, CountingHead(w_s, 3), t_hidden, t_labels, CountingHead(w_t, 3))
@@ -307,10 +307,10 @@ def test_token_selection_ratio_one_is_the_plain_loss():
 
 
 def test_token_selection_refusals():
-    config = distillation_config(token_selection="divergence")
+    config = distillation_config(alignment="index", token_selection="divergence")
     with pytest.raises(UserError, match="MultiLevelOT"):
         LossSpec.from_config(config, name="multilevel_ot", student_vocab_size=5, teacher_vocab_size=6,
                              same_tokenizer=False)
-    config = distillation_config(token_selection="student_ce", token_selection_ratio=0.0)
+    config = distillation_config(alignment="index", token_selection="student_ce", token_selection_ratio=0.0)
     with pytest.raises(UserError, match="token_selection_ratio must be in"):
         LossSpec.from_config(config, name="uld", student_vocab_size=5, teacher_vocab_size=6, same_tokenizer=False)

@@ -204,7 +204,7 @@ def test_intermediate_terms_refuse_what_cannot_pair(tiny, tmp_path, capsys, case
     flags = base_flags(tiny, tmp_path / "out", max_train_step=1, run_validation=False)
     if case == "tokenizers_differ":
         flags.update(HIDDEN)
-        expected = "tokenizers differ: set --distillation_config.hidden_alignment answer_index"
+        expected = "tokenizers differ: set --distillation_config.hidden_alignment text"
     elif case == "student_wider":  # the teacher as student (d 32), the same-tokenizer student as teacher (d 16)
         flags.update({"model_name": tiny["teacher"], "distillation_config.model_name": tiny["student_same"],
                       "distillation_config.feature_weight": 1.0})

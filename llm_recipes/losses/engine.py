@@ -32,7 +32,9 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from llm_recipes.errors import UserError
-from llm_recipes.losses.pairing import Pairing, check_head_width, pair_answers
+from llm_recipes.losses.hybrid import hybrid_plan, hybrid_sum
+from llm_recipes.losses.pairing import Pairing, check_head_width, pair_answers, pair_by_groups
+from llm_recipes.losses.projection import projected_target
 from llm_recipes.losses.cross_entropy import cross_entropy_sum
 from llm_recipes.losses.kl import divergence_rows
 from llm_recipes.losses.multilevel_ot import multilevel_ot_plan, multilevel_ot_sum
@@ -62,9 +64,18 @@ class DistillationTerms:
     kept_positions: int = 0  # paired answer positions the distillation term used
 
 
-def _pairing(spec: LossSpec, student_labels, teacher_labels) -> Pairing:
+def _pairing(spec: LossSpec, student_labels, teacher_labels, alignment: Optional[dict] = None) -> Pairing:
+    """The micro-batch's pairing: by index, or by text (`alignment`: the batch's "student_groups",
+    "teacher_groups" and, for the projected loss, "student_nodes" tensors, aligned with the labels)."""
     if spec.name == SFT_ONLY:
         teacher_labels = None
+    if teacher_labels is not None and spec.alignment == "text":
+        if alignment is None:
+            raise ValueError(f"loss {spec.name} with text alignment needs the batch's alignment groups")
+        return pair_by_groups(student_labels, teacher_labels, alignment["student_groups"], alignment["teacher_groups"],
+                              student_encoder_decoder=spec.student_encoder_decoder,
+                              teacher_encoder_decoder=spec.teacher_encoder_decoder,
+                              student_nodes=alignment["student_nodes"] if spec.family == "projection" else None)
     return pair_answers(
         student_labels,
         teacher_labels,
@@ -88,12 +99,14 @@ def _distill_count(spec: LossSpec, pairing: Pairing) -> int:
     return pairing.sequences_with_pairs if spec.per_sequence else pairing.num_paired
 
 
-def count_units(spec: LossSpec, student_labels: torch.Tensor, teacher_labels: Optional[torch.Tensor] = None) -> Tuple[int, int]:
-    """(ce_tokens, distill_units) of one micro-batch, from labels only (call before the forward).
+def count_units(spec: LossSpec, student_labels: torch.Tensor, teacher_labels: Optional[torch.Tensor] = None,
+                alignment: Optional[dict] = None) -> Tuple[int, int]:
+    """(ce_tokens, distill_units) of one micro-batch, from labels (and alignment ids) only (call before the
+    forward).
 
     Sum them over the micro-batches of an optimizer step and over ranks, and divide the summed
     terms of `distillation_terms` by those totals."""
-    pairing = _pairing(spec, student_labels, teacher_labels)
+    pairing = _pairing(spec, student_labels, teacher_labels, alignment)
     kept = _kept(spec, pairing)
     if kept is None:
         return pairing.ce_count, _distill_count(spec, pairing)
@@ -140,6 +153,7 @@ class _Batch:
     teacher_rows: Optional[torch.Tensor]  # [P, H_t] hidden rows of the teacher, no grad
     teacher_head: Optional[Head]
     row_weights: Optional[torch.Tensor]  # [P] fp32: 1/m_b (ULD), 1 (KL family)
+    nodes: Optional[torch.Tensor]  # [P] long: projection-map node of each paired row (projected loss)
     with_ce: bool
     plans: dict  # chunk start -> plan, from a checkpointed chunk's first pass to its recompute
 
@@ -183,6 +197,8 @@ def _chunk_terms(batch: _Batch, chunk: _Chunk, checkpointed: bool, hidden: torch
     targets = batch.targets[chunk.start:chunk.end]
     if chunk.paired == 0 or spec.family == "divergence":
         return _token_terms(batch, chunk, _own(z, hidden), targets)
+    if spec.family == "projection":
+        return _projection_terms(batch, chunk, checkpointed, _own(z, hidden), targets)
     ce = cross_entropy_sum(z, targets) if batch.with_ce else z[:0].sum()
     vocab_s = spec.student_vocab_size or width
     check_head_width(width, vocab_s, "student")
@@ -195,11 +211,40 @@ def _chunk_terms(batch: _Batch, chunk: _Chunk, checkpointed: bool, hidden: torch
             return uld_plan(zs.detach(), teacher, opts.student_temperature, opts.top_k)
 
         distill = uld_sum(zs, _plan(batch, chunk, checkpointed, make_uld_plan), weights, opts.student_temperature)
+    elif spec.family == "hybrid":
+        plan = _plan(batch, chunk, checkpointed, lambda: hybrid_plan(zs.detach(), _teacher_logits(batch, chunk), opts))
+        distill = hybrid_sum(zs, plan, weights, opts.temperature)
     else:
         plan = _plan(batch, chunk, checkpointed, lambda: multilevel_ot_plan(
             zs.detach(), _teacher_logits(batch, chunk), chunk.lengths, opts))
         distill = multilevel_ot_sum(zs, plan, chunk.lengths, opts)
     return ce, distill
+
+
+def _projection_terms(batch: _Batch, chunk: _Chunk, checkpointed: bool, z: torch.Tensor, targets: torch.Tensor):
+    """CE and the divergence between the student and the projected teacher (llm_recipes.losses.projection),
+    in the fused pass of the KL family: the projected target enters as teacher logits T * log q*, whose
+    log-softmax at temperature T is log q* itself."""
+    spec, opts = batch.spec, batch.spec.options
+    vocab_s = spec.student_vocab_size or z.shape[-1]
+    check_head_width(z.shape[-1], vocab_s, "student")
+
+    def make():
+        rows = slice(chunk.start, chunk.start + chunk.paired)
+        target, served = projected_target(_teacher_logits(batch, chunk), batch.nodes[rows], opts.projection,
+                                          opts.temperature, vocab_s)
+        return target.log_().mul_(opts.temperature), served
+
+    plan = batch.plans.pop(chunk.start, None)  # (log target, served), kept from a checkpointed chunk's first pass
+    if plan is None:
+        plan = make()
+        if checkpointed:  # the fused pass overwrites its teacher buffer: the recompute gets the kept original
+            batch.plans[chunk.start] = plan
+            plan = (plan[0].clone(), plan[1])
+    log_target, served = plan
+    weights = batch.row_weights[chunk.start:chunk.start + chunk.paired] * served
+    return token_terms_sum(z, targets, log_target, weights, opts.kind, opts.temperature, opts.beta, opts.alpha,
+                           with_ce=batch.with_ce)
 
 
 def _token_terms(batch: _Batch, chunk: _Chunk, z: torch.Tensor, targets: torch.Tensor):
@@ -263,12 +308,14 @@ def distillation_terms(
     teacher_head: Optional[Head] = None,
     *,
     with_ce: bool = True,
+    alignment: Optional[dict] = None,
 ) -> DistillationTerms:
     """CE and distillation sums of one micro-batch, computed chunk by chunk from hidden states.
 
     student_hidden [B, S, H] (after the final norm; any float dtype), student_head maps rows [n, H]
     to logits [n, V] (may have padding rows beyond the tokenizer). teacher_hidden [B, S', H'] or None
-    for SFT only. Works under torch.no_grad() too (evaluation): then nothing is checkpointed.
+    for SFT only. `alignment`: the batch's text-alignment ids (see `_pairing`) when spec.alignment is
+    "text". Works under torch.no_grad() too (evaluation): then nothing is checkpointed.
     """
     if teacher_hidden is None or spec.name == SFT_ONLY:
         teacher_hidden = teacher_labels = None
@@ -276,7 +323,7 @@ def distillation_terms(
         raise ValueError("teacher_hidden needs teacher_labels and teacher_head")
     if student_hidden.dim() != 3:
         raise ValueError(f"student_hidden must be [batch, seq, hidden], got {tuple(student_hidden.shape)}")
-    pairing = _pairing(spec, student_labels, teacher_labels)
+    pairing = _pairing(spec, student_labels, teacher_labels, alignment)
     candidates = pairing.num_paired
 
     hidden_size = student_hidden.shape[-1]
@@ -309,7 +356,7 @@ def distillation_terms(
     targets = pairing.student_targets.to(student_hidden.device)
     recompute = torch.is_grad_enabled() and student_hidden.requires_grad
     batch = _Batch(spec, student_head, targets, int(pairing.student_targets.max()), teacher_rows,
-                   teacher_head, row_weights, with_ce, plans={})
+                   teacher_head, row_weights, pairing.nodes, with_ce, plans={})
     ce_sum = distill_sum = None
     chunks = _plan_chunks(spec, pairing)
     for i, chunk in enumerate(chunks):

@@ -7,7 +7,8 @@ Rows. Intermediate hidden states are compared at positions that correspond on bo
   models must share a tokenizer and the paired rows must predict the same token id (checked: a
   mismatch is a UserError); `alignment="answer_index"` pairs the i-th answer token of each side
   whatever the tokenizers (ULD's alignment) and drops the student's final (EOS) row first when
-  `skip_student_eos`.
+  `skip_student_eos`; `alignment="text"` pairs the rows that predict the first token of each text-aligned
+  group (the data pipeline's `alignment_group` columns, llm_recipes.losses.pairing.pair_by_groups).
 - `positions="all"`: every non-pad position of two causal models fed identical input ids (checked).
 
 Distance per paired row, after the student row went through its learned projection P (identity when
@@ -23,11 +24,11 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 
 from llm_recipes.errors import UserError
-from llm_recipes.losses.pairing import pair_answers, predicting_rows
+from llm_recipes.losses.pairing import pair_answers, pair_by_groups, predicting_rows
 
 HIDDEN_DISTANCES = ("mse", "cosine")
 HIDDEN_POSITIONS = ("answer", "all")
-HIDDEN_ALIGNMENTS = ("none", "answer_index")
+HIDDEN_ALIGNMENTS = ("none", "answer_index", "text")
 COSINE_EPS = 1e-8
 
 
@@ -56,6 +57,13 @@ def hidden_row_pairs(
     """Pair rows of one micro-batch from its labels / masks / ids (no forward needed)."""
     if positions == "all":
         return _all_positions(student, teacher)
+    if alignment == "text":
+        if "alignment_group" not in student or "alignment_group" not in teacher:
+            raise ValueError("hidden_alignment text needs the batch's alignment groups (llm_recipes.data)")
+        pairing = pair_by_groups(student["labels"], teacher["labels"], student["alignment_group"],
+                                 teacher["alignment_group"], student_encoder_decoder=student_encoder_decoder,
+                                 teacher_encoder_decoder=teacher_encoder_decoder)
+        return RowPairs(pairing.student_rows[: pairing.num_paired], pairing.teacher_rows)
     pairing = pair_answers(student["labels"], teacher["labels"], student_encoder_decoder=student_encoder_decoder,
                            teacher_encoder_decoder=teacher_encoder_decoder,
                            skip_student_eos=skip_student_eos and alignment == "answer_index")

@@ -5,10 +5,17 @@ Conventions (docs/losses.md, "Units and normalisation"):
 - an answer position is a label != -100;
 - causal models: the row at t-1 predicts the label at t (a label at position 0 has no predicting row);
   encoder-decoder models: decoder row t predicts label t (no shift);
-- student and teacher answers are paired by index from the start of each answer and cropped to the
-  shorter one; `skip_student_eos` first drops the student's last answer position (it stays in CE).
+- by index (`pair_answers`, the seeds' pairing): student and teacher answers are paired by index from
+  the start of each answer and cropped to the shorter one; `skip_student_eos` first drops the
+  student's last answer position (it stays in CE);
+- by text (`pair_by_groups`): the data pipeline gave every answer token the index of its text-aligned
+  group (llm_recipes.alignment; -1: none, e.g. EOS), and the rows that predict the first token of a
+  group are paired (both predict the start of the same text after the same text); with projection
+  nodes, every student row that has a node is paired with the row predicting its group's first
+  teacher token.
 
-Everything here works on labels only, so the trainer can count units before any forward pass.
+Everything here works on labels (and alignment ids) only, so the trainer can count units before any
+forward pass.
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -34,6 +41,7 @@ class Pairing:
     teacher_rows: torch.Tensor  # [num_paired] long
     pairs_per_sequence: torch.Tensor  # [B] long, m_b
     num_paired: int
+    nodes: Optional[torch.Tensor] = None  # [num_paired] long: projection-map node of each paired row (projected loss)
 
     @property
     def ce_count(self) -> int:
@@ -114,6 +122,67 @@ def pair_answers(
                 f"identically: fix the loader, or use --distillation_config.loss uld or multilevel_ot"
             )
     return Pairing(rows, targets, t_paired_rows, pairs, int(s_paired_rows.numel()))
+
+
+def _row_values(values: torch.Tensor, encoder_decoder: bool) -> torch.Tensor:
+    """Per-label values -> per predicting row (causal: row t carries label t + 1's value; -1 elsewhere)."""
+    values = values.long()
+    if encoder_decoder:
+        return values
+    rows = torch.full_like(values, -1)
+    rows[:, :-1] = values[:, 1:]
+    return rows
+
+
+def _group_starts(row_groups: torch.Tensor) -> torch.Tensor:
+    """Rows that predict the first token of their group."""
+    previous = torch.cat([row_groups.new_full((row_groups.shape[0], 1), -1), row_groups[:, :-1]], dim=1)
+    return (row_groups >= 0) & (row_groups != previous)
+
+
+def pair_by_groups(
+    student_labels: torch.Tensor,
+    teacher_labels: torch.Tensor,
+    student_groups: torch.Tensor,
+    teacher_groups: torch.Tensor,
+    *,
+    student_encoder_decoder: bool = False,
+    teacher_encoder_decoder: bool = False,
+    student_nodes: Optional[torch.Tensor] = None,
+) -> Pairing:
+    """Pair by text. `student_groups` / `teacher_groups` [B, S] hold each answer token's group (-1 elsewhere),
+    aligned with the labels. Without `student_nodes`: the rows predicting each group's first token, one pair
+    per group present on both sides. With `student_nodes` [B, S] (projection-map node per student answer token,
+    -1: not served): every student row with a node, paired with the teacher row predicting its group's first
+    teacher token (a teacher row can serve several student rows)."""
+    if teacher_labels.shape[0] != student_labels.shape[0]:
+        raise UserError(f"student and teacher batches differ in size ({student_labels.shape[0]} vs "
+                        f"{teacher_labels.shape[0]}); the loader must yield one teacher row per student row")
+    device = student_labels.device
+    s_mask, s_targets = predicting_rows(student_labels, student_encoder_decoder)
+    t_mask, _ = predicting_rows(teacher_labels.to(device), teacher_encoder_decoder)
+    s_groups = torch.where(s_mask, _row_values(student_groups.to(device), student_encoder_decoder), -1)
+    t_groups = torch.where(t_mask, _row_values(teacher_groups.to(device), teacher_encoder_decoder), -1)
+    batch, t_len = t_groups.shape
+    t_starts = _group_starts(t_groups)
+    n_groups = int(max(int(t_groups.max()) + 1, int(s_groups.max()) + 1, 1))
+    teacher_row_of = torch.full((batch, n_groups), -1, dtype=torch.long, device=device)  # [b, g] -> flat row
+    b_index, t_index = t_starts.nonzero(as_tuple=True)
+    teacher_row_of[b_index, t_groups[b_index, t_index]] = b_index * t_len + t_index
+    if student_nodes is None:
+        selected = _group_starts(s_groups)
+        s_nodes = None
+    else:
+        s_nodes = torch.where(s_mask, _row_values(student_nodes.to(device), student_encoder_decoder), -1)
+        selected = (s_nodes >= 0) & (s_groups >= 0)
+    partner = teacher_row_of.gather(1, s_groups.clamp(min=0))
+    selected &= partner >= 0
+    paired_rows = selected.reshape(-1).nonzero().squeeze(1)
+    unpaired_rows = (s_mask & ~selected).reshape(-1).nonzero().squeeze(1)
+    rows = torch.cat([paired_rows, unpaired_rows])
+    nodes = s_nodes.reshape(-1)[paired_rows] if s_nodes is not None else None
+    return Pairing(rows, s_targets.reshape(-1)[rows], partner.reshape(-1)[paired_rows], selected.sum(dim=1),
+                   int(paired_rows.numel()), nodes)
 
 
 def check_head_width(width: int, vocab_size: int, side: str) -> None:

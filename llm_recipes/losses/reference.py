@@ -38,19 +38,62 @@ def paired(student_labels, teacher_labels, skip_student_eos=False, student_encod
         yield b, s[:m], t[:m]
 
 
+def text_paired(student_labels, teacher_labels, student_groups, teacher_groups, student_encoder_decoder=False,
+                teacher_encoder_decoder=False, student_nodes=None):
+    """Per sequence b, pairs by text: the student row predicting each group's first token with the teacher row
+    predicting that group's first token (with `student_nodes`: every student row whose token has a node >= 0,
+    with its group's first teacher row; then the student entries are (row, target, node))."""
+    for b in range(student_labels.shape[0]):
+        s_rows = answer_rows(student_labels[b], student_encoder_decoder)
+        t_rows = answer_rows(teacher_labels[b], teacher_encoder_decoder)
+        shift_s, shift_t = (0 if student_encoder_decoder else 1), (0 if teacher_encoder_decoder else 1)
+        first_teacher = {}
+        for row, _ in t_rows:
+            group = int(teacher_groups[b][row + shift_t])
+            if group >= 0 and group not in first_teacher:
+                first_teacher[group] = row
+        s, t, seen = [], [], set()
+        for row, target in s_rows:
+            group = int(student_groups[b][row + shift_s])
+            if group < 0 or group not in first_teacher:
+                continue
+            if student_nodes is None:
+                if group in seen:
+                    continue
+                seen.add(group)
+                s.append((row, target))
+            else:
+                node = int(student_nodes[b][row + shift_s])
+                if node < 0:
+                    continue
+                s.append((row, target, node))
+            t.append((first_teacher[group], None))
+        yield b, s, t
+
+
+def _pairs(student_labels, teacher_labels, skip_student_eos, student_encoder_decoder, teacher_encoder_decoder,
+           groups=None):
+    if groups is not None:
+        return list(text_paired(student_labels, teacher_labels, groups[0], groups[1], student_encoder_decoder,
+                                teacher_encoder_decoder))
+    return list(paired(student_labels, teacher_labels, skip_student_eos, student_encoder_decoder,
+                       teacher_encoder_decoder))
+
+
 def paired_index(student_labels, teacher_labels, skip_student_eos=False, student_encoder_decoder=False,
-                 teacher_encoder_decoder=False):
-    """-> (student rows [B, m], teacher rows [B, m], valid [B, m]), m the longest pairing of the batch."""
-    pairs = list(paired(student_labels, teacher_labels, skip_student_eos, student_encoder_decoder,
-                        teacher_encoder_decoder))
+                 teacher_encoder_decoder=False, groups=None):
+    """-> (student rows [B, m], teacher rows [B, m], valid [B, m]), m the longest pairing of the batch; by
+    index, or by text with `groups` = (student groups, teacher groups)."""
+    pairs = _pairs(student_labels, teacher_labels, skip_student_eos, student_encoder_decoder,
+                   teacher_encoder_decoder, groups)
     m = max([len(s) for _, s, _ in pairs] + [1])
     s_index = torch.zeros(len(pairs), m, dtype=torch.long)
     t_index = torch.zeros_like(s_index)
     valid = torch.zeros(len(pairs), m, dtype=torch.bool)
     for b, s, t in pairs:
         n = len(s)
-        s_index[b, :n] = torch.tensor([r for r, _ in s], dtype=torch.long)
-        t_index[b, :n] = torch.tensor([r for r, _ in t], dtype=torch.long)
+        s_index[b, :n] = torch.tensor([pair[0] for pair in s], dtype=torch.long)
+        t_index[b, :n] = torch.tensor([pair[0] for pair in t], dtype=torch.long)
         valid[b, :n] = True
     return s_index, t_index, valid
 
@@ -93,11 +136,12 @@ def cross_entropy_sum(logits, labels, encoder_decoder=False):
 # ---------------------------------------------------------------------------------------------- ULD
 def uld(student_logits, student_labels, teacher_logits, teacher_labels, *, student_temperature=1.0,
         teacher_temperature=1.0, skip_student_eos=True, student_encoder_decoder=False,
-        teacher_encoder_decoder=False, top_k=0):
+        teacher_encoder_decoder=False, top_k=0, groups=None):
     """ULD: softmax, full sort, zero padding of the smaller vocabulary, L1 per paired position.
-    `top_k > 0`: only the k largest of each side compared index by index, plus |tail_q - tail_p|."""
+    `top_k > 0`: only the k largest of each side compared index by index, plus |tail_q - tail_p|.
+    `groups` = (student groups, teacher groups): pairs by text (`text_paired`) instead of by index."""
     s_index, t_index, valid = paired_index(student_labels, teacher_labels, skip_student_eos,
-                                           student_encoder_decoder, teacher_encoder_decoder)
+                                           student_encoder_decoder, teacher_encoder_decoder, groups)
     q = _softmax(_at_least_fp32(gather_rows(student_logits, s_index)), student_temperature)
     with torch.no_grad():
         p = _softmax(_at_least_fp32(gather_rows(teacher_logits, t_index)), teacher_temperature)
@@ -202,7 +246,7 @@ def multilevel_ot(student_logits, student_labels, teacher_logits, teacher_labels
                   sl_weight=0.1, sd_weight=0.1, sl_temperature=1.0, sd_temperature=2.0, sinkhorn_reg=0.1,
                   sinkhorn_iters=20, skip_student_eos=True, student_temperature=1.0, teacher_temperature=1.0,
                   ranking="sequence", logit_norm="none", sl_form="paper", sd_scale=1.0,
-                  student_encoder_decoder=False, teacher_encoder_decoder=False, greedy_vocab_limit=None):
+                  student_encoder_decoder=False, teacher_encoder_decoder=False, greedy_vocab_limit=None, groups=None):
     """MultiLevelOT per sequence: full-vocabulary softmaxes at each temperature, the ranking (the summed
     column mass, or each position's own top k), top-k columns, then HAD + sl_weight SL per position and
     sd_weight sd_scale x Sinkhorn distance per sequence; mean over sequences.
@@ -210,8 +254,8 @@ def multilevel_ot(student_logits, student_labels, teacher_logits, teacher_labels
     `greedy_vocab_limit`: run the Python-loop greedy on the first that many student columns only (the
     full loop takes hours at real vocabularies); the benchmark then scales its time, not its value."""
     values = []
-    for b, s, t in paired(student_labels, teacher_labels, skip_student_eos, student_encoder_decoder,
-                          teacher_encoder_decoder):
+    for b, s, t in _pairs(student_labels, teacher_labels, skip_student_eos, student_encoder_decoder,
+                          teacher_encoder_decoder, groups):
         if not s:
             continue
         zs = _at_least_fp32(student_logits[b, [r for r, _ in s]])
@@ -235,4 +279,67 @@ def multilevel_ot(student_logits, student_labels, teacher_logits, teacher_labels
         cost = (p_sd[:, None, :] - q_sd[None, :, :]).abs().sum(dim=-1)  # [teacher row, student row]
         sd = sinkhorn_distance(cost, sinkhorn_reg, sinkhorn_iters)
         values.append((had + sl_weight * sl).mean() + sd_weight * sd_scale * sd)
+    return torch.stack(values).mean() if values else student_logits.sum() * 0.0
+
+
+# ---------------------------------------------------------------------------------- projected teacher
+def projected_target(teacher_probs, node, projection_map):
+    """The projected target of one row: sum p(v) into u over the node's pairs (v, u), normalised (None: no mass)."""
+    teacher_ids, student_ids = projection_map.node_pairs(node)
+    target = teacher_probs.new_zeros(projection_map.student_vocab_size)
+    for v, u in zip(teacher_ids.tolist(), student_ids.tolist()):
+        target[u] += teacher_probs[v]
+    total = target.sum()
+    return target / total if total > 0 else None
+
+
+def projected(student_logits, student_labels, teacher_logits, teacher_labels, student_groups, teacher_groups,
+              student_nodes, projection_map, *, kind="forward", temperature=1.0, beta=0.5, alpha=0.1,
+              student_encoder_decoder=False, teacher_encoder_decoder=False):
+    """The projected teacher: x T^2 KL-family divergence between the projected target and the student at
+    every served student row, mean over the served rows (a row whose target has no mass counts, with 0)."""
+    values, count = [], 0
+    for b, s, t in text_paired(student_labels, teacher_labels, student_groups, teacher_groups,
+                               student_encoder_decoder, teacher_encoder_decoder, student_nodes):
+        for (s_row, _, node), (t_row, _) in zip(s, t):
+            count += 1
+            with torch.no_grad():
+                p = _softmax(_at_least_fp32(teacher_logits[b, t_row]), temperature)
+                target = projected_target(p, node, projection_map)
+            if target is None:
+                continue
+            q = _softmax(_at_least_fp32(student_logits[b, s_row]), temperature)
+            target = torch.nn.functional.pad(target, (0, q.shape[0] - target.shape[0]))[: q.shape[0]]
+            values.append(divergence_of(target, q, kind, beta, alpha))
+    if not values:
+        return student_logits.sum() * 0.0
+    return torch.stack(values).sum() / count * temperature**2
+
+
+# --------------------------------------------------------------------------------------------- hybrid
+def hybrid(student_logits, student_labels, teacher_logits, teacher_labels, student_groups, teacher_groups,
+           teacher_shared, student_shared, *, temperature=1.0, beta=0.5, matched_weight=None, unmatched_weight=None,
+           student_encoder_decoder=False, teacher_encoder_decoder=False):
+    """GOLD's hybrid at every text-aligned pair: w_M JSD_beta on the shared tokens' probabilities (as they are)
+    + w_U ULD on the other tokens' probabilities; mean over the pairs."""
+    teacher_vocab = teacher_logits.shape[-1]
+    w_m = matched_weight if matched_weight is not None else len(teacher_shared) / teacher_vocab
+    w_u = unmatched_weight if unmatched_weight is not None else 1.0 - w_m
+    t_shared, s_shared = list(map(int, teacher_shared)), list(map(int, student_shared))
+    t_rest = [v for v in range(teacher_vocab) if v not in set(t_shared)]
+    s_rest = [u for u in range(student_logits.shape[-1]) if u not in set(s_shared)]
+    values = []
+    for b, s, t in text_paired(student_labels, teacher_labels, student_groups, teacher_groups,
+                               student_encoder_decoder, teacher_encoder_decoder):
+        for (s_row, _), (t_row, _) in zip(s, t):
+            q = _softmax(_at_least_fp32(student_logits[b, s_row]), temperature)
+            with torch.no_grad():
+                p = _softmax(_at_least_fp32(teacher_logits[b, t_row]), temperature)
+            matched = divergence_of(p[t_shared], q[s_shared], "jsd", beta) if t_shared else q.sum() * 0.0
+            q_u = q[s_rest].sort(descending=True).values
+            p_u = p[t_rest].sort(descending=True).values
+            width = max(len(q_u), len(p_u))
+            unmatched = (torch.nn.functional.pad(q_u, (0, width - len(q_u)))
+                         - torch.nn.functional.pad(p_u, (0, width - len(p_u)))).abs().sum()
+            values.append(w_m * matched + w_u * unmatched)
     return torch.stack(values).mean() if values else student_logits.sum() * 0.0

@@ -84,8 +84,9 @@ def select_pairs(pairing: Pairing, keep: torch.Tensor, kept: torch.Tensor) -> Pa
     rows, targets = pairing.student_rows, pairing.student_targets
     student_rows = torch.cat([rows[:p][keep], rows[:p][~keep], rows[p:]])
     student_targets = torch.cat([targets[:p][keep], targets[:p][~keep], targets[p:]])
+    nodes = pairing.nodes[keep] if pairing.nodes is not None else None
     return Pairing(student_rows, student_targets, pairing.teacher_rows[keep], kept.to(pairing.pairs_per_sequence.device),
-                   int(keep.sum()))
+                   int(keep.sum()), nodes)
 
 
 # ---------------------------------------------------------------------------------- feature selection

@@ -9,7 +9,9 @@ from typing import Optional, Union
 
 from llm_recipes.errors import UserError
 from llm_recipes.losses import table
+from llm_recipes.losses.hybrid import HybridOptions
 from llm_recipes.losses.multilevel_ot import LOGIT_NORMS, MODES, RANKINGS, SL_FORMS, MultiLevelOTOptions
+from llm_recipes.losses.projection import Projection, ProjectionOptions
 from llm_recipes.losses.selection import TOKEN_SELECTIONS
 from llm_recipes.losses.table import SFT_ONLY
 
@@ -29,7 +31,7 @@ class KLOptions:
     alpha: float = 0.1  # skew_forward / skew_reverse
 
 
-Options = Union[ULDOptions, MultiLevelOTOptions, KLOptions, None]
+Options = Union[ULDOptions, MultiLevelOTOptions, KLOptions, ProjectionOptions, HybridOptions, None]
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class LossSpec:
     options: Options = None
     token_selection: str = "none"  # a TOKEN_SELECTIONS entry (llm_recipes.losses.selection)
     token_selection_ratio: float = 1.0  # fraction of each answer's paired positions kept
+    alignment: str = "index"  # how answer rows pair: "index" (pair_answers) or "text" (pair_by_groups)
 
     @property
     def loss(self) -> Optional[table.Loss]:
@@ -52,7 +55,8 @@ class LossSpec:
 
     @property
     def family(self) -> str:
-        """The table's family of the loss ("uld", "multilevel_ot", "divergence"), "none" for SFT."""
+        """The table's family of the loss ("uld", "multilevel_ot", "divergence", "projection", "hybrid"), "none"
+        for SFT."""
         return self.loss.family if self.loss is not None else SFT_ONLY
 
     @property
@@ -80,18 +84,25 @@ class LossSpec:
         student_encoder_decoder: bool = False,
         teacher_encoder_decoder: bool = False,
         chunk_size: int = 1024,
+        projection: Optional[Projection] = None,
+        shared_tokens: Optional[tuple] = None,
     ) -> "LossSpec":
+        """The spec of the run. `projection` (the projected loss) and `shared_tokens` ((teacher ids, student ids),
+        the hybrid loss) are built once per tokenizer pair (llm_recipes.alignment)."""
         cfg = distillation_config
         name = name if name is not None else cfg.loss
+        alignment = "index"
         if name != SFT_ONLY:
-            name = table.resolve(name, same_tokenizer).name
-            if table.LOSSES[name].same_tokenizer and student_vocab_size != teacher_vocab_size:
+            loss = table.resolve(name, same_tokenizer)
+            name, alignment = loss.name, table.resolve_alignment(loss, getattr(cfg, "alignment", "auto"),
+                                                                 same_tokenizer)
+            if loss.same_tokenizer and student_vocab_size != teacher_vocab_size:
                 raise UserError(
                     f"same_tokenizer is set but the tokenizers have {student_vocab_size} and "
                     f"{teacher_vocab_size} tokens; use --distillation_config.loss "
                     f"{' or '.join(table.CROSS_TOKENIZER_LOSSES)}")
         _positive_int("--logits_chunk_size", chunk_size)
-        options = _options(name, cfg)
+        options = _options(name, cfg, projection, shared_tokens)
         selection = getattr(cfg, "token_selection", "none") if name != SFT_ONLY else "none"
         ratio = getattr(cfg, "token_selection_ratio", 1.0)
         validate_token_selection(name, selection, ratio)
@@ -107,10 +118,11 @@ class LossSpec:
             options=options,
             token_selection=selection,
             token_selection_ratio=float(ratio),
+            alignment=alignment,
         )
 
 
-def _options(name: str, cfg) -> Options:
+def _options(name: str, cfg, projection: Optional[Projection] = None, shared_tokens: Optional[tuple] = None) -> Options:
     family = table.LOSSES[name].family if name in table.LOSSES else SFT_ONLY
     if family == "uld":
         _positive("student_temperature", cfg.student_temperature)
@@ -141,6 +153,23 @@ def _options(name: str, cfg) -> Options:
                          float(cfg.skew_alpha))
         validate_kl(opts)
         return opts
+    if family == "projection":
+        _choice("projected_divergence", cfg.projected_divergence, table.PROJECTED_DIVERGENCES)
+        opts = ProjectionOptions(table.LOSSES[cfg.projected_divergence].divergence, float(cfg.temperature),
+                                 float(cfg.jsd_beta), float(cfg.skew_alpha), projection)
+        validate_kl(KLOptions(opts.kind, opts.temperature, opts.beta, opts.alpha))
+        if projection is None:
+            raise ValueError("the projected loss needs the tokenizer pair's projection map (llm_recipes.alignment)")
+        return opts
+    if family == "hybrid":
+        validate_kl(KLOptions("jsd", float(cfg.temperature), float(cfg.jsd_beta)))
+        for field in ("hybrid_matched_weight", "hybrid_unmatched_weight"):
+            if getattr(cfg, field) is not None and not getattr(cfg, field) >= 0:
+                raise UserError(f"--distillation_config.{field} must be >= 0, got {getattr(cfg, field)}")
+        if shared_tokens is None:
+            raise ValueError("the hybrid loss needs the tokens the two vocabularies share (llm_recipes.alignment)")
+        return HybridOptions(float(cfg.temperature), float(cfg.jsd_beta), cfg.hybrid_matched_weight,
+                             cfg.hybrid_unmatched_weight, shared_tokens[0], shared_tokens[1])
     return None
 
 
@@ -169,10 +198,11 @@ def validate_token_selection(name: str, selection: str, ratio) -> None:
         return
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
         raise UserError(f"--distillation_config.token_selection_ratio must be in (0, 1], got {ratio!r}")
-    if selection == "divergence" and name in table.LOSSES and table.LOSSES[name].family == "multilevel_ot":
-        raise UserError("--distillation_config.token_selection divergence needs a per-position loss value, which "
-                        "MultiLevelOT (per-sequence ranking and transport) does not have: use teacher_entropy, "
-                        "student_entropy or student_ce")
+    if selection == "divergence" and name in table.LOSSES and table.LOSSES[name].family not in ("uld", "divergence"):
+        what = {"multilevel_ot": "MultiLevelOT (per-sequence ranking and transport) has no per-position value"}.get(
+            name, f"the {name} loss's per-position value is not implemented as a score")
+        raise UserError(f"--distillation_config.token_selection divergence scores positions by the loss's own value; "
+                        f"{what}: use teacher_entropy, student_entropy or student_ce")
 
 
 def validate_kl(opts: KLOptions) -> None:

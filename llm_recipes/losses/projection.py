@@ -1,0 +1,97 @@
+"""The projected teacher: the teacher's next-token distribution carried onto the student's vocabulary.
+
+For every teacher token v, sigma(v) is the student's tokenization of v's text (llm_recipes.alignment
+builds it once per tokenizer pair, as a trie over student-token prefixes: `ProjectionMap`). At the
+k-th student token of a text-aligned group, with P the group's student tokens before it, the target
+over the student vocabulary is
+
+    q*(u) = sum of p(v) over teacher tokens v whose sigma starts with P + [u],  normalised,
+
+where p = softmax(z_t / T) is the teacher's distribution at the row that predicts the group's first
+teacher token. The data pipeline gives every served student answer token its trie node (the node of
+P); the loss compares q* with q = softmax(z_s / T) by a KL-family divergence (forward KL by default),
+x T^2, one unit per served token. Where this is not exact, and what is skipped: docs/losses.md.
+
+Computing q*: at a group's first student token the node is a root, whose pairs are (v, sigma(v)[0])
+for every teacher token, so the target is one `index_add_` of p's columns into the student's columns
+(`Projection.root_columns`: teacher id -> first student token, or a spare column for tokens without
+a sigma); deeper nodes have few pairs, gathered and scattered for those rows only.
+"""
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from llm_recipes.losses.kl import scaled
+
+
+class Projection:
+    """A ProjectionMap ready for the loss: per-view root columns, kept per device."""
+
+    def __init__(self, pmap):
+        self.map = pmap
+        self.teacher_vocab_size = pmap.teacher_vocab_size
+        self.student_vocab_size = pmap.student_vocab_size
+        roots = pmap.roots.tolist()
+        columns = torch.full((len(roots), pmap.teacher_vocab_size), -1, dtype=torch.long)
+        for view, node in enumerate(roots):
+            a, b = int(pmap.node_offsets[node]), int(pmap.node_offsets[node + 1])
+            columns[view, pmap.teacher_ids[a:b]] = pmap.next_student_ids[a:b]
+        self.roots = pmap.roots.clone()
+        self.root_columns = columns  # [views, V_t]: sigma(v)[0], or -1 without a sigma
+        self._on: dict = {}
+
+    def on(self, device: torch.device) -> "Projection":
+        """This projection with its tensors on `device` (copied once)."""
+        if device.type == "cpu":
+            return self
+        if device not in self._on:
+            moved = object.__new__(Projection)
+            moved.map = self.map.to(device)
+            moved.teacher_vocab_size, moved.student_vocab_size = self.teacher_vocab_size, self.student_vocab_size
+            moved.roots, moved.root_columns, moved._on = self.roots.to(device), self.root_columns.to(device), {}
+            self._on[device] = moved
+        return self._on[device]
+
+
+@dataclass(frozen=True)
+class ProjectionOptions:
+    kind: str = "forward"  # the divergence (llm_recipes.losses.table.PROJECTED_DIVERGENCES' kinds)
+    temperature: float = 1.0
+    beta: float = 0.5  # jsd
+    alpha: float = 0.1  # skew kinds
+    projection: Optional[Projection] = field(default=None, compare=False, repr=False)
+
+
+@torch.no_grad()
+def projected_target(teacher_logits: torch.Tensor, nodes: torch.Tensor, projection: Projection, temperature: float,
+                     student_vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q* [n, student_vocab] fp32, served [n] bool) from fp32 teacher logits [n, V_t] at the rows' trie nodes.
+
+    A row whose node collects no teacher mass (its teacher tokens all underflowed) is not served: its
+    target is left uniform and the caller gives it no weight."""
+    projection = projection.on(teacher_logits.device)
+    spare = max(projection.student_vocab_size, student_vocab)  # collects the mass of tokens without a sigma
+    p = torch.softmax(scaled(teacher_logits[:, :projection.teacher_vocab_size], temperature), dim=-1)
+    target = p.new_zeros(p.shape[0], spare + 1)
+    nodes = nodes.to(p.device)
+    at_root = (nodes[:, None] == projection.roots[None, :])
+    for view in range(at_root.shape[1]):
+        rows = at_root[:, view].nonzero().squeeze(1)
+        if rows.numel():
+            columns = projection.root_columns[view][:p.shape[1]]
+            columns = torch.where(columns < 0, spare, columns)
+            target[rows] = target[rows].index_add_(1, columns, p[rows])
+    deeper = ~at_root.any(dim=1)
+    if deeper.any():
+        rows = deeper.nonzero().squeeze(1)
+        pair_rows, teacher_ids, student_ids = projection.map.pairs(nodes[rows])
+        inside = teacher_ids < p.shape[1]
+        pair_rows, teacher_ids, student_ids = pair_rows[inside], teacher_ids[inside], student_ids[inside]
+        target.index_put_((rows[pair_rows], student_ids), p[rows[pair_rows], teacher_ids], accumulate=True)
+    target = target[:, :student_vocab]
+    mass = target.sum(dim=1, keepdim=True)
+    served = mass.squeeze(1) > 0
+    target = torch.where(served[:, None], target / mass.clamp_min(torch.finfo(target.dtype).tiny),
+                         1.0 / student_vocab)
+    return target, served
