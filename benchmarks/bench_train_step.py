@@ -130,16 +130,15 @@ def train_state(step: Step, group: Group, student, teacher, optimizer=None):
 
 def teacher_logits_hook(teacher, labels: torch.Tensor):
     """For "SFT + teacher forward": the teacher's output layer applied at its answer rows inside its forward
-    (what a logit term needs from it), by a hook on the input of its output layer; the logits are dropped."""
-    from llm_recipes import models
-
-    head = models.output_head(teacher)
+    (what a logit term needs from it), by a hook on the input of its output layer; the logits are dropped.
+    The layer's weights are applied directly: calling the module would run the trainer's own pre-hook, which
+    empties what it is given."""
     answer = labels[:, 1:] != -100
 
     def hook(module, args):
         if args[0].dim() == 3:  # the model's forward (the loss calls the layer on [rows, hidden] afterwards)
             with torch.no_grad():
-                head(args[0][:, :-1][answer])
+                torch.nn.functional.linear(args[0][:, :-1][answer], module.weight, module.bias)
     return teacher.get_output_embeddings().register_forward_pre_hook(hook, prepend=True)
 
 

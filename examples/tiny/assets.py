@@ -49,6 +49,8 @@ MODELS = {"teacher": ("llama", TEACHER_CONFIG, "teacher"), "student": ("gpt_neox
 # examples (not shipped) in one epoch. Measured: the relation lookup is learnt by about step 1200; lr
 # 1e-3 and 5e-4 learn alike, 3e-3 far slower.
 TEACHER_DATA_SIZE = 24000
+TEST_LARGE_SIZE = 1000  # the paired benchmark's test split
+PRETRAIN_SIZE = 6000  # contexts of the students' language-model pretraining (the "pretrained" regime)
 TEACHER_TRAINING = dict(lr=5e-4, num_epochs=1, batch_size_training=16, val_batch_size=32, scheduler="cosine",
                         warmup_steps=100, weight_decay=0.0, save_step=0, seed=SEED)
 
@@ -69,10 +71,23 @@ def write_rows(folder: Path, splits: dict[str, list[dict]]) -> None:
 
 
 def write_data(data_dir: Path, sizes: dict = synthetic_qa.SPLIT_SIZES, seed: int = SEED) -> dict[str, list[dict]]:
-    """The shipped splits: data_dir/{train,validation,test}.jsonl."""
-    splits = synthetic_qa.generate_splits(sizes, seed)
-    write_rows(data_dir, splits)
-    return splits
+    """The shipped splits: data_dir/{train,validation,test,test_large}.jsonl (test_large: the paired benchmark's
+    1,000 held-out examples, disjoint from the teacher's training data too)."""
+    splits = synthetic_qa.generate_splits({**sizes, "teacher": TEACHER_DATA_SIZE, "test_large": TEST_LARGE_SIZE},
+                                          seed)
+    shipped = {name: rows for name, rows in splits.items() if name in (*sizes, "test_large")}
+    write_rows(data_dir, shipped)
+    return shipped
+
+
+def write_pretrain_data(folder: Path, size: int = PRETRAIN_SIZE, seed: int = SEED) -> Path:
+    """folder/train.jsonl: `size` fresh contexts as {"text": context} (no questions, no answers), the students'
+    language-model pretraining text; folder/validation.jsonl: 200 more."""
+    sizes = {**synthetic_qa.SPLIT_SIZES, "teacher": TEACHER_DATA_SIZE, "test_large": TEST_LARGE_SIZE,
+             "pretrain": size + 200}
+    contexts = [{"text": row["context"]} for row in synthetic_qa.generate_splits(sizes, seed)["pretrain"]]
+    write_rows(folder, {"train": contexts[:size], "validation": contexts[size:]})
+    return folder
 
 
 def write_teacher_data(folder: Path, size: int = TEACHER_DATA_SIZE, seed: int = SEED) -> Path:
@@ -256,7 +271,7 @@ def build_data_and_tokenizers(root: Path) -> dict:
 
 def deterministic_files(root: Path) -> list[str]:
     """Relative paths of the files that must come out byte-identical from every build."""
-    names = [f"data/{split}.jsonl" for split in ("train", "validation", "test")]
+    names = [f"data/{split}.jsonl" for split in ("train", "validation", "test", "test_large")]
     for folder in MODELS:
         names += sorted(str(p.relative_to(root)) for p in (root / folder).glob("tokenizer*"))
     return names

@@ -53,6 +53,10 @@ RELATIONS = {
 
 AMBIGUOUS_FRACTION = 0.3  # questions whose relation another person in the context has too
 SPLIT_SIZES = {"train": 3000, "validation": 200, "test": 200}  # train: the default run is one epoch of it
+# Not shipped as task splits: "teacher" (the teacher's own training set), "test_large" (the paired benchmark's
+# test split, shipped as data/test_large.jsonl), "pretrain" (contexts only: the students' language-model
+# pretraining text). Generated after the shipped three, in this order, so that those stay as they were.
+GENERATION_ORDER = ("train", "validation", "test", "teacher", "test_large", "pretrain")
 SPLIT_SEEDS = {"train": 1, "validation": 2, "test": 3}
 
 
@@ -106,10 +110,11 @@ def generate_splits(sizes: dict[str, int] = SPLIT_SIZES, seed: int = 0) -> dict[
     """Every split asked for, generated in a fixed order so no context is shared between splits.
 
     Besides train/validation/test, "teacher" is a larger training set for the teacher (not shipped:
-    the teacher is the model that has seen more data), disjoint from the other three.
+    the teacher is the model that has seen more data), "test_large" the paired benchmark's test split and
+    "pretrain" the students' pretraining contexts, each disjoint from the splits before it.
     """
     splits, used = {}, set()
-    for split in ("train", "validation", "test", "teacher"):
+    for split in GENERATION_ORDER:
         if split in sizes:
             splits[split] = generate_split(split, sizes[split], seed, used)
             used.update(row["context"] for row in splits[split])
