@@ -366,8 +366,8 @@ def run_command(command: Command, entry: Callable[[Parsed], Any], args: tuple, k
 def entry_points(command: Command, run: Callable[[Parsed], Any], cleanup: Optional[Callable[[], None]] = None):
     """(main, cli) of a command: `main(*args, **kwargs)` is fire's target (tests call it directly),
     `cli()` runs fire on the process's arguments (the console scripts and `python -m ...`)."""
-    def main(*args, **kwargs):
-        return run_command(command, run, args, kwargs, cleanup)
+    def main(*args, **kwargs) -> None:
+        run_command(command, run, args, kwargs, cleanup)
 
     def cli() -> None:
         import fire
@@ -376,6 +376,10 @@ def entry_points(command: Command, run: Callable[[Parsed], Any], cleanup: Option
         if any(arg in ("--help", "-h") for arg in argv):  # fire would describe the function instead
             print(help_text(command))
             return
-        fire.Fire(lambda *args, **kwargs: run_command(command, run, args, kwargs, cleanup, argv))
+
+        def command_line(*args, **kwargs) -> None:  # returns nothing: fire would print a returned value
+            run_command(command, run, args, kwargs, cleanup, argv)
+
+        fire.Fire(command_line)
 
     return main, cli

@@ -1,96 +1,122 @@
-"""The published pipeline at toy scale, offline, on a CPU: SFT vs ULD vs MultiLevelOT vs KL.
+"""The paired benchmark at toy scale: does distillation across tokenizers beat plain fine-tuning?
 
-    python -m examples.tiny.demo [--output_dir output/demo] [--seeds 1] [--quick] [--teacher PATH]
+    python -m examples.tiny.demo                  # the full table (hours on 2 cores; --jobs 2)
+    python -m examples.tiny.demo --quick          # the mechanics on a few examples, in minutes
     (scripts/demo.sh)
 
-Steps, each through the project's real command lines (subprocesses), so the demo exercises exactly
-what a user runs:
+The published pipeline, through the project's real command lines (subprocesses, so the benchmark
+exercises exactly what a user runs): the tiny teacher (assets/tiny/teacher, or --train_teacher)
+answers the training questions (`llm_distillation.generate`); students learn from those answers
+(`finetuning.py`); every student is scored on held-out gold answers (`llm_distillation.benchmark`).
 
-1. the synthetic QA data and the two tokenizers (`examples/tiny/assets.py`, deterministic);
-2. a fresh tiny teacher trained on the gold answers of freshly generated examples of the task
-   (`finetuning.py`, distillation off, the flags of `tiny_assets.teacher_training_flags`: what
-   python -m examples.tiny.build_assets does; --teacher PATH uses a trained one instead);
-3. the teacher answers the train split (`llm_distillation.generate`): the students' labels;
-4. students trained on those answers: with the other tokenizer by SFT (distil_factor 0), ULD,
-   MultiLevelOT fast and greedy; with the teacher's tokenizer by SFT and forward KL;
-5. every model benchmarked on the held-out test split (`llm_distillation.benchmark`, gold answers).
+Designed so that a gain of a few F1 points can be told from noise:
+- rows (ROWS): with the student's own tokenizer (cross-tokenizer) SFT, ULD paired by index at the
+  seeds' factor 1.5, ULD by text, the projected teacher, the hybrid, MultiLevelOT fast by text; with
+  the teacher's tokenizer SFT and forward KL (the same-tokenizer gain to recover);
+- two student regimes: "random" (untrained students) and "pretrained" (language modelling on fresh
+  contexts first: assets/tiny/*_pretrained for seed 0, the same recipe for the other seeds);
+- every row's learning rate is picked from LR_GRID by its validation F1 (seed 0, the 200-example
+  validation split, gold answers), never on test; factors are the losses' defaults;
+- seeds 0..N-1: within a seed every row starts from the same student weights and sees the same data
+  order; test F1 on the 1,000-example test split (data/test_large.jsonl);
+- the table gives per row the mean, the difference to its SFT paired by seed with a 95% interval
+  (Student's t over the per-seed differences), and the share of the same-tokenizer KL gain it
+  recovers; the PNG shows the paired differences.
 
-Output in --output_dir: `results.md` (the table), `results.png` (learning curves and scores),
-`results.json` (every number), and the runs themselves. Teacher and answers are made once; with
-`--seeds N` each student is trained N times (seeds 0..N-1: initialisation and data order) and the
-table shows mean +- standard deviation, so a difference between methods can be told from noise.
-Scores are deterministic for a seed on a given machine and torch build; times are not.
-
-Every step runs with OMP_NUM_THREADS=--threads (default 1): on a shared 2-core machine the default
-distillation run took 128 s with torch's 2 intra-op threads and 30 s with 1 (measured; these models'
-matrices are too small to gain from a second thread, and a busy core stalls both).
+Output in --output_dir: results.md (the tables), results.png, results.json (the per-seed F1 of every
+row, in the format of docs/demo/results.json), details.json (learning rates, validation scores,
+times), and every run (finished runs are reused when the command is run again).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from configs.paths import REPO_ROOT, TINY_QA_LOADER, TINY_TEACHER
+from configs.paths import REPO_ROOT, TINY_ASSETS, TINY_QA_DATA, TINY_QA_LOADER, TINY_TEACHER
 from llm_recipes import flags
 from llm_recipes.errors import UserError
 from llm_recipes.flags import option
 
+REGIMES = ("random", "pretrained")
+LR_GRID = (1e-3, 2e-3, 5e-3)
+# Student training on the teacher's answers: 3 epochs of the 3,000 training answers, batch 16, cosine.
+STUDENT_TRAINING = {"num_epochs": 3, "batch_size_training": 16, "val_batch_size": 32, "scheduler": "cosine",
+                    "warmup_steps": 50, "weight_decay": 0.0, "save_step": 0, "save_optimizer": False}
+QUICK = {"train": 64, "validation": 16, "test_large": 32, "epochs": 1, "lr_grid": (2e-3,), "pretrain": 64}
+
 
 @dataclass(frozen=True)
-class Method:
+class Row:
     name: str
-    student: str  # "student" (the other tokenizer) or "student_same" (the teacher's tokenizer)
+    student: str  # "student" (its own tokenizer) or "student_same" (the teacher's tokenizer)
+    loss: str  # the loss table's name, "none" for SFT
+    alignment: Optional[str]  # "text" | "index" | None (one tokenizer, or no logit term)
     flags: dict = field(default_factory=dict)
 
+    @property
+    def tokenizers(self) -> str:
+        return "same" if self.student == "student_same" else "different"
 
-METHODS = (
-    Method("SFT", "student", {"distillation_config.distil_factor": 0}),
-    Method("ULD", "student", {"distillation_config.loss": "uld"}),
-    Method("MultiLevelOT fast", "student", {"distillation_config.loss": "multilevel_ot",
-                                            "distillation_config.multilevel_ot_mode": "fast"}),
-    Method("MultiLevelOT greedy", "student", {"distillation_config.loss": "multilevel_ot",
-                                              "distillation_config.multilevel_ot_mode": "greedy"}),
-    Method("SFT (same tokenizer)", "student_same", {"distillation_config.distil_factor": 0}),
-    Method("KL (same tokenizer)", "student_same", {"distillation_config.loss": "kl"}),
+    @property
+    def slug(self) -> str:
+        return "".join(c if c.isalnum() else "-" for c in self.name.lower()).strip("-").replace("--", "-")
+
+
+ROWS = (
+    Row("SFT", "student", "none", None, {"distillation_config.distil_factor": 0}),
+    Row("ULD index 1.5", "student", "uld", "index",
+        {"distillation_config.loss": "uld", "distillation_config.alignment": "index"}),
+    Row("ULD text", "student", "uld", "text", {"distillation_config.loss": "uld", "distillation_config.alignment": "text"}),
+    Row("projected", "student", "projected", "text", {"distillation_config.loss": "projected"}),
+    Row("hybrid", "student", "hybrid", "text", {"distillation_config.loss": "hybrid"}),
+    Row("MultiLevelOT fast text", "student", "multilevel_ot", "text",
+        {"distillation_config.loss": "multilevel_ot", "distillation_config.multilevel_ot_mode": "fast",
+         "distillation_config.alignment": "text"}),
+    Row("SFT (same tokenizer)", "student_same", "none", None, {"distillation_config.distil_factor": 0}),
+    Row("KL (same tokenizer)", "student_same", "kl", None, {"distillation_config.loss": "kl"}),
 )
 
-# Student training on the teacher's answers (the published runs: lr 1e-6 on 410M-parameter pretrained
-# students; these students start from random weights and need a far larger rate). Measured on gold
-# answers: 2e-3 with a cosine decay learns faster than 3e-3 and 1e-3; after 3 epochs the students are
-# still learning the task (the teacher needed 1,500 steps of batch 16), where the training signal
-# matters most.
-STUDENT_TRAINING = {"num_epochs": 3, "lr": 2e-3, "batch_size_training": 16, "val_batch_size": 32,
-                    "scheduler": "cosine", "warmup_steps": 50, "weight_decay": 0.0, "save_step": 0,
-                    "save_optimizer": False}
-QUICK = {"examples": 64, "student_epochs": 1, "test_examples": 16}
 
-
-def _flags(flags: dict) -> list[str]:
+# ------------------------------------------------------------------------------------ running commands
+def _flags(values: dict) -> list[str]:
     out = []
-    for name, value in flags.items():
+    for name, value in values.items():
         out += [f"--{name}", str(value)]
     return out
 
 
-def run(command: list[str], log: Path, threads: int = 1) -> float:
-    """Run a project command line (`threads` intra-op threads), its output to `log`; return its wall time.
-    Fails loudly."""
+def run(command: list[str], log: Path) -> float:
+    """Run a project command line on one intra-op thread (these models' matrices gain nothing from a
+    second: measured 4x slower on a busy 2-core machine), its output to `log`; return its wall time."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": str(threads)}
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    log.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
     with open(log, "w") as handle:
         done = subprocess.run(command, cwd=REPO_ROOT, stdout=handle, stderr=subprocess.STDOUT, env=env)
     if done.returncode != 0:
         tail = log.read_text().strip().splitlines()[-5:]
-        raise SystemExit(f"demo step failed ({' '.join(command[:4])} ...), see {log}:\n" + "\n".join(tail))
+        raise SystemExit(f"benchmark step failed ({' '.join(command[:4])} ...), see {log}:\n" + "\n".join(tail))
     return time.time() - start
+
+
+def score(model: Path, data: Path, split: str, out: Path) -> float:
+    """F1 (x100) of a model's greedy 0-shot answers on a split of the task's gold answers (cached in `out`)."""
+    result = out / "scores.json"
+    if not result.exists():
+        run([sys.executable, "-m", "llm_distillation.benchmark", "--model_name", str(model), "--task", "tiny_qa",
+             "--source", str(data), "--split", split, "--output_dir", str(out), "--max_new_tokens", "16",
+             "--batch_size", "50", "--progress", "False"], out / "log.txt")
+    return json.loads(result.read_text())["scores"]["f1"]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -98,205 +124,229 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def peak_memory_gb(records: list[dict]) -> Optional[float]:
-    peaks = [r["peak_memory_gb"] for r in records if r.get("peak_memory_gb") is not None]
-    return max(peaks) if peaks else None
+def in_parallel(jobs: int, calls: list) -> list:
+    """Run the zero-argument callables `calls`, `jobs` at a time (each runs its own subprocesses)."""
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(lambda call: call(), calls))
 
 
-def prepare_assets(root: Path, quick: bool) -> None:
-    """Data, tokenizers and the untrained models (the same ones assets/tiny ships, rebuilt here)."""
-    from examples.tiny import assets as tiny_assets
+# --------------------------------------------------------------------------------------------- inputs
+@dataclass(frozen=True)
+class Setup:
+    out: Path
+    data: Path  # tiny_qa data folder (a truncated copy with --quick)
+    teacher: Path
+    answers: Path  # the teacher's answers to the training split (datasets folder)
+    pretrain: Path  # the pretraining contexts
+    quick: bool
+    seeds: int
+    jobs: int
 
-    tiny_assets.save_untrained_models(root, tiny_assets.build_data_and_tokenizers(root)["tokenizers"])
-    if quick:  # a few examples per split: the pipeline's mechanics in seconds
-        for split in ("train", "validation", "test"):
-            path = root / "data" / f"{split}.jsonl"
-            lines = path.read_text().splitlines()[:QUICK["examples"]]
-            path.write_text("\n".join(lines) + "\n")
+    @property
+    def lr_grid(self) -> tuple:
+        return QUICK["lr_grid"] if self.quick else LR_GRID
 
 
-def student_init(assets: Path, student: str, seed: int, out: Path) -> Path:
-    """The untrained student for a seed (seed 0: the shipped initialisation)."""
-    if seed == 0:
-        return assets / student
-    from transformers import AutoTokenizer
-
-    from examples.tiny import assets as tiny_assets
-
-    folder = out / f"{student}-init-seed{seed}"
-    if not (folder / "config.json").exists():
-        tiny_assets.save_untrained(student, AutoTokenizer.from_pretrained(assets / student), folder, seed)
+def quick_data(out: Path) -> Path:
+    """A few examples of each split (the mechanics only)."""
+    folder = out / "quick-data"
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "validation", "test", "test_large"):
+        lines = (Path(TINY_QA_DATA) / f"{split}.jsonl").read_text().splitlines()
+        (folder / f"{split}.jsonl").write_text("\n".join(lines[:QUICK.get(split, 16)]) + "\n")
     return folder
 
 
-def benchmark(model: Path, data: Path, out: Path, quick: bool, threads: int = 1) -> dict:
-    command = [sys.executable, "-m", "llm_distillation.benchmark", "--model_name", str(model), "--task", "tiny_qa",
-               "--source", str(data), "--split", "test", "--output_dir", str(out), "--max_new_tokens", "16",
-               "--batch_size", "50", "--progress", "False"]
-    if quick:
-        command += ["--number_of_examples", str(QUICK["test_examples"])]
-    out.mkdir(parents=True, exist_ok=True)
-    run(command, out / "log.txt", threads)
-    return json.loads((out / "scores.json").read_text())["scores"]
+def student_init(setup: Setup, student: str, regime: str, seed: int) -> Path:
+    """The student a seed starts from: untrained (seeded), or that student after language-model pretraining."""
+    from transformers import AutoTokenizer
+
+    from examples.tiny import assets
+
+    if regime == "pretrained" and seed == 0 and not setup.quick:
+        return TINY_ASSETS / assets.PRETRAINED[student]
+    untrained = TINY_ASSETS / student
+    if seed:
+        untrained = setup.out / "inits" / f"{student}-seed{seed}"
+        if not (untrained / "config.json").exists():
+            assets.save_untrained(student, AutoTokenizer.from_pretrained(TINY_ASSETS / student), untrained, seed)
+    if regime == "random":
+        return untrained
+    run_dir = setup.out / "inits" / f"{student}-pretrained-seed{seed}"
+    if not (run_dir / "best" / "config.json").exists():
+        values = assets.pretraining_flags(str(untrained), str(setup.pretrain), str(run_dir), seed=seed)
+        if setup.quick:
+            values["num_epochs"] = 1
+        run([sys.executable, "finetuning.py", *_flags(values)], run_dir / "log.txt")
+    return run_dir / "best"
 
 
-def pipeline(output_dir: Path, seeds: int, quick: bool, teacher: Optional[str] = None, threads: int = 1) -> dict:
-    from examples.tiny import assets as tiny_assets
+def prepare(args) -> Setup:
+    """Data, the teacher, its answers to the training split, the pretraining contexts."""
+    from examples.tiny import assets
 
-    assets, data = output_dir / "assets", output_dir / "assets" / "data"
-    logs = output_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    results: dict = {"settings": {"seeds": seeds, "quick": quick, "teacher": teacher, "threads": threads,
-                                 "student_training": STUDENT_TRAINING,
-                                 "teacher_training": {**tiny_assets.TEACHER_TRAINING,
-                                                      "examples": tiny_assets.TEACHER_DATA_SIZE}},
-                     "rows": []}
-    started = time.time()
+    out = Path(args.output_dir).resolve()
+    data = quick_data(out) if args.quick else Path(TINY_QA_DATA)
+    teacher = Path(args.teacher or TINY_TEACHER).resolve()
+    if args.train_teacher:
+        step("training the teacher (assets/tiny's recipe)")
+        run_dir = out / "teacher"
+        if not (run_dir / "best" / "config.json").exists():
+            from transformers import AutoTokenizer
 
-    def step(text: str) -> None:
-        print(f"[{(time.time() - started) / 60:4.1f} min] {text}", flush=True)
-
-    step("1/5 data, tokenizers, untrained models")
-    prepare_assets(assets, quick)
-
-    teacher_run = output_dir / "teacher"
-    if teacher or quick:  # a few steps cannot make a teacher that answers: quick uses the shipped one
-        teacher = Path(teacher or TINY_TEACHER).resolve()
-        step(f"2/5 the given teacher, {teacher}")
-        teacher_time = None
-    else:
-        step(f"2/5 training the teacher ({tiny_assets.TEACHER_DATA_SIZE} generated examples, gold answers)")
-        teacher_data = tiny_assets.write_teacher_data(output_dir / "teacher-data")
-        teacher_flags = tiny_assets.teacher_training_flags(assets / "teacher", teacher_data, teacher_run,
-                                                           TINY_QA_LOADER)
-        teacher_time = run([sys.executable, "finetuning.py", *_flags(teacher_flags)], logs / "teacher.txt", threads)
-        teacher = teacher_run / "best"
-
-    step("3/5 teacher answers for the train split")
-    generated = output_dir / "generated"
-    generate_time = run([sys.executable, "-m", "llm_distillation.generate", "--model_name", str(teacher),
-                         "--task", "tiny_qa", "--source", str(data), "--split", "train", "--output_dir",
-                         str(generated), "--batch_size", "64", "--max_new_tokens", "16", "--progress", "False"],
-                        logs / "generate.txt", threads)
-    summary = json.loads((generated / "summary.json").read_text())
-    results["generation"] = {"time_s": generate_time, "summary": {k: v for k, v in summary.items()
-                                                                  if not isinstance(v, dict)}}
-
-    step("4/5 + 5/5 students, benchmarks")
-    results["rows"].append({"model": "teacher", "seed": 0, "train_time_s": teacher_time,
-                            "peak_memory_gb": peak_memory_gb(read_metrics(teacher_run)),
-                            "scores": benchmark(teacher, data, output_dir / "bench" / "teacher", quick, threads),
-                            "curve": read_metrics(teacher_run)})
-    for student in ("student", "student_same"):
-        results["rows"].append({"model": f"untrained {student.replace('_', ' ')}", "seed": 0, "train_time_s": None,
-                                "peak_memory_gb": None, "curve": [],
-                                "scores": benchmark(assets / student, data, output_dir / "bench" / student, quick,
-                                                    threads)})
-    for seed in range(seeds):
-        for method in METHODS:
-            slug = method.name.lower().replace(" ", "-").replace("(", "").replace(")", "")
-            run_dir = output_dir / "students" / f"{slug}-seed{seed}"
-            flags = {**STUDENT_TRAINING, "model_name": student_init(assets, method.student, seed, output_dir),
-                     "dataset.file": TINY_QA_LOADER, "dataset.source": generated,
-                     "dataset.answer_column": "answers_generated", "output_dir": run_dir, "seed": seed,
-                     "distillation": True, "distillation_config.model_name": teacher, **method.flags}
-            if quick:
-                flags["num_epochs"] = QUICK["student_epochs"]
-            step(f"    {method.name}, seed {seed}")
-            train_time = run([sys.executable, "finetuning.py", *_flags(flags)], logs / f"{slug}-seed{seed}.txt",
-                             threads)
-            curve = read_metrics(run_dir)
-            results["rows"].append({"model": method.name, "seed": seed, "train_time_s": train_time,
-                                    "peak_memory_gb": peak_memory_gb(curve), "curve": curve,
-                                    "scores": benchmark(run_dir / "best", data, output_dir / "bench" / run_dir.name,
-                                                        quick, threads)})
-    return results
+            init = out / "inits" / "teacher"
+            assets.save_untrained("teacher", AutoTokenizer.from_pretrained(TINY_TEACHER), init)
+            teacher_data = assets.write_teacher_data(out / "teacher-data")
+            run([sys.executable, "finetuning.py", *_flags(assets.teacher_training_flags(init, teacher_data, run_dir,
+                                                                                       TINY_QA_LOADER))],
+                run_dir / "log.txt")
+        teacher = run_dir / "best"
+    answers = out / "answers"
+    if not (answers / "summary.json").exists():
+        step("the teacher answers the training questions")
+        run([sys.executable, "-m", "llm_distillation.generate", "--model_name", str(teacher), "--task", "tiny_qa",
+             "--source", str(data), "--split", "train", "--output_dir", str(answers), "--batch_size", "64",
+             "--max_new_tokens", "16", "--progress", "False"], out / "logs" / "generate.txt")
+    pretrain = assets.write_pretrain_data(out / "pretrain-data", size=QUICK["pretrain"] if args.quick else
+                                          assets.PRETRAIN_SIZE)
+    return Setup(out, data, teacher, answers, pretrain, args.quick, args.seeds, args.jobs)
 
 
-# ---------------------------------------------------------------------------------------- reporting
-def _mean_spread(values: list[float], digits: int = 1) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+# --------------------------------------------------------------------------------------------- training
+def train_row(setup: Setup, row: Row, regime: str, seed: int, lr: float) -> Path:
+    """One student run (reused when finished); returns its folder."""
+    run_dir = setup.out / "runs" / regime / f"{row.slug}-lr{lr:g}-seed{seed}"
+    if (run_dir / "best" / "config.json").exists():
+        return run_dir
+    values = {**STUDENT_TRAINING, "lr": lr, "model_name": student_init(setup, row.student, regime, seed),
+              "dataset.file": TINY_QA_LOADER, "dataset.source": setup.answers,
+              "dataset.answer_column": "answers_generated", "output_dir": run_dir, "seed": seed,
+              "distillation": True, "distillation_config.model_name": setup.teacher, **row.flags}
+    if setup.quick:
+        values["num_epochs"] = QUICK["epochs"]
+    run([sys.executable, "finetuning.py", *_flags(values)], run_dir / "log.txt")
+    return run_dir
 
 
-def grouped(rows: list[dict]) -> dict[str, list[dict]]:
-    groups: dict[str, list[dict]] = {}
-    for row in rows:
-        groups.setdefault(row["model"], []).append(row)
-    return groups
+def select_rate(setup: Setup, row: Row, regime: str) -> dict:
+    """Validation F1 (seed 0) of every rate of the grid; the best one."""
+    scores = {}
+    for lr in setup.lr_grid:
+        run_dir = train_row(setup, row, regime, 0, lr)
+        scores[lr] = score(run_dir / "best", setup.data, "validation", run_dir / "validation")
+    return {"validation_f1": scores, "lr": max(scores, key=lambda lr: (scores[lr], -lr))}
 
 
-def table(results: dict) -> str:
-    """The Markdown table: one line per model, mean ± std over seeds where there are several."""
-    seeds = results["settings"]["seeds"]
-    lines = ["| model | F1 | EM | ROUGE-L | train time (s) | peak memory (GB) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for name, rows in grouped(results["rows"]).items():
-        def cell(key, digits=1, rows=rows):
-            values = [r["scores"][key] for r in rows]
-            return _mean_spread(values, digits)
-        times = [r["train_time_s"] for r in rows if r["train_time_s"] is not None]
-        memory = [r["peak_memory_gb"] for r in rows if r["peak_memory_gb"] is not None]
-        lines.append(f"| {name} | {cell('f1')} | {cell('em')} | {cell('rougeL')} | "
-                     f"{_mean_spread(times, 0) if times else '-'} | {_mean_spread(memory, 2) if memory else '-'} |")
-    note = (f"Held-out test split of the synthetic QA task, scores x100; students: {seeds} seed(s)"
-            + (", mean ± standard deviation" if seeds > 1 else "")
-            + "; train time is the wall time of the training command (model loading included) on this machine.")
-    return "\n".join(lines) + "\n\n" + note + "\n"
+def final_run(setup: Setup, row: Row, regime: str, seed: int, lr: float) -> dict:
+    run_dir = train_row(setup, row, regime, seed, lr)
+    curve = read_metrics(run_dir)
+    return {"f1": score(run_dir / "best", setup.data, "test_large", run_dir / "test"),
+            "peak_memory_gb": max((r["peak_memory_gb"] for r in curve if "peak_memory_gb" in r), default=None)}
+
+
+# ------------------------------------------------------------------------------------------- statistics
+T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 14: 2.145, 19: 2.093, 29: 2.045}  # two-sided 95% Student's t by degrees of freedom
+
+
+def t_quantile(dof: int) -> float:
+    if dof in T_95:
+        return T_95[dof]
+    known = max(k for k in T_95 if k <= dof) if dof < 29 else 29
+    return T_95[known] if dof < 29 else 1.96 + 2.4 / dof  # close to the table above 29
+
+
+def paired(values: list[float], baseline: list[float]) -> dict:
+    """Mean of the per-seed differences and its 95% interval (Student's t; none with a single seed)."""
+    diffs = [a - b for a, b in zip(values, baseline)]
+    mean = statistics.mean(diffs)
+    if len(diffs) < 2:
+        return {"mean": mean, "low": None, "high": None, "diffs": diffs}
+    half = t_quantile(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return {"mean": mean, "low": mean - half, "high": mean + half, "diffs": diffs}
+
+
+def regime_table(regime: dict) -> list[dict]:
+    """Per row: mean F1, paired difference to its SFT, share of the same-tokenizer KL gain."""
+    rows = {row["name"]: row for row in regime["rows"]}
+    sft = {"different": rows["SFT"]["f1"], "same": rows["SFT (same tokenizer)"]["f1"]}
+    kl_gain = statistics.mean(rows["KL (same tokenizer)"]["f1"]) - statistics.mean(sft["same"])
+    lines = []
+    for row in regime["rows"]:
+        diff = paired(row["f1"], sft[row["tokenizers"]]) if row["loss"] != "none" else None
+        share = diff["mean"] / kl_gain if diff is not None and row["tokenizers"] == "different" and kl_gain else None
+        lines.append({**row, "mean": statistics.mean(row["f1"]), "diff": diff, "share_of_kl_gain": share})
+    return lines
+
+
+def _cell(value, digits=1, signed=False) -> str:
+    return "—" if value is None else f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def markdown(results: dict, details: dict) -> str:
+    out = []
+    for table in results["tables"]:
+        regime = table["students"]
+        out += [f"### {regime} students", "",
+                "| row | tokenizers | lr | test F1 (mean of seeds) | paired difference to its SFT [95% interval] | "
+                "share of the same-tokenizer KL gain |", "| --- | --- | ---: | ---: | --- | ---: |"]
+        for line in regime_table(table):
+            lr = details["rates"][regime][line["name"]]["lr"]
+            diff = line["diff"]
+            cell = "—" if diff is None else f"{_cell(diff['mean'], signed=True)} [{_cell(diff['low'], signed=True)}, " \
+                                            f"{_cell(diff['high'], signed=True)}]"
+            share = "—" if line["share_of_kl_gain"] is None else f"{line['share_of_kl_gain']:.0%}"
+            out.append(f"| {line['name']} | {line['tokenizers']} | {lr:g} | {line['mean']:.1f} | {cell} | {share} |")
+        out.append("")
+    seeds = len(results["seeds"])
+    out.append(f"Test F1 x100 on the 1,000-example held-out split, {seeds} seed(s) (0..{seeds - 1}); differences are "
+               "paired by seed (same initial weights and data order); intervals: Student's t over the per-seed "
+               "differences; learning rates picked on the validation split (seed 0).")
+    return "\n".join(out) + "\n"
 
 
 def plot(results: dict, path: Path) -> None:
-    """Learning curves (train loss, eval loss per step) and the F1 of every model, in one PNG."""
+    """The paired differences to SFT (mean and 95% interval), one panel per regime, seeds as dots."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ((ax_teacher, ax_train), (ax_eval, ax_f1)) = plt.subplots(2, 2, figsize=(13, 8.5))
-    groups = grouped(results["rows"])
-    for name, rows in groups.items():
-        curve = rows[0]["curve"]  # seed 0
-        train = [(r["step"], r["ce"]) for r in curve if "ce" in r and "eval_loss" not in r]
-        evals = [(r["step"], r["eval_ce"]) for r in curve if "eval_ce" in r]
-        if name == "teacher":
-            if train:
-                ax_teacher.plot(*zip(*train), color="black", linewidth=0.5, label="train CE")
-            if evals:
-                ax_teacher.plot(*zip(*evals), "o", color="tab:red", label="eval CE")
-            continue
-        if train:
-            ax_train.plot(*zip(*train), label=name, linewidth=1)
-        if evals:
-            ax_eval.plot(*zip(*evals), marker="o", label=name)
-    ax_teacher.set(title="teacher training (gold answers)", xlabel="optimizer step", ylabel="cross-entropy")
-    if ax_teacher.lines:
-        ax_teacher.legend(fontsize=7)
-    else:
-        ax_teacher.text(0.5, 0.5, "teacher given (--teacher):\nnot trained in this run", ha="center", va="center",
-                        transform=ax_teacher.transAxes)
-    ax_train.set(title="student train CE (seed 0)", xlabel="optimizer step", ylabel="cross-entropy")
-    ax_eval.set(title="student eval CE on the teacher's answers\n(per token of each student's own tokenizer)",
-                xlabel="optimizer step")
-    ax_train.legend(fontsize=7)
-    names = list(groups)
-    means = [statistics.mean(r["scores"]["f1"] for r in groups[n]) for n in names]
-    spread = [statistics.stdev([r["scores"]["f1"] for r in groups[n]]) if len(groups[n]) > 1 else 0 for n in names]
-    ax_f1.barh(range(len(names)), means, xerr=spread, color="tab:blue")
-    ax_f1.set_yticks(range(len(names)), names, fontsize=8)
-    ax_f1.invert_yaxis()
-    ax_f1.set(title="test F1 (x100)", xlabel="F1")
+    fig, axes = plt.subplots(1, len(results["tables"]), figsize=(6.5 * len(results["tables"]), 4.8), squeeze=False)
+    for ax, table in zip(axes[0], results["tables"]):
+        lines = [line for line in regime_table(table) if line["diff"] is not None]
+        for i, line in enumerate(lines):
+            diff, color = line["diff"], "tab:blue" if line["tokenizers"] == "different" else "tab:gray"
+            if diff["low"] is not None:
+                ax.errorbar(diff["mean"], i, xerr=[[diff["mean"] - diff["low"]], [diff["high"] - diff["mean"]]],
+                            fmt="o", color=color, capsize=4)
+            else:
+                ax.plot(diff["mean"], i, "o", color=color)
+            ax.plot(diff["diffs"], [i] * len(diff["diffs"]), ".", color=color, alpha=0.4)
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_yticks(range(len(lines)), [line["name"] for line in lines], fontsize=8)
+        ax.invert_yaxis()
+        ax.set(title=f"{table['students']} students: test F1 minus its SFT, paired by seed", xlabel="F1 difference")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
-def write_report(results: dict, output_dir: Path) -> str:
-    text = table(results)
-    (output_dir / "results.md").write_text(text)
-    (output_dir / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
-    plot(results, output_dir / "results.png")
+def write_report(results: dict, details: dict, out: Path) -> str:
+    text = markdown(results, details)
+    (out / "results.md").write_text(text)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "details.json").write_text(json.dumps(details, indent=1, default=str) + "\n")
+    plot(results, out / "results.png")
     return text
+
+
+# ------------------------------------------------------------------------------------------------ main
+STARTED = time.time()
+
+
+def step(text: str) -> None:
+    print(f"[{(time.time() - STARTED) / 60:5.1f} min] {text}", flush=True)
 
 
 @dataclass(frozen=True)
@@ -304,31 +354,55 @@ class DemoArgs:
     """Flags of `python -m examples.tiny.demo`."""
 
     output_dir: str = option("output/demo", "where the runs, results.md, results.png and results.json go")
-    seeds: int = option(1, "train each student this many times (seeds 0..N-1): mean and spread")
-    quick: bool = option(False, "a smoke run of the mechanics on a few examples (the shipped teacher)")
-    teacher: Optional[str] = option(None, "a trained teacher folder to use instead of training one")
-    threads: int = option(1, "OMP_NUM_THREADS of every step")
+    seeds: int = option(5, "seeds 0..N-1 of every row (the same initial weights and data order within a seed)")
+    regimes: str = option("random,pretrained", "student regimes: random (untrained) and/or pretrained")
+    jobs: int = option(2, "runs at a time (each on one thread)")
+    quick: bool = option(False, "the mechanics on a few examples: one epoch, one rate, minutes")
+    teacher: Optional[str] = option(None, "a trained teacher folder (default: assets/tiny/teacher)")
+    train_teacher: bool = option(False, "train a fresh teacher with assets/tiny's recipe instead")
 
 
 COMMAND = flags.Command(program="python -m examples.tiny.demo", summary=__doc__.strip().splitlines()[0],
                         sections={"args": DemoArgs})
 
 
-def run_demo(args: DemoArgs) -> None:
-    """Run the toy pipeline into `output_dir` (see DemoArgs)."""
-    if args.seeds < 1:
-        raise UserError(f"--seeds must be a positive integer, got {args.seeds!r}")
-    if args.threads < 1:
-        raise UserError(f"--threads must be a positive integer, got {args.threads!r}")
+def run_demo(args: DemoArgs) -> dict:
+    regimes = [r.strip() for r in args.regimes.split(",") if r.strip()]
+    if args.seeds < 1 or args.jobs < 1:
+        raise UserError(f"--seeds and --jobs must be positive integers, got {args.seeds} and {args.jobs}")
+    if not regimes or any(r not in REGIMES for r in regimes):
+        raise UserError(f"--regimes must be a comma-separated subset of {', '.join(REGIMES)}, got {args.regimes!r}")
     if args.teacher is not None and not (Path(args.teacher) / "config.json").is_file():
-        raise UserError(f"--teacher {args.teacher} is not a model folder (no config.json): pass a trained "
-                        "teacher such as assets/tiny/teacher, or leave it out to train one")
-    out = Path(args.output_dir).resolve()
-    start = time.time()
-    results = pipeline(out, args.seeds, args.quick, args.teacher, args.threads)
-    results["total_time_s"] = time.time() - start
-    print(write_report(results, out))
-    print(f"demo done in {results['total_time_s'] / 60:.1f} min: {out / 'results.md'}, {out / 'results.png'}")
+        raise UserError(f"--teacher {args.teacher} is not a model folder (no config.json): pass a trained teacher")
+    setup = prepare(args)
+    seeds = list(range(args.seeds))
+    step("inits: untrained and pretrained students of every seed")
+    for s in seeds:  # the untrained ones first, one at a time: a pretrained init starts from them
+        for st in ("student", "student_same"):
+            student_init(setup, st, "random", s)
+    if "pretrained" in regimes:
+        in_parallel(setup.jobs, [lambda s=s, st=st: student_init(setup, st, "pretrained", s)
+                                 for s in seeds for st in ("student", "student_same")])
+    step(f"learning rates: every row at {', '.join(f'{lr:g}' for lr in setup.lr_grid)} (seed 0, validation F1)")
+    rates = dict(zip([(r, row.name) for r in regimes for row in ROWS], in_parallel(
+        setup.jobs, [lambda r=r, row=row: select_rate(setup, row, r) for r in regimes for row in ROWS])))
+    step(f"test: every row, seeds 0..{args.seeds - 1}, at its rate")
+    keys = [(r, row, s) for r in regimes for row in ROWS for s in seeds]
+    finals = dict(zip([(r, row.name, s) for r, row, s in keys], in_parallel(
+        setup.jobs, [lambda r=r, row=row, s=s: final_run(setup, row, r, s, rates[(r, row.name)]["lr"])
+                     for r, row, s in keys])))
+    results = {"seeds": seeds, "tables": [
+        {"students": r, "rows": [{"name": row.name, "tokenizers": row.tokenizers, "loss": row.loss,
+                                  "alignment": row.alignment, "f1": [finals[(r, row.name, s)]["f1"] for s in seeds]}
+                                 for row in ROWS]} for r in regimes]}
+    details = {"rates": {r: {row.name: rates[(r, row.name)] for row in ROWS} for r in regimes},
+               "peak_memory_gb": {f"{r}/{name}/{s}": v["peak_memory_gb"] for (r, name, s), v in finals.items()},
+               "teacher": str(setup.teacher), "quick": args.quick, "jobs": args.jobs,
+               "teacher_test_f1": score(setup.teacher, setup.data, "test_large", setup.out / "teacher-test"),
+               "total_minutes": (time.time() - STARTED) / 60}
+    print(write_report(results, details, setup.out))
+    step(f"done: {setup.out / 'results.md'}, {setup.out / 'results.png'}")
+    return results
 
 
 main, cli = flags.entry_points(COMMAND, lambda parsed: run_demo(parsed["args"]))
