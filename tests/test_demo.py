@@ -1,64 +1,75 @@
-"""The demo's report: table values, mean and spread over seeds, the PNG (no training here: the demo
-itself runs the real command lines, which the other test files cover)."""
+"""The paired benchmark's report: paired differences with Student's t intervals, the share of the
+same-tokenizer gain, the Markdown table, results.json's format and the PNG (no training here: the
+benchmark runs the real command lines, which the other test files cover)."""
+import json
+import math
 import statistics
+
+import pytest
 
 from examples.tiny import demo
 
-
-def _row(model, seed, f1, em=50.0, rouge=60.0, time_s=12.0, memory=0.5, steps=3):
-    curve = [{"step": s, "ce": 3.0 - s / 10, "loss": 3.0} for s in range(1, steps + 1)]
-    curve.append({"step": steps, "eval_loss": 2.0, "eval_ce": 2.0})
-    return {"model": model, "seed": seed, "train_time_s": time_s, "peak_memory_gb": memory, "curve": curve,
-            "scores": {"f1": f1, "em": em, "rougeL": rouge}}
+SEEDS = [0, 1, 2, 3, 4]
 
 
-def _results(seeds):
-    rows = [_row("teacher", 0, 90.0), {**_row("untrained student", 0, 0.0), "train_time_s": None,
-                                       "peak_memory_gb": None, "curve": []}]
-    rows += [_row("SFT", s, 40.0 + 2 * s) for s in range(seeds)]
-    rows += [_row("ULD", s, 45.0 + s) for s in range(seeds)]
-    return {"settings": {"seeds": seeds}, "rows": rows}
+def _results():
+    f1 = {"SFT": [40, 42, 44, 41, 43], "ULD index 1.5": [10, 12, 9, 11, 10], "ULD text": [39, 43, 44, 40, 44],
+          "projected": [44, 45, 49, 44, 47], "hybrid": [41, 42, 45, 41, 44], "MultiLevelOT fast text": [40, 42, 45, 42, 43],
+          "SFT (same tokenizer)": [50, 52, 49, 51, 50], "KL (same tokenizer)": [58, 59, 57, 60, 58]}
+    rows = [{"name": row.name, "tokenizers": row.tokenizers, "loss": row.loss, "alignment": row.alignment,
+             "f1": [float(v) for v in f1[row.name]]} for row in demo.ROWS]
+    return {"seeds": SEEDS, "tables": [{"students": "random", "rows": rows}]}
 
 
-def test_table_one_seed_shows_plain_values():
-    text = demo.table(_results(1))
-    lines = text.splitlines()
-    assert lines[0].startswith("| model | F1 | EM | ROUGE-L")
-    assert "| teacher | 90.0 | 50.0 | 60.0 | 12 | 0.50 |" in lines
-    assert "| untrained student | 0.0 | 50.0 | 60.0 | - | - |" in lines
-    assert "| ULD | 45.0 |" in text and "±" not in text
+def _details():
+    return {"rates": {"random": {row.name: {"lr": 2e-3, "validation_f1": {2e-3: 1.0}} for row in demo.ROWS}}}
 
 
-def test_table_several_seeds_reports_mean_and_standard_deviation():
-    text = demo.table(_results(3))
-    sft = [line for line in text.splitlines() if line.startswith("| SFT |")][0]
-    mean, spread = statistics.mean([40.0, 42.0, 44.0]), statistics.stdev([40.0, 42.0, 44.0])
-    assert f"{mean:.1f} ± {spread:.1f}" in sft  # 42.0 ± 2.0
-    assert sft.startswith("| SFT | 42.0 ± 2.0 |")
-    assert "3 seed(s), mean ± standard deviation" in text
+def test_paired_difference_and_its_t_interval():
+    diff = demo.paired([44, 45, 49, 44, 47], [40, 42, 44, 41, 43])
+    diffs = [4, 3, 5, 3, 4]
+    half = 2.776 * statistics.stdev(diffs) / math.sqrt(5)  # t(0.975, 4 dof)
+    assert diff["mean"] == pytest.approx(3.8) and diff["diffs"] == diffs
+    assert (diff["low"], diff["high"]) == pytest.approx((3.8 - half, 3.8 + half))
+    single = demo.paired([5.0], [3.0])
+    assert single["mean"] == 2.0 and single["low"] is None
 
 
-def test_report_writes_table_json_and_png(tmp_path):
-    text = demo.write_report(_results(2), tmp_path)
+def test_table_pairs_rows_with_their_own_sft_and_shares_the_kl_gain():
+    lines = {line["name"]: line for line in demo.regime_table(_results()["tables"][0])}
+    kl_gain = statistics.mean([58, 59, 57, 60, 58]) - statistics.mean([50, 52, 49, 51, 50])
+    assert lines["SFT"]["diff"] is None and lines["SFT (same tokenizer)"]["diff"] is None
+    assert lines["projected"]["diff"]["mean"] == pytest.approx(3.8)
+    assert lines["projected"]["share_of_kl_gain"] == pytest.approx(3.8 / kl_gain)
+    assert lines["KL (same tokenizer)"]["diff"]["mean"] == pytest.approx(kl_gain)
+    assert lines["KL (same tokenizer)"]["share_of_kl_gain"] is None  # it is the gain
+
+
+def test_markdown_and_files(tmp_path):
+    text = demo.write_report(_results(), _details(), tmp_path)
     assert (tmp_path / "results.md").read_text() == text
+    assert "| projected | different | 0.002 | 45.8 | +3.8 [" in text and "| 48% |" in text
+    assert "5 seed(s)" in text
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results) == {"seeds", "tables"} and results["seeds"] == SEEDS
+    row = results["tables"][0]["rows"][0]
+    assert set(row) == {"name", "tokenizers", "loss", "alignment", "f1"} and len(row["f1"]) == len(SEEDS)
     png = (tmp_path / "results.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    assert (tmp_path / "results.json").exists()
 
 
-def test_methods_cover_the_issue():
-    names = [m.name for m in demo.METHODS]
-    assert names == ["SFT", "ULD", "MultiLevelOT fast", "MultiLevelOT greedy", "SFT (same tokenizer)",
-                     "KL (same tokenizer)"]
-    sft = demo.METHODS[0]
-    assert sft.flags == {"distillation_config.distil_factor": 0} and sft.student == "student"
-    assert {m.student for m in demo.METHODS if "same" in m.name} == {"student_same"}
+def test_rows_cover_the_issue():
+    names = [row.name for row in demo.ROWS]
+    assert names == ["SFT", "ULD index 1.5", "ULD text", "projected", "hybrid", "MultiLevelOT fast text",
+                     "SFT (same tokenizer)", "KL (same tokenizer)"]
+    by_name = {row.name: row for row in demo.ROWS}
+    assert by_name["ULD index 1.5"].flags["distillation_config.alignment"] == "index"
+    assert by_name["SFT"].flags == {"distillation_config.distil_factor": 0}
+    assert {row.student for row in demo.ROWS if "same" in row.name} == {"student_same"}
+    assert len({row.slug for row in demo.ROWS}) == len(demo.ROWS)
 
 
-def test_report_with_a_given_teacher_has_no_teacher_curve(tmp_path):
-    """--teacher PATH: the teacher is not trained, its row has no time, memory or curve."""
-    results = _results(1)
-    results["rows"][0].update(train_time_s=None, peak_memory_gb=None, curve=[])
-    text = demo.write_report(results, tmp_path)
-    assert "| teacher | 90.0 | 50.0 | 60.0 | - | - |" in text.splitlines()
-    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def test_bad_flags_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        demo.main(regimes="warm")
+    assert "--regimes must be a comma-separated subset of random, pretrained" in capsys.readouterr().err
