@@ -244,12 +244,30 @@ def test_kl_shift_and_token_mean():
     assert one == pytest.approx(lone / 3, rel=1e-9)  # token mean over 3 answer tokens
 
 
+class Vocabulary:
+    """A stand-in tokenizer: its vocabulary and length."""
+
+    def __init__(self, tokens):
+        self.tokens = {t: i for i, t in enumerate(tokens)}
+
+    def get_vocab(self):
+        return dict(self.tokens)
+
+    def __len__(self):
+        return len(self.tokens)
+
+
 def test_kl_vocab_padding_rows_are_truncated():
     labels = make_labels([3, 2], 6, 10, seed=1)
     zs, zt = logits(2, 6, 12, 2), logits(2, 6, 16, 3).detach()
-    with pytest.raises(UserError, match="vocab_size"):
+    with pytest.raises(UserError, match="tokenizers="):
         kl_loss(zs, zt, labels)
-    ours, (g,) = value_and_grad(lambda z: kl_loss(z, zt, labels, vocab_size=10), zs)
+    with pytest.raises(UserError, match="vocab_size=10 compares the first 10 ids"):
+        kl_loss(zs, zt, labels, vocab_size=10)  # unchecked: it could compare unrelated ids
+    same = (Vocabulary("abcdefghij"), Vocabulary("abcdefghij"))
+    with pytest.raises(UserError, match="id 3 is 'd' for the student and 'x' for the teacher"):
+        kl_loss(zs, zt, labels, tokenizers=(same[0], Vocabulary("abcxefghij")))
+    ours, (g,) = value_and_grad(lambda z: kl_loss(z, zt, labels, tokenizers=same), zs)
     zs64 = zs.detach().double().requires_grad_()
     ref, (g_ref,) = value_and_grad(lambda z: ref_kl(z[..., :10], zt.double()[..., :10], labels), zs64)
     assert_close(ours, ref)

@@ -28,6 +28,23 @@ def _mean(terms: DistillationTerms) -> torch.Tensor:
     return terms.distill_sum / terms.distill_count
 
 
+def _shared_vocabulary(tokenizers: tuple, vocab_size: Optional[int]) -> int:
+    """The number of ids both tokenizers map to the same tokens (checked), or a UserError naming the first
+    id that differs."""
+    student, teacher = tokenizers
+    s_vocab, t_vocab = student.get_vocab(), teacher.get_vocab()
+    if s_vocab != t_vocab:
+        s_of, t_of = {i: tok for tok, i in s_vocab.items()}, {i: tok for tok, i in t_vocab.items()}
+        first = min(i for i in set(s_of) | set(t_of) if s_of.get(i) != t_of.get(i))
+        raise UserError(f"the student and teacher tokenizers differ (id {first} is {s_of.get(first)!r} for the student "
+                        f"and {t_of.get(first)!r} for the teacher): a same-tokenizer divergence would compare "
+                        "unrelated tokens; use a cross-tokenizer loss (uld_loss, multilevel_ot_loss)")
+    size = len(student)
+    if vocab_size is not None and vocab_size != size:
+        raise UserError(f"vocab_size={vocab_size} is not the tokenizers' length {size}: leave vocab_size out")
+    return size
+
+
 def _check_chunk_size(chunk_size) -> None:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise UserError(f"chunk_size must be a positive integer (rows per chunk), got {chunk_size!r}")
@@ -132,22 +149,34 @@ def kl_loss(
     skew: float = 0.1,
     encoder_decoder: bool = False,
     vocab_size: Optional[int] = None,
+    tokenizers: Optional[tuple] = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> torch.Tensor:
     """Same-tokenizer divergence (kind: forward | reverse | jsd | skew_forward | skew_reverse | tvd)
-    times T^2, mean over the answer tokens of the batch. Both logits share `labels`. Logits whose
-    widths differ only by padding rows need `vocab_size=len(tokenizer)`: both are cut to it."""
+    times T^2, mean over the answer tokens of the batch. Both logits share `labels`.
+
+    Logits whose widths differ (padding rows of one tokenizer: 151,936 vs 152,064) are compared on their
+    first `vocab_size` columns, which is only meaningful when both tokenizers give those ids the same
+    tokens: pass `tokenizers=(student_tokenizer, teacher_tokenizer)` and it is checked (`vocab_size`
+    defaults to their length). Different tokenizers are refused: use a cross-tokenizer loss."""
     _check_logits("student_logits", student_logits, labels)
     _check_logits("teacher_logits", teacher_logits, labels)
     if kind not in table.DIVERGENCE_KINDS:
         raise UserError(f"unknown kind {kind!r}; expected one of {', '.join(table.DIVERGENCE_KINDS)}")
     _check_chunk_size(chunk_size)
     widths = (student_logits.shape[-1], teacher_logits.shape[-1])
+    if tokenizers is not None:
+        vocab_size = _shared_vocabulary(tokenizers, vocab_size)
+    elif vocab_size is not None and widths[0] != widths[1]:
+        raise UserError(
+            f"vocab_size={vocab_size} compares the first {vocab_size} ids of logits of widths {widths}, which is only "
+            "right when both tokenizers give those ids the same tokens: pass tokenizers=(student_tokenizer, "
+            "teacher_tokenizer) to check it, or use a cross-tokenizer loss (uld_loss, multilevel_ot_loss)")
     if vocab_size is None and widths[0] != widths[1]:
         raise UserError(
             f"student and teacher logits have different widths {widths}: if they share a tokenizer and differ "
-            f"only by padding rows pass vocab_size=len(tokenizer); for different tokenizers use uld_loss or "
-            f"multilevel_ot_loss"
+            f"only by padding rows pass tokenizers=(student_tokenizer, teacher_tokenizer); for different "
+            f"tokenizers use uld_loss or multilevel_ot_loss"
         )
     if vocab_size is not None and not 0 < vocab_size <= min(widths):
         raise UserError(f"vocab_size={vocab_size} must be in [1, {min(widths)}] (the narrower logits' width)")
