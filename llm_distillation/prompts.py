@@ -116,14 +116,20 @@ def _teacher_row(task: str, model_name: Optional[str]) -> Optional[TeacherShots]
     return next((row for row in TEACHER_SHOTS.get(task, []) if row.pattern in name), None)
 
 
+# Shots for a teacher whose family has no row above (Qwen, Gemma, ...): the published Llama-2 setting, the
+# ULD paper's main teacher; none for the tasks the published runs did not prompt few-shot.
+DEFAULT_SHOTS = {"squad": 1, "qed": 5, "fairytaleqa": 2, "pubmedqa": 3, "dialogsum": 3}
+
+
 def few_shot_count(task: str, model_name: Optional[str], override: Optional[int] = None) -> int:
-    """Shots of the teacher prompt: `override` (--dataset.few_shot) if given, else the table, else 0."""
+    """Shots of the teacher prompt: `override` (--dataset.few_shot) if given, else the table's row for the
+    teacher's family, else the task's default (DEFAULT_SHOTS; 0 for the others)."""
     if override is not None:
         if isinstance(override, bool) or not isinstance(override, int) or override < 0:
             raise UserError(f"--dataset.few_shot must be a whole number >= 0, got {override!r}")
         return override
     row = _teacher_row(task, model_name)
-    return row.shots if row else 0
+    return row.shots if row else DEFAULT_SHOTS.get(task, 0)
 
 
 def prompt_uses_title(task: str, model_name: Optional[str]) -> bool:

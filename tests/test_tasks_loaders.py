@@ -103,7 +103,7 @@ def test_task_loader_on_its_real_schema(toks, task, folder, split, example_id, p
         example_id, answer = row["id"], row["answers"][0]
         prompt = f"Medical paper: {row['context']}\nQuestion: {row['question']}\nAnswer:"
         assert " " in row["context"] and row["context"].endswith(".")  # the abstract's sections, joined
-    student, teacher = sides(task, toks, split, teacher_name="tiny/teacher", source=source)
+    student, teacher = sides(task, toks, split, teacher_name="tiny/teacher", source=source, few_shot=0)
     index = list(student["id"]).index(example_id)
     assert examples[index]["answers"][0] == answer
     assert prompts.build_prompt(task, examples[index], toks["student"]) == prompt
@@ -111,7 +111,7 @@ def test_task_loader_on_its_real_schema(toks, task, folder, split, example_id, p
     chat = (f"<s>system: {prompts.TASKS[task].system}\n<s>user: {prompt.rsplit(chr(10), 1)[0]}\n<s>assistant:")
     assert_row(teacher[index], toks["teacher"], chat, answer, "teacher", "")
     for split_name in ("train", "validation"):  # what the trainer asks for
-        s, t = sides(task, toks, split_name, teacher_name="tiny/teacher", source=source)
+        s, t = sides(task, toks, split_name, teacher_name="tiny/teacher", source=source, few_shot=0)
         assert len(s) == len(t) > 0 and list(s["id"]) == list(t["id"])
 
 
@@ -188,13 +188,14 @@ def test_teacher_few_shot_and_title_follow_the_table(toks):
     _, other = sides("squad", toks, "validation", teacher_name="some/other-model", source=source)
     decode = lambda row: toks["teacher"].decode(row["input_ids"])  # noqa: E731
     train_contexts = tasks.load_examples("squad", "train", source=source)["context"][:]
-    for rows, shots, title in ((llama, 1, False), (mistral, 3, True), (other, 0, False)):
+    for rows, shots, title in ((llama, 1, False), (mistral, 3, True), (other, 1, False)):  # other: the task's default
         text = decode(rows[0])
         assert text.count("<s>user:") == shots + 1
         assert sum(c in text for c in train_contexts) == shots
         assert ("Title: Denver\nContext:" in text) is title
     assert prompts.few_shot_count("squad", LLAMA) == 1 and prompts.few_shot_count("qed", "/models/Llama-2-7b-chat") == 5
-    assert prompts.few_shot_count("dialogsum", MISTRAL) == 2 and prompts.few_shot_count("squad", "gpt2") == 0
+    assert prompts.few_shot_count("dialogsum", MISTRAL) == 2 and prompts.few_shot_count("squad", "Qwen/Qwen2.5-7B") == 1
+    assert prompts.few_shot_count("tiny_qa", "Qwen/Qwen2.5-7B") == 0 and prompts.few_shot_count("dolly", "x") == 0
     assert prompts.few_shot_count("squad", LLAMA, override=0) == 0
     _, forced = sides("squad", toks, "validation", teacher_name=LLAMA, source=source, few_shot=2)
     assert decode(forced[0]).count("<s>user:") == 3
@@ -406,3 +407,10 @@ def test_chat_template_without_a_system_role(tiny):
     assert prompts.build_prompt("squad", example, tokenizer, [shot], chat=False) == (
         "Context: bo lives in rome.\nQuestion: where does bo live?\nAnswer: rome\n\n"
         "Context: ada lives in oslo.\nQuestion: where does ada live?\nAnswer:")
+
+
+def test_an_answer_that_starts_with_a_space_gets_no_second_one(toks):
+    rows = tasks.tokenize_examples(["Answer:", "Answer:"], [" Paris", "Paris"], toks["student"], role="student",
+                                   encoder_decoder=False)
+    texts = [toks["student"].decode([t for t in row["labels"] if t != -100], skip_special_tokens=True) for row in rows]
+    assert texts[0] == texts[1]  # " Paris" and "Paris" both become the student's " Paris"

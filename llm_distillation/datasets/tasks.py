@@ -21,6 +21,7 @@ the same order with the same `id`s.
 from __future__ import annotations
 
 import itertools
+import os
 import random
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence
@@ -408,6 +409,13 @@ def _encode_prompts(prompts: list[str], tokenizer, encoder_decoder: bool) -> lis
     return [[bos] + ids if bos is not None and (not ids or ids[0] != bos) else ids for ids in encoded]
 
 
+def _join(separator: str, answer: str) -> str:
+    """separator + answer, without doubling the space when the answer already starts with whitespace."""
+    if answer[:1].isspace() and separator[-1:].isspace():
+        separator = separator.rstrip()
+    return separator + answer
+
+
 def tokenize_examples(prompts: list[str], answers: list[Optional[str]], tokenizer, *, role: str,
                       encoder_decoder: bool, separators: Optional[list[str]] = None) -> list[dict]:
     """tokenize_example for many examples at once (batched tokenizer calls)."""
@@ -420,7 +428,7 @@ def tokenize_examples(prompts: list[str], answers: list[Optional[str]], tokenize
     prompt_ids = _encode_prompts(list(prompts), tokenizer, encoder_decoder)
     default = "" if role == "teacher" else " "
     separators = separators if separators is not None else [default] * len(prompts)
-    texts = [(separators[i] if not encoder_decoder else "") + a if a else "" for i, a in enumerate(answers)]
+    texts = [_join(separators[i] if not encoder_decoder else "", a) if a else "" for i, a in enumerate(answers)]
     answer_ids = tokenizer(texts, add_special_tokens=encoder_decoder)["input_ids"] if texts else []
     out = []
     for p, a, answer in zip(prompt_ids, answer_ids, answers):
@@ -496,6 +504,9 @@ def make_get_split(task: str):
             separators.append("" if chat else answer_separator(task, row))
         encoded = tokenize_examples(prompts, answers, tokenizer, role=role, encoder_decoder=encoder_decoder,
                                     separators=separators)
+        if split == "train" and os.environ.get("RANK", "0") == "0":
+            style = "chat template" if teacher and has_chat_template(tokenizer) else "plain"
+            print(f"{role} prompts ({model_name}): {style}, {shots} shot(s)")
         return _in_memory([{"id": i, **e} for i, e in zip(examples["id"], encoded)], _tokenized_features())
 
     get_split.task = task
