@@ -719,6 +719,15 @@ class ProjectionMap:
         sigmas: list[list[Optional[tuple[int, ...]]]] = [[None] * vt for _ in VIEW_NAMES]
         for (view, v), seq in zip(where, sigma_of.tokenize_many(items)):
             sigmas[view][v] = seq
+        return cls.from_sigmas(sigmas, student.vocab_size, student.starts_with_space,
+                               pair_fingerprint(teacher_tokenizer, student_tokenizer))
+
+    @classmethod
+    def from_sigmas(cls, sigmas: list, student_vocab_size: int, student_starts_with_space: Sequence[bool],
+                    fingerprint: str = "") -> "ProjectionMap":
+        """The map of given sigma tables (one list per view: for every teacher id its student token ids, or
+        None): what `build` makes from two tokenizers, and what a benchmark or a test makes up."""
+        vt = len(sigmas[0])
 
         # nodes in creation order: roots first, then each new prefix as sigmas extend it; a pair
         # (node, v, sigma(v)[depth]) for every proper prefix of every sigma
@@ -764,9 +773,9 @@ class ProjectionMap:
             "child_offsets": as_tensor(child_offsets), "child_tokens": as_tensor(via_a[kids]),
             "child_nodes": as_tensor(kids.astype(np.int64)), "node_depth": torch.tensor(depth, dtype=torch.long),
             "sigma_offsets": as_tensor(sigma_offsets), "sigma_tokens": as_tensor(sigma_tokens),
-            "student_starts_with_space": torch.tensor(student.starts_with_space, dtype=torch.bool),
-            "sizes": torch.tensor([vt, student.vocab_size], dtype=torch.long)}
-        return cls(tensors, pair_fingerprint(teacher_tokenizer, student_tokenizer))
+            "student_starts_with_space": torch.tensor(list(student_starts_with_space), dtype=torch.bool),
+            "sizes": torch.tensor([vt, student_vocab_size], dtype=torch.long)}
+        return cls(tensors, fingerprint)
 
     # -- storage
     def save(self, path) -> None:
