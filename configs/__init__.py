@@ -9,5 +9,6 @@ from configs.distillation import distillation_config
 from configs.fsdp import fsdp_config
 from configs.peft import lora_config
 from configs.training import train_config
+from configs.wandb import wandb_config
 
-__all__ = ["dataset", "distillation_config", "fsdp_config", "lora_config", "train_config"]
+__all__ = ["dataset", "distillation_config", "fsdp_config", "lora_config", "train_config", "wandb_config"]

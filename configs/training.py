@@ -68,6 +68,9 @@ class train_config:
 
     # output
     output_dir: str = option("output", "checkpoints/, best, last, metrics.jsonl, run_config.json", group="output")
+    overwrite_output_dir: bool = option(
+        False, "start over in an --output_dir that holds an earlier run (deletes its checkpoints and metrics)",
+        group="output")
     run_validation: bool = option(True, "evaluate at every save_step and epoch end", group="output")
     save_model: bool = option(True, "write checkpoints", group="output")
     save_step: int = option(1000, "optimizer steps between validation + checkpoint; 0 = only at epoch ends",
@@ -75,6 +78,12 @@ class train_config:
     save_all: bool = option(False, "keep every checkpoint (default: the best by eval loss and the last)",
                             group="output")
     save_optimizer: bool = option(True, "optimizer state in checkpoints, needed to resume exactly", group="output")
-    resume_from: Optional[str] = option(None, "checkpoint folder to continue from", group="output")
+    resume_from: Optional[str] = option(
+        None, "continue a run: its --output_dir (the last checkpoint) or one of its checkpoints/step-*", group="output")
     log_every: int = option(1, "optimizer steps between metrics lines", group="logging")
+    use_wandb: bool = option(False, "also log metrics to Weights & Biases (see wandb_config; needs pip install wandb)",
+                             group="logging")
+    use_tensorboard: bool = option(
+        False, "also log metrics for TensorBoard, in output_dir/tensorboard (needs pip install tensorboard)",
+        group="logging")
     logits_chunk_size: int = option(1024, "answer rows per chunk when computing logits and losses", group="training")

@@ -9,9 +9,11 @@
 optimizer.pt is the full (unsharded) state keyed by parameter name, the same for 1 process, DDP and
 FSDP (llm_recipes.distributed.optimizer_state_dict).
 
-Writes are atomic: everything goes to a hidden temporary folder that is renamed into place, so a
-crash never leaves a half-written checkpoint under a real name. Only the best (by eval loss) and the
-last checkpoints are kept unless `--save_all`.
+Writes are atomic: everything goes to a hidden temporary folder, flushed to the disk and renamed into
+place, so a crash or a full disk never leaves a half-written checkpoint under a real name (a killed
+save's leftovers are removed at the next start). Only the best (by eval loss) and the last
+checkpoints are kept unless `--save_all`. A folder that holds a run is never reused silently:
+`claim_output_dir` refuses it unless the run is continued (--resume_from) or --overwrite_output_dir.
 """
 from __future__ import annotations
 
@@ -62,21 +64,44 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _noop() -> None:
+def _alone(failed: bool) -> bool:
+    return failed
+
+
+def _io_failure(error: BaseException) -> Optional[str]:
+    """A readable reason when `error` is a failed write (a full disk, a file size limit, a read-only folder,
+    safetensors' own I/O error), else None (a bug: re-raised as it is)."""
+    if isinstance(error, OSError):
+        where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+        return f"{error.strerror or error}{where}"
+    text = " ".join(str(error).split())
+    if "IoError" in text or "No space left" in text or "File too large" in text:
+        return text[:300]
     return None
 
 
-def save_checkpoint(output_dir: str, name: str, *, rank: int, model_saver: Callable[[Path], None], tokenizer,
-                    run_config_json: str, trainer_state: dict, optimizer_state: Optional[dict],
-                    scheduler_state: dict, barrier: Callable[[], None] = _noop) -> Path:
-    """Write one checkpoint atomically; every rank calls it (rank 0 writes the shared files)."""
-    root = Path(output_dir) / CHECKPOINTS_DIR
-    final = root / name
-    tmp = root / f".tmp-{name}"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
+def fsync_tree(folder: Path) -> None:
+    """Flush every file of a folder and the folder itself to the disk (before the rename that publishes it)."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            descriptor = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+    fsync_dir(folder)
+
+
+def fsync_dir(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _write_files(tmp: Path, rank: int, model_saver, tokenizer, run_config_json: str, trainer_state: dict,
+                 optimizer_state: Optional[dict], scheduler_state: dict) -> None:
     model_saver(tmp)  # every rank takes part (FSDP gathers); only rank 0 writes files
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
     if rank == 0:
@@ -86,16 +111,115 @@ def save_checkpoint(output_dir: str, name: str, *, rank: int, model_saver: Calla
         if optimizer_state is not None:
             torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler_state, tmp / "scheduler.pt")
-    barrier()
-    if rank == 0:
-        if final.exists():
-            trash = root / f".old-{name}"
-            shutil.rmtree(trash, ignore_errors=True)
-            os.rename(final, trash)
-            shutil.rmtree(trash)
-        os.rename(tmp, final)
-    barrier()
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """fsync the new checkpoint, then rename it into place (replacing a checkpoint of the same name)."""
+    fsync_tree(tmp)
+    if final.exists():
+        trash = final.parent / f".old-{final.name}"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.rename(final, trash)
+        shutil.rmtree(trash)
+    os.rename(tmp, final)
+    fsync_dir(final.parent)
+
+
+def save_checkpoint(output_dir: str, name: str, *, rank: int, model_saver: Callable[[Path], None], tokenizer,
+                    run_config_json: str, trainer_state: dict, optimizer_state: Optional[dict],
+                    scheduler_state: dict, agree: Callable[[bool], bool] = _alone) -> Path:
+    """Write one checkpoint atomically; every rank calls it (rank 0 writes the shared files).
+
+    Everything goes to a hidden temporary folder, flushed to the disk, then renamed into place: a crash
+    or a failed write (a full disk) never leaves a half-written checkpoint under a real name, and the
+    checkpoints already written stay intact. A write error becomes one line naming the path and the
+    error; `agree(failed) -> any rank failed` keeps all ranks together (a collective under torchrun)."""
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    final, tmp = root / name, root / f".tmp-{name}"
+    steps = [lambda: (shutil.rmtree(tmp, ignore_errors=True), tmp.mkdir(parents=True)) if rank == 0 else None,
+             lambda: _write_files(tmp, rank, model_saver, tokenizer, run_config_json, trainer_state, optimizer_state,
+                                  scheduler_state),
+             lambda: _publish(tmp, final) if rank == 0 else None]
+    for step in steps:
+        reason = None
+        try:
+            step()
+        except Exception as error:  # noqa: BLE001 - I/O errors become one line; anything else is re-raised
+            reason = _io_failure(error)
+            if reason is None:
+                raise
+        if agree(reason is not None):
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"cannot write the checkpoint {final}: {reason or 'another process failed to write it'}; "
+                            "the checkpoints written before it are intact: free space (or fix the folder) and "
+                            f"continue with --resume_from {output_dir}")
     return final
+
+
+def remove_stale(output_dir: str) -> list[str]:
+    """Delete temporary checkpoint folders a killed save left behind (rank 0, at start); returns their names."""
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    stale = [path for pattern in (".tmp-*", ".old-*") for path in root.glob(pattern)] if root.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return [path.name for path in stale]
+
+
+# ------------------------------------------------------------------------------------------ the run folder
+RUN_FILES = (CHECKPOINTS_DIR, "best", "last", "metrics.jsonl", RUN_CONFIG, "tensorboard")
+RESULTS = (CHECKPOINTS_DIR, "best", "last", "metrics.jsonl", "tensorboard")  # what a run that failed in set-up lacks
+
+
+def holds_a_run(output_dir: str) -> list[str]:
+    """The results of an earlier run in the folder (checkpoints, metrics), if any. A run config alone (a run
+    that stopped before its first step) is not a result: the next run may take the folder."""
+    folder = Path(output_dir)
+    found = []
+    for name in RESULTS:
+        path = folder / name
+        pattern = "step-*" if name == CHECKPOINTS_DIR else "*"
+        if path.is_symlink() or (path.is_file() and path.stat().st_size > 0) or \
+                (path.is_dir() and any(path.glob(pattern))):
+            found.append(name)
+    return found
+
+
+def latest_checkpoint(path: str) -> Path:
+    """--resume_from's checkpoint: the folder itself when it is one, else a run folder's last checkpoint."""
+    folder = Path(path).expanduser()
+    if (folder / TRAINER_STATE).is_file():
+        return folder
+    candidates = sorted((folder / CHECKPOINTS_DIR).glob("step-*")) if (folder / CHECKPOINTS_DIR).is_dir() else []
+    candidates = [c for c in candidates if (c / TRAINER_STATE).is_file()]
+    if not candidates:
+        raise UserError(f"--resume_from {path} is neither a checkpoint of this trainer nor a run folder holding one "
+                        f"(no {TRAINER_STATE}): pass the run's --output_dir or one of its checkpoints/step-*")
+    return candidates[-1]
+
+
+def claim_output_dir(output_dir: str, resume: Optional[Path], overwrite: bool) -> None:
+    """Refuse to write into a folder that holds another run, unless continuing it or told to start over."""
+    found = holds_a_run(output_dir)
+    if not found or overwrite:
+        return
+    output = Path(output_dir).resolve()
+    if resume is not None and output in resume.resolve().parents:
+        return
+    raise UserError(f"--output_dir {output_dir} holds a previous run ({', '.join(found)}): continue it with "
+                    f"--resume_from {output_dir}, or start over with --overwrite_output_dir (which deletes its "
+                    "checkpoints and metrics)")
+
+
+def clear_run(output_dir: str) -> None:
+    """--overwrite_output_dir: remove an earlier run's files (rank 0 only)."""
+    folder = Path(output_dir)
+    for name in RUN_FILES:
+        path = folder / name
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path)
 
 
 def prune(output_dir: str, keep: set[str]) -> None:

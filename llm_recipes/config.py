@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Optional
 
-from configs import dataset, distillation_config, fsdp_config, lora_config, train_config
+from configs import dataset, distillation_config, fsdp_config, lora_config, train_config, wandb_config
 from llm_recipes import flags
 from llm_recipes.errors import UserError
 from llm_recipes.flags import Refused
@@ -61,7 +61,9 @@ TRAINER = flags.Command(
     program="python finetuning.py",
     summary="Distill a teacher LLM into a student (or fine-tune the student alone without --distillation).",
     sections={"train_config": train_config, "distillation_config": distillation_config, "fsdp_config": fsdp_config,
-              "lora_config": lora_config, "dataset": dataset},
+              "lora_config": lora_config, "dataset": dataset, "wandb_config": wandb_config},
+    aliases={f"wandb_{name}": f"wandb_config.{name}" for name in ("project", "entity", "group", "tags", "notes",
+                                                                 "mode")} | {"wandb_run_name": "wandb_config.name"},
     refused=REFUSED,
     expand={"f": _f_flag},
     expand_help={"f": "1|2: MultiLevelOT fast (1) or greedy (2); sets distillation_config.loss=multilevel_ot"},
@@ -81,6 +83,7 @@ class RunConfig:
     fsdp: fsdp_config = field(default_factory=fsdp_config)
     lora: lora_config = field(default_factory=lora_config)
     dataset: dataset = field(default_factory=dataset)
+    wandb: wandb_config = field(default_factory=wandb_config)
     given: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -93,7 +96,7 @@ class RunConfig:
 
 
 _SECTION_ATTRIBUTES = {"train_config": "train", "distillation_config": "distillation", "fsdp_config": "fsdp",
-                       "lora_config": "lora", "dataset": "dataset"}
+                       "lora_config": "lora", "dataset": "dataset", "wandb_config": "wandb"}
 
 
 def run_config(parsed: flags.Parsed) -> RunConfig:
@@ -179,7 +182,8 @@ def _validate_dependent_flags(run: RunConfig, spelled: dict) -> None:
     t = run.train
     for section, switched_on, switch in (("distillation_config", t.distillation, "--distillation"),
                                          ("lora_config", t.use_peft, "--use_peft"),
-                                         ("fsdp_config", t.enable_fsdp, "--enable_fsdp")):
+                                         ("fsdp_config", t.enable_fsdp, "--enable_fsdp"),
+                                         ("wandb_config", t.use_wandb, "--use_wandb")):
         flag = _first_given(spelled, section)
         if flag and not switched_on:
             raise UserError(f"{flag} has no effect without {switch}: add {switch} or remove it")

@@ -13,3 +13,19 @@ class UserError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))  # always one line
+
+
+class UserErrors(UserError):
+    """Several problems found by one check of the inputs: each is printed as its own `error: ...` line."""
+
+    def __init__(self, messages: list[str]):
+        self.messages = [" ".join(str(m).split()) for m in messages]
+        super().__init__("; ".join(self.messages))
+
+
+class RunInterrupted(UserError):
+    """SIGTERM / SIGINT stopped the run after saving a resumable checkpoint: exit 128 + the signal's number."""
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.exit_code = 128 + signal_number

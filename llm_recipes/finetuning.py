@@ -25,8 +25,9 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from llm_recipes import checkpoint, data, distributed, flags, freezing, intermediate, models, objective
-from llm_recipes.config import TRAINER, RunConfig, RunPlan, resolve_plan, run_config
+from llm_recipes import checkpoint, data, distributed, flags, freezing, intermediate, metrics_log, models, objective
+from llm_recipes import preflight
+from llm_recipes.config import TRAINER, RunConfig, RunPlan, run_config
 from llm_recipes.errors import UserError
 from llm_recipes.losses import LossSpec
 from llm_recipes.metrics_log import MetricsLog, peak_memory_gb
@@ -79,24 +80,13 @@ def dtype_of(pure_bf16: bool) -> torch.dtype:
     return torch.bfloat16 if pure_bf16 else torch.float32
 
 
-def load_tokenizers(run: RunConfig):
-    t, d = run.train, run.distillation
-    student = models.load_tokenizer(t.tokenizer_name or t.model_name, trust_remote_code=t.trust_remote_code,
-                                    what="student tokenizer" if t.tokenizer_name else "student model")
-    teacher = None
-    if t.distillation:
-        teacher = models.load_tokenizer(d.tokenizer_name or d.model_name, trust_remote_code=d.trust_remote_code,
-                                        what="teacher tokenizer" if d.tokenizer_name else "teacher model")
-    return student, teacher
-
-
-def load_models(run: RunConfig, plan: RunPlan, info: distributed.DistInfo):
+def load_models(run: RunConfig, plan: RunPlan, resume: Optional[Path], info: distributed.DistInfo):
     """The student (from the checkpoint when resuming) and, when a term needs it, the frozen teacher."""
     t, d = run.train, run.distillation
     if (t.use_fp16 or d.use_fp16) and info.device.type != "cuda":
         raise UserError("--use_fp16 needs a CUDA GPU (fp16 autocast with a gradient scaler): use "
                         "--mixed_precision (bf16) on this machine")
-    student_source = t.resume_from if (t.resume_from and not t.use_peft) else t.model_name
+    student_source = str(resume) if (resume is not None and not t.use_peft) else t.model_name
     student = models.load_model(student_source, encoder_decoder=t.encoder_decoder, dtype=dtype_of(t.pure_bf16),
                                 trust_remote_code=t.trust_remote_code, attn_implementation=plan.student_attention,
                                 what="student model")
@@ -106,7 +96,7 @@ def load_models(run: RunConfig, plan: RunPlan, info: distributed.DistInfo):
     if t.use_peft:
         from llm_recipes import lora
 
-        student = (lora.load_lora_checkpoint(student, t.resume_from) if t.resume_from
+        student = (lora.load_lora_checkpoint(student, str(resume)) if resume is not None
                    else lora.add_lora(student, run.lora, t.encoder_decoder))
     teacher = None
     if plan.uses_teacher:
@@ -227,13 +217,13 @@ def place_models(run: RunConfig, plan: RunPlan, student, teacher, probe: dict, i
     return Models(wrapped, distributed.unwrap(wrapped), teacher)
 
 
-def add_projections(run: RunConfig, found: Models, layers, info) -> Models:
+def add_projections(run: RunConfig, found: Models, layers, resume: Optional[Path], info) -> Models:
     """The learned hidden-state projections (replicated on every process), restored when resuming."""
     projections = intermediate.build_projections(layers, dtype_of(run.train.pure_bf16), info.device) if layers else None
     if projections is not None:
         distributed.broadcast_parameters(projections)
-        if run.train.resume_from:
-            intermediate.load_projections(projections, run.train.resume_from)
+        if resume is not None:
+            intermediate.load_projections(projections, str(resume))
     return Models(found.student, found.student_inner, found.teacher, projections)
 
 
@@ -246,6 +236,39 @@ def run_identity(run: RunConfig, plan: RunPlan, state_models: Models, train_exam
             "hidden_projections": sorted(projections.keys()) if projections is not None else None}
 
 
+def prepare_run_folder(run: RunConfig, checked: preflight.CheckedRun, info) -> Path:
+    """The output folder, writable; an earlier run's files removed with --overwrite_output_dir, a killed
+    save's leftovers removed; the run's configuration written."""
+    t = run.train
+    if info.is_main and t.overwrite_output_dir and checkpoint.holds_a_run(t.output_dir) and checked.resume is None:
+        checkpoint.clear_run(t.output_dir)
+        print(f"--overwrite_output_dir: removed the earlier run in {t.output_dir}")
+    distributed.barrier()
+    output = checkpoint.prepare_output_dir(t.output_dir)
+    if info.is_main:
+        stale = checkpoint.remove_stale(t.output_dir)
+        if stale:
+            print(f"removed {len(stale)} unfinished checkpoint folder(s) a killed save left: {', '.join(stale)}")
+        print("resolved configuration:\n" + run.to_json())
+        (output / checkpoint.RUN_CONFIG).write_text(run.to_json())
+    return output
+
+
+def open_log(run: RunConfig, output: Path, resumed_step: Optional[int], info) -> MetricsLog:
+    """metrics.jsonl (a resumed run first drops the lines past its checkpoint, so each step is there once),
+    and TensorBoard / W&B when asked."""
+    t, path = run.train, output / "metrics.jsonl"
+    if info.is_main and resumed_step is not None:
+        metrics_log.truncate(path, resumed_step)
+    wandb = None
+    if t.use_wandb:
+        w = run.wandb
+        wandb = {"project": w.project, "entity": w.entity, "name": w.name, "group": w.group, "tags": w.tags,
+                 "notes": w.notes, "mode": w.mode, "config": run.to_dict(), "dir": str(output)}
+    return MetricsLog(path, enabled=info.is_main, wandb_settings=wandb,
+                      tensorboard_dir=output / metrics_log.TENSORBOARD_DIR if t.use_tensorboard else None)
+
+
 def setup(run: RunConfig) -> TrainState:
     """Models, data, loss, optimizer and progress of a run (restored from --resume_from when given)."""
     t = run.train
@@ -253,16 +276,13 @@ def setup(run: RunConfig) -> TrainState:
     info = distributed.setup(fsdp=t.enable_fsdp or run.distillation.enable_fsdp)
     torch.manual_seed(t.seed)
     random.seed(t.seed)
-    output = checkpoint.prepare_output_dir(t.output_dir)
-    if info.is_main:
-        print("resolved configuration:\n" + run.to_json())
-        (output / checkpoint.RUN_CONFIG).write_text(run.to_json())
-    resume = checkpoint.load_resume_state(t.resume_from, info.rank) if t.resume_from else None
-    student_tokenizer, teacher_tokenizer = load_tokenizers(run)
-    plan = resolve_plan(run, student_tokenizer, teacher_tokenizer)
+    checked = preflight.check_run(run)  # every input, before any model or data set is loaded
+    output = prepare_run_folder(run, checked, info)
+    resume = checkpoint.load_resume_state(str(checked.resume), info.rank) if checked.resume else None
+    student_tokenizer, teacher_tokenizer, plan = checked.student_tokenizer, checked.teacher_tokenizer, checked.plan
     if t.distillation and not plan.uses_teacher and info.is_main:
         print("distil_factor 0: plain fine-tuning on the loader's labels; the teacher model is not loaded")
-    student, teacher = load_models(run, plan, info)
+    student, teacher = load_models(run, plan, checked.resume, info)
     artifacts = pair_artifacts(plan, student_tokenizer, teacher_tokenizer, output, info)
     spec = loss_spec(run, plan, student_tokenizer, teacher_tokenizer, artifacts)
     train_split, val_split = load_data(run, plan, (student_tokenizer, teacher_tokenizer), student, teacher,
@@ -276,7 +296,7 @@ def setup(run: RunConfig) -> TrainState:
         if plan.uses_teacher else None
     distributed.release(student)
     distributed.release(placed.teacher)
-    placed = add_projections(run, placed, layers, info)
+    placed = add_projections(run, placed, layers, checked.resume, info)
     objective_ = objective.build_objective(run, plan.distil_factor, spec, layers)
     first = next(data.train_micro_batches(len(train_split), 0, t.seed, t.batch_size_training, 1, info.world_size,
                                           info.rank))
@@ -290,7 +310,7 @@ def setup(run: RunConfig) -> TrainState:
     objective.count_units(state.objective, probe)  # refuse unpairable rows (hidden-state / feature terms) up front
     if resume is not None:
         restore(state, resume)
-    state.log = MetricsLog(output / "metrics.jsonl", enabled=info.is_main)
+    state.log = open_log(run, output, state.progress.global_step if resume is not None else None, info)
     return state
 
 
@@ -479,7 +499,7 @@ def save_checkpoint(state: TrainState, result: Optional[dict]) -> None:
         trainer_state={**state.identity, **vars(progress)},
         optimizer_state=distributed.optimizer_state_dict(models_.student, state.optimizer, models_.projections)
         if t.save_optimizer else None,
-        scheduler_state=state.scheduler.state_dict(), barrier=distributed.barrier)
+        scheduler_state=state.scheduler.state_dict(), agree=distributed.any_rank)
     if info.is_main:
         if not t.save_all:
             checkpoint.prune(t.output_dir, {progress.best_checkpoint, progress.last_checkpoint} - {None})

@@ -356,7 +356,10 @@ def run_command(command: Command, entry: Callable[[Parsed], Any], args: tuple, k
             return None
         return entry(parse(command, kwargs, args, argv))
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        from tqdm.auto import tqdm
+
+        for line in getattr(error, "messages", [str(error)]):
+            tqdm.write(f"error: {line}", file=sys.stderr)  # on its own line, below any progress bar
         sys.exit(error.exit_code)
     finally:
         if cleanup is not None:

@@ -351,8 +351,14 @@ def test_sources(tmp_path):
     with pytest.raises(UserError, match="holds no dataset"):
         sources.load_splits(str(empty))
     (tmp_path / "broken.jsonl").write_text("{not json\n")
-    with pytest.raises(UserError, match="cannot read .*broken.jsonl as json"):
+    with pytest.raises(UserError, match=r"broken.jsonl:1: not valid JSON"):
         sources.load_splits(str(tmp_path / "broken.jsonl"))
+    (tmp_path / "late.jsonl").write_text('{"a": 1}\n\n{"a": 2}\n{"a": 3,}\n')  # blank lines count as lines
+    with pytest.raises(UserError, match=r"late.jsonl:4: not valid JSON"):
+        sources.load_splits(str(tmp_path / "late.jsonl"))
+    (tmp_path / "nothing.jsonl").write_text("\n")
+    with pytest.raises(UserError, match=r"nothing.jsonl: no examples"):
+        sources.load_splits(str(tmp_path / "nothing.jsonl"))
     assert tasks.TINY_QA_DATA == REPO / "assets" / "tiny" / "data"
 
 

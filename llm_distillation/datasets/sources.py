@@ -79,22 +79,74 @@ def _folder(path: str) -> dict:
     return splits
 
 
+def check_json_lines(path: str, limit: Optional[int] = None) -> Optional[dict]:
+    """The first row of a .jsonl file, after checking its first `limit` lines (all: None): one line naming
+    the file and line of the first problem ("FILE: no examples", "FILE:LINE: not valid JSON (...)")."""
+    import itertools
+    import json
+
+    first = None
+    with open(path, encoding="utf-8", errors="replace") as stream:
+        for number, line in enumerate(itertools.islice(stream, limit), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise UserError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{number}: not a JSON object ({type(row).__name__}): each line is one example")
+            first = row if first is None else first
+    if first is None and limit is None:
+        raise UserError(f"{path}: no examples")
+    return first
+
+
 def _read_file(path: str):
     import datasets
 
     builder = FILE_FORMATS.get(os.path.splitext(path)[1].lower())
     if builder is None:
         raise UserError(f"cannot read {path}: data files must end in {', '.join(FILE_FORMATS)}")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"{path}: no examples")
     try:
         reader = {"json": datasets.Dataset.from_json, "csv": datasets.Dataset.from_csv,
                   "parquet": datasets.Dataset.from_parquet}[builder]
         data = reader(path, keep_in_memory=True)
     except Exception as error:
+        if path.endswith(".jsonl"):
+            check_json_lines(path)  # names the file and line of the first bad one
         raise UserError(f"cannot read {path} as {builder}: {type(error).__name__}: "
                         f"{' '.join(str(error).split())[:300]}") from None
     if len(data) == 0:
-        raise UserError(f"{path} holds no examples")
+        raise UserError(f"{path}: no examples")
     return data
+
+
+def first_row(source: str) -> Optional[dict]:
+    """A local source's first example, checked (None for Hub ids and saved datasets): what a run's inputs
+    check reads before any data set is loaded."""
+    source = os.path.expanduser(str(source))
+    if os.path.isdir(source):
+        if os.path.isfile(os.path.join(source, "dataset_dict.json")) or os.path.isfile(os.path.join(source, "state.json")):
+            return None
+        files = sorted(os.path.join(source, f) for f in os.listdir(source)
+                       if os.path.splitext(f)[1].lower() in FILE_FORMATS)
+        if not files:
+            _folder(source)  # its own one-line error
+        rows = [first_row(f) for f in files]
+        return next((row for row in rows if row is not None), None)
+    if not os.path.isfile(source):
+        return None
+    if os.path.getsize(source) == 0:
+        raise UserError(f"{source}: no examples")
+    if source.endswith(".jsonl"):
+        row = check_json_lines(source, limit=1)
+        if row is None:
+            raise UserError(f"{source}: no examples")
+        return row
+    return None
 
 
 def _hub(source: str, hub_config: Optional[str]) -> dict:

@@ -302,6 +302,24 @@ def _check_fraction(training_size) -> float:
     return float(training_size)
 
 
+def check_source(task: str, source: Optional[str], answer_column: Optional[str] = None) -> None:
+    """Before anything is loaded: a local source's first example parses and has the task's columns (the
+    answer column included), or a one-line UserError (Hub ids and saved datasets are checked when loaded)."""
+    from llm_distillation.datasets.sources import first_row
+
+    data = task_data(task)
+    source = source or data.source
+    if not source:
+        raise UserError(f"the {task} task has no default data: pass --dataset.source (a file, a folder, or a Hub id)")
+    row = first_row(source)
+    if row is None:
+        return
+    if task == "generic":
+        _generic_plan(list(row), source, answer_column)
+    else:
+        _column_plan(task, data, list(row), source, answer_column)
+
+
 def load_examples(task: str, split: str, *, source: Optional[str] = None, answer_column: Optional[str] = None,
                   training_size: float = 1.0, seed: int = 42):
     """The normalized examples of one split, in source order (a datasets.Dataset).
