@@ -75,7 +75,7 @@ def _io_failure(error: BaseException) -> Optional[str]:
         where = f" ({error.filename})" if getattr(error, "filename", None) else ""
         return f"{error.strerror or error}{where}"
     text = " ".join(str(error).split())
-    if "IoError" in text or "No space left" in text or "File too large" in text:
+    if any(sign in text for sign in ("IoError", "No space left", "File too large", "file write failed")):
         return text[:300]
     return None
 
@@ -158,9 +158,16 @@ def save_checkpoint(output_dir: str, name: str, *, rank: int, model_saver: Calla
 
 
 def remove_stale(output_dir: str) -> list[str]:
-    """Delete temporary checkpoint folders a killed save left behind (rank 0, at start); returns their names."""
+    """At start (rank 0): delete the temporary folders a killed save left behind; returns their names. A
+    checkpoint being replaced (`.old-NAME`) whose replacement was never published is renamed back."""
     root = Path(output_dir) / CHECKPOINTS_DIR
-    stale = [path for pattern in (".tmp-*", ".old-*") for path in root.glob(pattern)] if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    for old in root.glob(".old-*"):
+        final = root / old.name[len(".old-"):]
+        if not final.exists():
+            os.rename(old, final)
+    stale = [path for pattern in (".tmp-*", ".old-*") for path in root.glob(pattern)]
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
     return [path.name for path in stale]

@@ -10,6 +10,7 @@ class UserError(Exception):
     """A problem with the user's input; its message is shown as a single line."""
 
     exit_code = 2
+    label = "error"  # what the entry point prints before the message
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))  # always one line
@@ -25,6 +26,8 @@ class UserErrors(UserError):
 
 class RunInterrupted(UserError):
     """SIGTERM / SIGINT stopped the run after saving a resumable checkpoint: exit 128 + the signal's number."""
+
+    label = "interrupted"
 
     def __init__(self, message: str, signal_number: int):
         super().__init__(message)

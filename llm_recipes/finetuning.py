@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -26,9 +27,9 @@ import torch
 from tqdm.auto import tqdm
 
 from llm_recipes import checkpoint, data, distributed, flags, freezing, intermediate, metrics_log, models, objective
-from llm_recipes import preflight
+from llm_recipes import interrupt, preflight
 from llm_recipes.config import TRAINER, RunConfig, RunPlan, run_config
-from llm_recipes.errors import UserError
+from llm_recipes.errors import RunInterrupted, UserError
 from llm_recipes.losses import LossSpec
 from llm_recipes.metrics_log import MetricsLog, peak_memory_gb
 from llm_recipes.objective import Counts, Models, Objective
@@ -373,10 +374,22 @@ def quiet_libraries() -> None:
 
 
 # --------------------------------------------------------------------------------------- the step
+NAN_ADVICE = "lower --lr, check the data for empty or broken examples, or try without --pure_bf16"
+TERM_NAMES = {"ce": "cross-entropy (CE)", "distill": "distillation", "hidden": "hidden-state", "feature": "feature"}
+
+
 def check_finite(value: torch.Tensor, what: str, where: str) -> None:
     if not torch.isfinite(value).all():
-        raise UserError(f"{what} is {value.item() if value.numel() == 1 else 'not finite'} at {where}: lower --lr, "
-                        "check the data for empty or broken examples, or try without --pure_bf16")
+        raise UserError(f"{what} is {value.item() if value.numel() == 1 else 'not finite'} at {where}: {NAN_ADVICE}")
+
+
+def check_terms_finite(loss: torch.Tensor, terms, where: str, device) -> None:
+    """All processes stop together when any has a non-finite loss; the message names the term(s)."""
+    bad = {} if torch.isfinite(loss.detach()).all() else \
+        {name: float(value.detach()) for name, value in terms.sums.items() if not torch.isfinite(value.detach()).all()}
+    if distributed.any_rank(bool(bad) or not torch.isfinite(loss.detach()).all(), device):
+        found = ", ".join(f"{TERM_NAMES.get(name, name)} term {value}" for name, value in bad.items())
+        raise UserError(f"the loss is not finite at {where}: " + (found or "on another process") + f"; {NAN_ADVICE}")
 
 
 def train_step(state: TrainState, micro_batches: list[dict]) -> dict:
@@ -419,7 +432,7 @@ def accumulate_gradients(state: TrainState, micro_batches: list[dict], counts: l
         with distributed.no_sync(state.models.student, i < len(micro_batches) - 1):
             terms = objective.compute_terms(objective_, state.models, batch, info.device)
             loss = objective.combine(objective_, terms, totals)
-            check_finite(loss, "the loss", where)
+            check_terms_finite(loss, terms, where, info.device)
             state.scaler.scale(loss * info.world_size).backward()
         distributed.release(state.models.teacher)
         sums["loss"] += float(loss.detach())
@@ -567,36 +580,57 @@ def epoch_micro_batches(state: TrainState, epoch: int):
 
 def train(run: RunConfig) -> dict:
     """Set up, train for --num_epochs (or --max_train_step), validate and save; returns the progress and the
-    last evaluation."""
+    last evaluation. SIGTERM / SIGINT: a checkpoint at the current step, then exit (llm_recipes.interrupt)."""
     state = setup(run)
     t, progress = run.train, state.progress
     window = LogWindow(state.objective.active)
-    while progress.epoch < t.num_epochs and progress.global_step < state.total_steps:
-        batches = epoch_micro_batches(state, progress.epoch)
-        bar = tqdm(total=state.steps_per_epoch, initial=progress.step_in_epoch,
-                   desc=f"epoch {progress.epoch + 1}/{t.num_epochs}", disable=not state.info.is_main,
-                   dynamic_ncols=True)
-        while progress.step_in_epoch < state.steps_per_epoch and progress.global_step < state.total_steps:
-            started = time.perf_counter()
-            metrics = train_step(state, [next(batches) for _ in range(t.gradient_accumulation_steps)])
-            progress.global_step += 1
-            progress.step_in_epoch += 1
-            window.add(metrics, time.perf_counter() - started)
-            bar.update(1)
-            bar.set_postfix(loss=f"{window.sums['loss'] / window.steps:.4f}")
-            if progress.global_step % t.log_every == 0:
-                state.log.write(window.record(state))
-                window = LogWindow(state.objective.active)
-            between = progress.step_in_epoch < state.steps_per_epoch and progress.global_step < state.total_steps
-            if t.save_step and progress.global_step % t.save_step == 0 and between:
-                validate_and_save(state)
-        bar.close()
-        if progress.step_in_epoch >= state.steps_per_epoch:  # the epoch is complete: a resume starts the next one
-            progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
-        validate_and_save(state)
+    with interrupt.StopSignals() as signals:
+        while progress.epoch < t.num_epochs and progress.global_step < state.total_steps:
+            batches = epoch_micro_batches(state, progress.epoch)
+            with tqdm(total=state.steps_per_epoch, initial=progress.step_in_epoch, dynamic_ncols=True,
+                      desc=f"epoch {progress.epoch + 1}/{t.num_epochs}", disable=not state.info.is_main) as bar:
+                while progress.step_in_epoch < state.steps_per_epoch and progress.global_step < state.total_steps:
+                    started = time.perf_counter()
+                    metrics = train_step(state, [next(batches) for _ in range(t.gradient_accumulation_steps)])
+                    progress.global_step += 1
+                    progress.step_in_epoch += 1
+                    window.add(metrics, time.perf_counter() - started)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{window.sums['loss'] / window.steps:.4f}")
+                    if progress.global_step % t.log_every == 0:
+                        state.log.write(window.record(state))
+                        window = LogWindow(state.objective.active)
+                    between = progress.step_in_epoch < state.steps_per_epoch and \
+                        progress.global_step < state.total_steps
+                    if t.save_step and progress.global_step % t.save_step == 0 and between:
+                        validate_and_save(state)
+                    if distributed.any_rank(signals.received is not None, state.info.device):
+                        bar.close()  # the message below goes on its own line
+                        stop(state, window, signals.name)
+            if progress.step_in_epoch >= state.steps_per_epoch:  # the epoch is complete: a resume starts the next
+                progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
+            validate_and_save(state)
+    state.log.close()
     if state.info.is_main:
         report(state)
     return {"state": {**state.identity, **vars(progress)}, "eval": state.last_eval}
+
+
+def stop(state: TrainState, window: LogWindow, signal_name: str) -> None:
+    """After a stop signal: the steps not yet logged written, a checkpoint of this step, RunInterrupted."""
+    t, progress = state.run.train, state.progress
+    if window.steps:
+        state.log.write(window.record(state))
+    where = f"step {progress.global_step}"
+    if not t.save_model:
+        saved = "nothing saved (--save_model false)"
+    else:
+        if progress.last_checkpoint != checkpoint.checkpoint_name(progress.global_step):  # not saved just now
+            save_checkpoint(state, None)
+        saved = (f"checkpoint {Path(t.output_dir) / checkpoint.CHECKPOINTS_DIR / progress.last_checkpoint}; "
+                 f"continue with --resume_from {t.output_dir}")
+    state.log.close()
+    raise RunInterrupted(f"stopped by {signal_name} at {where}: {saved}", getattr(signal, signal_name))
 
 
 def report(state: TrainState) -> None:

@@ -328,6 +328,9 @@ def help_text(command: Command, width: Optional[int] = None) -> str:
             lines += [" " * len(head) + rest for rest in wrapped[1:]]
     for flag, meaning in command.expand_help.items():
         lines += ["", f"alias: --{flag} {meaning}"]
+    if command.aliases:
+        names = ", ".join(f"--{alias} = --{target}" for alias, target in command.aliases.items())
+        lines += [""] + textwrap.wrap(f"other names: {names}", max(20, width), subsequent_indent="  ")
     return "\n".join(lines)
 
 
@@ -359,7 +362,7 @@ def run_command(command: Command, entry: Callable[[Parsed], Any], args: tuple, k
         from tqdm.auto import tqdm
 
         for line in getattr(error, "messages", [str(error)]):
-            tqdm.write(f"error: {line}", file=sys.stderr)  # on its own line, below any progress bar
+            tqdm.write(f"{error.label}: {line}", file=sys.stderr)  # on its own line, below any progress bar
         sys.exit(error.exit_code)
     finally:
         if cleanup is not None:

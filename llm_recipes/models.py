@@ -272,6 +272,9 @@ def check_output_head(model: nn.Module, batch: dict, encoder_decoder: bool, what
         ours = output_head(model)(forward_hidden(model, batch, encoder_decoder)).float()
     finally:
         model.train(was_training)
+    if torch.isnan(expected).any() or (expected == float("inf")).any():  # -inf: a masked entry, allowed
+        raise UserError(f"the {what} ({type(model).__name__}) gives NaN or +inf logits on the first training batch: "
+                        "its weights hold NaN or inf (a broken checkpoint or conversion)")
     scale = expected.abs().max().clamp_min(1e-6)
     error = ((ours - expected).abs().max() / scale).item()
     tolerance = 1e-4 if logits.dtype == torch.float32 else 2e-2  # bf16 weights or FSDP's bf16 compute

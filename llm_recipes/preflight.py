@@ -2,7 +2,7 @@
 
 `check_run` looks at what a run will need, in seconds: the output folder (a folder holding an earlier
 run is refused unless the run is continued or --overwrite_output_dir), --resume_from, the loader file
-and its data (a local source's first example parses and has the task's columns), the logging
+and its data (a local JSONL source parses line by line, its first example has the task's columns), the logging
 backends' packages, the tokenizers (loaded: they are small) against their models' configs (a
 tokenizer longer than its model's embedding, or a pad id outside it, would fail at the first step),
 and the loss against the tokenizer pair (`config.resolve_plan`). Problems are collected, not raised
@@ -45,7 +45,7 @@ def check_embedding(tokenizer, model_name: str, trust_remote_code: bool, what: s
 
 
 def check_data(run: RunConfig) -> None:
-    """The loader file exists and imports; for the shipped task loaders, a local source's first example."""
+    """The loader file exists and imports; for the shipped task loaders, a local source's lines and first example."""
     loader = data.import_loader(run.dataset.file)
     task = getattr(loader.get_split, "task", None)
     if task is None:  # a user's own loader: its data is its own business

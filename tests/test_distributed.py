@@ -8,9 +8,11 @@ exactly. All 2-process runs share one torchrun launch (tests/multi_run.py) to pa
 """
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -378,3 +380,62 @@ def test_torchrun_command_line_with_fsdp_for_student_and_teacher(tiny, tmp_path)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert "done: 2 optimizer steps" in result.stdout
     AutoModelForCausalLM.from_pretrained(out / "last")
+
+
+def worker_with_rank(launcher: int, rank: int):
+    """The pid of torchrun's worker process of the given rank (its children, read from /proc), or None."""
+    try:
+        children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
+    except OSError:
+        return None
+    for child in map(int, children):
+        try:
+            environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ:
+            return child
+    return None
+
+
+@pytest.mark.slow  # 2 launches of 2 processes
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds torchrun's workers through /proc")
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tiny, tmp_path):
+    """SIGTERM to rank 1 only (a node preempted first): both ranks save the same step, exit 143; resumed
+    under torchrun, the run ends bit-identical to a straight one."""
+    out = tmp_path / "stopped"
+    common = {"enable_fsdp": True, "optimizer": "AdamW", "lr": 1e-3, "num_epochs": 30, "max_train_step": 80,
+              "run_validation": False}
+    stopped = flags(tiny, None, out, 2, common)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), "finetuning.py"]
+    for key, value in stopped.items():
+        command += [f"--{key}", str(value)]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    deadline, sent = time.time() + 200, False
+    while time.time() < deadline and process.poll() is None and not sent:
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and metrics.read_text().count('"train"') >= 3:
+            worker = worker_with_rank(process.pid, 1)
+            if worker is not None:
+                os.kill(worker, signal.SIGTERM)
+                sent = True
+        time.sleep(0.02)
+    output, _ = process.communicate(timeout=200)
+    assert sent and process.returncode != 0, output[-4000:]
+    state = json.loads((out / "last" / "trainer_state.json").read_text())
+    step = state["global_step"]
+    assert 3 <= step < 80, output[-4000:]
+    assert f"interrupted: stopped by SIGTERM at step {step}" in output
+    saved = {p.name for p in (out / "last").resolve().iterdir()}
+    assert {"rng_rank0.pt", "rng_rank1.pt", "model.safetensors", "optimizer.pt"} <= saved
+
+    resumed = {"flags": {**stopped, "resume_from": str(out)}}
+    straight = {"flags": flags(tiny, None, tmp_path / "straight", 2, common)}
+    wait(launch([resumed, straight], tmp_path, "after", 2), tmp_path, "after")
+    a, b = saved_weights(out), saved_weights(tmp_path / "straight")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "train"]
+    assert steps == list(range(1, 81))

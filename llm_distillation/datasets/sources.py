@@ -124,6 +124,9 @@ def _read_file(path: str):
     return data
 
 
+FULL_CHECK_BYTES = 512 * 2**20
+
+
 def first_row(source: str) -> Optional[dict]:
     """A local source's first example, checked (None for Hub ids and saved datasets): what a run's inputs
     check reads before any data set is loaded."""
@@ -141,8 +144,8 @@ def first_row(source: str) -> Optional[dict]:
         return None
     if os.path.getsize(source) == 0:
         raise UserError(f"{source}: no examples")
-    if source.endswith(".jsonl"):
-        row = check_json_lines(source, limit=1)
+    if source.endswith(".jsonl"):  # every line up to 512 MB (seconds), else the first thousand
+        row = check_json_lines(source, limit=None if os.path.getsize(source) < FULL_CHECK_BYTES else 1000)
         if row is None:
             raise UserError(f"{source}: no examples")
         return row
