@@ -60,6 +60,11 @@ TWO_PROCESS = {
     "pure_bf16_fsdp": ({**FSDP_TEACHER, "pure_bf16": True, "distillation_config.pure_bf16": True}, "pure_bf16_fsdp"),
     "ddp_methods": (METHODS, "methods"),
     "fsdp_methods": ({**METHODS, "enable_fsdp": True, "save_step": 3, "save_all": True}, "methods"),
+    # a student with its own tokenizer, answer tokens paired by text (alignment groups in the batches)
+    "fsdp_projected_text": ({**FSDP_TEACHER, "model_name": "OTHER", "distillation_config.loss": "projected",
+                             "save_step": 3, "save_all": True}, "projected_text"),
+    "ddp_hybrid_text": ({"model_name": "OTHER", "distillation_config.loss": "hybrid", "max_train_step": 2},
+                        "hybrid_text"),  # ULD on the unshared tokens: compared over 2 steps, as ULD above
 }
 ONE_PROCESS = {
     "plain": {},
@@ -68,12 +73,14 @@ ONE_PROCESS = {
     "adamw": {"optimizer": "AdamW", "lr": 1e-3},
     "lora": LORA,
     "methods": METHODS,
+    "projected_text": {"model_name": "OTHER", "distillation_config.loss": "projected"},
+    "hybrid_text": {"model_name": "OTHER", "distillation_config.loss": "hybrid", "max_train_step": 2},
     # bf16 runs are compared with the same FSDP precision policy in one process (a one-process group)
     "mixed_precision_fsdp": TWO_PROCESS["mixed_precision_fsdp"][0],
     "pure_bf16_fsdp": TWO_PROCESS["pure_bf16_fsdp"][0],
 }
 BF16 = {"mixed_precision_fsdp", "pure_bf16_fsdp"}
-RESUMED = ("adamw_fsdp", "lora_fsdp", "fsdp_methods")  # resumed from their step-3 checkpoints, in the same launch
+RESUMED = ("adamw_fsdp", "lora_fsdp", "fsdp_methods", "fsdp_projected_text")  # resumed from their step-3 checkpoints, in the same launch
 
 
 def free_port() -> int:
@@ -84,7 +91,8 @@ def free_port() -> int:
 
 def flags(tiny, tied: str, out: Path, batch: int, extra: dict) -> dict:
     """6 optimizer steps of 2 micro-batches; SGD, constant rate, no dropout (the Llama student; same
-    tokenizer as the teacher, so the loss is CE + KL unless a case asks for ULD)."""
+    tokenizer as the teacher, so the loss is CE + KL unless a case asks for ULD; "OTHER": the GPT-NeoX
+    student with its own tokenizer, without dropout)."""
     f = {"model_name": tiny["student_same"], "dataset.file": tiny["loader"], "output_dir": str(out),
          "distillation": True, "distillation_config.model_name": tiny["teacher"], "optimizer": "SGD", "lr": 0.5,
          "scheduler": "constant", "batch_size_training": batch, "gradient_accumulation_steps": 2,
@@ -92,7 +100,23 @@ def flags(tiny, tied: str, out: Path, batch: int, extra: dict) -> dict:
     f.update(extra)
     if f["model_name"] == "TIED":
         f["model_name"] = tied
+    if f["model_name"] == "OTHER":
+        f["model_name"] = other_student(tiny)
     return f
+
+
+def other_student(tiny) -> str:
+    """The cross-tokenizer student without dropout (2 processes draw other dropout masks than 1)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(tiny["root"]) / "student_no_dropout"
+    if not path.exists():
+        config = AutoConfig.from_pretrained(tiny["student"])
+        config.hidden_dropout = config.attention_dropout = 0.0
+        model = AutoModelForCausalLM.from_pretrained(tiny["student"], config=config)
+        model.save_pretrained(path)
+        AutoTokenizer.from_pretrained(tiny["student"]).save_pretrained(path)
+    return str(path)
 
 
 @pytest.fixture(scope="module")
