@@ -73,3 +73,24 @@ def test_bad_flags_are_refused(capsys):
     with pytest.raises(SystemExit):
         demo.main(regimes="warm")
     assert "--regimes must be a comma-separated subset of random, pretrained" in capsys.readouterr().err
+
+
+def test_the_uld_study_measures_the_gradient_uld_really_has():
+    """examples/tiny/uld_study.py's sorted-L1 gradient is the library's ULD gradient at one position, and
+    it raises the student's top token whenever the teacher is more confident, right or wrong."""
+    import torch
+
+    from examples.tiny import uld_study
+    from llm_recipes.losses import uld_loss
+
+    torch.manual_seed(0)
+    z_s, z_t = torch.randn(7, dtype=torch.float64), torch.randn(5, dtype=torch.float64) * 4
+    ours = uld_study.sorted_l1_gradient(z_s, z_t)
+    student = z_s.clone().reshape(1, 1, 7).requires_grad_(True)
+    labels = torch.tensor([[-100, 3]])  # one answer position: the logits at index 0 predict label 3
+    logits = torch.cat([student, torch.zeros(1, 1, 7, dtype=torch.float64)], 1)
+    teacher = torch.cat([z_t.reshape(1, 1, 5), torch.zeros(1, 1, 5, dtype=torch.float64)], 1)
+    uld_loss(logits, labels, teacher, torch.tensor([[-100, 2]]), skip_student_eos=False).backward()
+    assert torch.allclose(ours, student.grad.reshape(7), atol=1e-12)
+    top = int(z_s.argmax())
+    assert torch.softmax(z_t, -1).max() > torch.softmax(z_s, -1).max() and -ours[top] > 0  # raised, right or wrong

@@ -38,7 +38,8 @@ ULD_ROWS = tuple(
     demo.Row(f"ULD {alignment} {factor:g}" + (" T=2" if temperature != 1 else ""), "student", "uld", alignment,
              {"distillation_config.loss": "uld", "distillation_config.alignment": alignment,
               "distillation_config.distil_factor": factor,
-              **({"distillation_config.temperature": temperature} if temperature != 1 else {})})
+              **({"distillation_config.student_temperature": temperature,
+                  "distillation_config.teacher_temperature": temperature} if temperature != 1 else {})})
     for alignment, factor, temperature in (("index", 0.1, 1), ("index", 0.5, 1), ("text", 0.1, 1), ("text", 0.5, 1),
                                            ("text", 1.5, 2)))
 # the demo's own rows at the seeds' factor (their folders are reused), SFT and the projected teacher
