@@ -19,6 +19,9 @@ class distillation_config:
     tokenizer_name: Optional[str] = _distillation(None, "teacher tokenizer; None: the teacher model's own")
     encoder_decoder: bool = _distillation(False, "teacher is a seq2seq model")
     trust_remote_code: bool = _distillation(False, "only on request: runs code shipped with the teacher")
+    teacher_cache: Optional[str] = _distillation(
+        None, "a folder written by python -m llm_distillation.cache_teacher: the teacher's cached top-K distributions "
+              "replace its forward pass (its weights are never loaded; its tokenizer comes from the cache)")
 
     # teacher placement and precision
     enable_fsdp: bool = option(False, "shard the teacher with FSDP2 too (frozen, never in the optimizer)",

@@ -260,10 +260,32 @@ def validate_methods(run: RunConfig, spelled: dict) -> None:
         if t.encoder_decoder or d.encoder_decoder:
             raise UserError("--distillation_config.hidden_positions all needs two causal models (an encoder-decoder "
                             "decoder does not see the prompt): use hidden_positions answer")
+    validate_teacher_cache(run, spelled)
     freezing = [f"--{name}" for name in ("freeze_regex", "unfreeze_regex", "spectrum_yaml") if getattr(t, name)]
     if freezing and t.use_peft:
         raise UserError(f"{freezing[0]} chooses which student weights train, but --use_peft trains only a LoRA "
                         "adapter: drop one of the two")
+
+
+LIVE_TEACHER_FLAGS = ("enable_fsdp", "pure_bf16", "mixed_precision", "use_fp16", "use_fast_kernels", "sharding_strategy",
+                      "fsdp_cpu_offload", "trust_remote_code", "tokenizer_name", "encoder_decoder")
+
+
+def validate_teacher_cache(run: RunConfig, spelled: dict) -> None:
+    """A cached teacher has no weights: no hidden-state or feature term, no flag about running it."""
+    d = run.distillation
+    if d.teacher_cache is None:
+        return
+    for name in ("hidden_weight", "feature_weight"):
+        if getattr(d, name) > 0:
+            raise UserError(f"--distillation_config.{name} needs the teacher's hidden states, which a teacher cache "
+                            "does not hold: drop --distillation_config.teacher_cache (train with the live teacher) "
+                            f"or the {name}")
+    for name in LIVE_TEACHER_FLAGS:
+        if f"distillation_config.{name}" in spelled:
+            raise UserError(f"{spelled[f'distillation_config.{name}']} has no effect with "
+                            "--distillation_config.teacher_cache (the teacher is not loaded; its tokenizer and "
+                            "kind come from the cache): remove it")
 
 
 # --------------------------------------------------------------------------------------------- plan

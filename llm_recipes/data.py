@@ -122,6 +122,8 @@ class PairedSplit:
     dropped_too_long: int = 0
     without_answer: int = 0
     alignment: dict = field(default_factory=dict)  # text-alignment figures (attach_alignment), {} without it
+    cache: Optional[object] = None  # teacher_cache.TeacherCache of this split (attach_teacher_cache)
+    cache_rows: Optional[list] = None  # per example: where its rows are in the cache
 
     def __len__(self) -> int:
         return len(self.student)
@@ -252,6 +254,24 @@ def attach_alignment(split: PairedSplit, student_tokenizer, teacher_tokenizer, p
                                alignment=figures)
 
 
+def attach_teacher_cache(split: PairedSplit, folder: str, name: str, teacher_tokenizer) -> PairedSplit:
+    """Find every example of the split in the teacher cache (by its teacher tokens), or refuse in one line
+    naming the first example that is not there."""
+    from llm_recipes.teacher_cache import TeacherCache
+
+    cache = TeacherCache(folder, name)
+    found = []
+    for i, (input_ids, labels) in enumerate(zip(split.teacher["input_ids"], split.teacher["labels"])):
+        where = cache.locate(input_ids, labels)
+        if where is None:
+            answer = teacher_tokenizer.decode([t for t in labels if t != IGNORE_INDEX])
+            raise UserError(f"the teacher cache {folder} has no rows for {name} example {i} (teacher answer "
+                            f"{answer[:60]!r}): it was written for other data, prompts or teacher tokenizer; write it "
+                            "again with the same --dataset.* flags (python -m llm_distillation.cache_teacher)")
+        found.append(where)
+    return dataclasses.replace(split, cache=cache, cache_rows=found)
+
+
 def one_to_one_share(batch: dict) -> float:
     """Share of 1:1 text-aligned groups in a collated batch (the start-up report)."""
     one = total = 0
@@ -345,6 +365,13 @@ class PairedBatches(torch.utils.data.Dataset):
         batch = {"student": collate(_rows(self.split.student, indices), self.student_pad_id)}
         if self.split.teacher is not None:
             batch["teacher"] = collate(_rows(self.split.teacher, indices), self.teacher_pad_id)
+        if self.split.cache is not None:  # the teacher's cached rows where its hidden states would be
+            from llm_recipes.teacher_cache import scatter_rows
+
+            cache = self.split.cache
+            rows = [cache.packed(self.split.cache_rows[i]) for i in indices]
+            batch["teacher"]["cache"] = scatter_rows(rows, batch["teacher"]["labels"], cache.meta.encoder_decoder,
+                                                     2 * cache.k + 1)
         if placeholder:
             for side in batch.values():
                 side["labels"].fill_(IGNORE_INDEX)

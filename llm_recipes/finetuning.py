@@ -100,7 +100,7 @@ def load_models(run: RunConfig, plan: RunPlan, resume: Optional[Path], info: dis
         student = (lora.load_lora_checkpoint(student, str(resume)) if resume is not None
                    else lora.add_lora(student, run.lora, t.encoder_decoder))
     teacher = None
-    if plan.uses_teacher:
+    if plan.uses_teacher and d.teacher_cache is None:  # a cached teacher is never loaded
         teacher = models.load_model(d.model_name, encoder_decoder=d.encoder_decoder, dtype=dtype_of(d.pure_bf16),
                                     trust_remote_code=d.trust_remote_code,
                                     attn_implementation="sdpa" if d.use_fast_kernels else None, what="teacher model")
@@ -152,27 +152,33 @@ def loss_spec(run: RunConfig, plan: RunPlan, student_tokenizer, teacher_tokenize
         shared_tokens=artifacts.shared_tokens)
 
 
-def load_data(run: RunConfig, plan: RunPlan, tokenizers: tuple, student, teacher, projection_map, info):
-    """(train split, validation split or None): the loader file called once per tokenizer, paired, and
-    aligned by text when the plan says so."""
+def load_data(run: RunConfig, plan: RunPlan, tokenizers: tuple, student, teacher, projection_map, info,
+              cache=None):
+    """(train split, validation split or None): the loader file called once per tokenizer, paired, aligned
+    by text when the plan says so, and found in the teacher cache when there is one (`cache`: its metadata)."""
     student_tokenizer, teacher_tokenizer = tokenizers
     t, d = run.train, run.distillation
-    teacher_config = None
-    if t.distillation:
+    teacher_name, teacher_encoder_decoder, teacher_max = d.model_name, d.encoder_decoder, None
+    if cache is not None:  # the examples the cache was written for: its teacher's prompts, kind and length limit
+        teacher_name, teacher_encoder_decoder, teacher_max = cache.teacher, cache.encoder_decoder, cache.max_positions
+    elif t.distillation:
         teacher_config = teacher.config if teacher is not None else models.load_config(
             d.model_name, trust_remote_code=d.trust_remote_code, what="teacher model")
+        teacher_max = models.max_positions(teacher_config)
     loader = data.import_loader(run.dataset.file)
     split_args = dict(student_tokenizer=student_tokenizer, student_name=t.model_name,
                       student_encoder_decoder=t.encoder_decoder,
                       student_max=models.max_positions(student.config, t.context_length),
-                      teacher_tokenizer=teacher_tokenizer, teacher_name=d.model_name,
-                      teacher_encoder_decoder=d.encoder_decoder,
-                      teacher_max=models.max_positions(teacher_config) if teacher_config is not None else None)
-    splits = [data.build_paired_split(loader, run.dataset, name, **split_args)
-              for name in (("train", "validation") if t.run_validation else ("train",))]
+                      teacher_tokenizer=teacher_tokenizer, teacher_name=teacher_name,
+                      teacher_encoder_decoder=teacher_encoder_decoder, teacher_max=teacher_max)
+    names = ("train", "validation") if t.run_validation else ("train",)
+    splits = [data.build_paired_split(loader, run.dataset, name, **split_args) for name in names]
     if plan.text_groups:
         splits = [data.attach_alignment(split, student_tokenizer, teacher_tokenizer, projection_map)
                   for split in splits]
+    if cache is not None and plan.loss is not None:
+        splits = [data.attach_teacher_cache(split, d.teacher_cache, name, teacher_tokenizer)
+                  for split, name in zip(splits, names)]
     if info.is_main:
         for name, split in zip(("train", "validation"), splits):
             print(f"{name}: {len(split)} examples ({split.dropped_too_long} dropped as too long, "
@@ -283,11 +289,15 @@ def setup(run: RunConfig) -> TrainState:
     student_tokenizer, teacher_tokenizer, plan = checked.student_tokenizer, checked.teacher_tokenizer, checked.plan
     if t.distillation and not plan.uses_teacher and info.is_main:
         print("distil_factor 0: plain fine-tuning on the loader's labels; the teacher model is not loaded")
+    elif checked.cache is not None and info.is_main:
+        c = checked.cache
+        print(f"teacher: the cache {run.distillation.teacher_cache} of {c.teacher} (top {c.topk} of {c.vocab_size:,} "
+              f"ids, {c.storage}, temperature {c.temperature:g}); the teacher model is not loaded")
     student, teacher = load_models(run, plan, checked.resume, info)
     artifacts = pair_artifacts(plan, student_tokenizer, teacher_tokenizer, output, info)
     spec = loss_spec(run, plan, student_tokenizer, teacher_tokenizer, artifacts)
     train_split, val_split = load_data(run, plan, (student_tokenizer, teacher_tokenizer), student, teacher,
-                                       artifacts.projection_map, info)
+                                       artifacts.projection_map, info, checked.cache)
     per_epoch, total_steps = schedule(run, len(train_split), info.world_size)
     pad_ids = (student_tokenizer.pad_token_id,
                teacher_tokenizer.pad_token_id if teacher_tokenizer is not None else None)
@@ -298,7 +308,7 @@ def setup(run: RunConfig) -> TrainState:
     distributed.release(student)
     distributed.release(placed.teacher)
     placed = add_projections(run, placed, layers, checked.resume, info)
-    objective_ = objective.build_objective(run, plan.distil_factor, spec, layers)
+    objective_ = objective.build_objective(run, plan.distil_factor, spec, layers, checked.cache)
     first = next(data.train_micro_batches(len(train_split), 0, t.seed, t.batch_size_training, 1, info.world_size,
                                           info.rank))
     report_setup(run, plan, placed, objective_, data.PairedBatches(train_split, *pad_ids)[first], info)

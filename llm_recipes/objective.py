@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from functools import partial
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import nn
 
-from llm_recipes import intermediate, models
+from llm_recipes import intermediate, models, teacher_cache
 from llm_recipes.data import batch_alignment
 from llm_recipes.losses import LossSpec, count_units as count_logit_units, distillation_terms
 from llm_recipes.losses.hidden import RowPairs, hidden_row_pairs, hidden_states_sum
@@ -66,16 +67,24 @@ class Objective:
     distillation: object  # distillation_config (teacher precision, hidden-state and feature settings)
     layers: Optional[intermediate.LayerPlan] = None  # hidden-state / feature layers, None when both are off
     uses_teacher: bool = False  # run the teacher's forward (a logit, hidden-state or feature term needs it)
+    cached_teacher_head: Optional[Callable] = None  # with a teacher cache: its packed rows -> teacher logits
 
 
-def build_objective(run, distil_factor: float, spec: LossSpec, layers: Optional[intermediate.LayerPlan]) -> Objective:
+def build_objective(run, distil_factor: float, spec: LossSpec, layers: Optional[intermediate.LayerPlan],
+                    cache=None) -> Objective:
+    """The run's terms and weights; `cache` (teacher_cache.CacheMeta): the teacher's logits come from it."""
     t, d = run.train, run.distillation
+    head = None
+    if cache is not None:
+        head = partial(teacher_cache.dense_logits, vocab_size=cache.vocab_size, k=cache.topk,
+                       temperature=cache.temperature)
     weights = {"ce": d.cross_entropy_factor if t.distillation else 1.0,
                "distill": distil_factor if spec.name != SFT_ONLY else 0.0,
                "hidden": d.hidden_weight if layers is not None and layers.hidden_pairs else 0.0,
                "feature": d.feature_weight if layers is not None and layers.feature_pairs else 0.0}
     active = tuple(name for name in Counts._fields if name == "ce" or weights[name] > 0)
-    return Objective(spec, weights, active, t, d, layers, uses_teacher=spec.name != SFT_ONLY or layers is not None)
+    return Objective(spec, weights, active, t, d, layers, uses_teacher=spec.name != SFT_ONLY or layers is not None,
+                     cached_teacher_head=head)
 
 
 def autocast(device: torch.device, mixed_precision: bool, use_fp16: bool):
@@ -119,10 +128,21 @@ def teacher_forward(objective: Objective, teacher: nn.Module, batch: dict, devic
             chunk_size=t.logits_chunk_size)
 
 
+class CachedPass(NamedTuple):
+    """What the loss engine reads of a teacher pass, from the cache: packed rows where hidden states would be."""
+
+    head_input: torch.Tensor
+
+
 def compute_terms(objective: Objective, models_: Models, batch: dict, device: torch.device) -> Terms:
     """Every active term of one micro-batch (on `device`), each summed over its units."""
     t, layers = objective.train, objective.layers
-    teacher = teacher_forward(objective, models_.teacher, batch, device) if objective.uses_teacher else None
+    teacher, teacher_head = None, None
+    if objective.cached_teacher_head is not None and objective.uses_teacher:  # rows of the cache, no forward
+        teacher, teacher_head = CachedPass(batch["teacher"]["cache"]), objective.cached_teacher_head
+    elif objective.uses_teacher:
+        teacher = teacher_forward(objective, models_.teacher, batch, device)
+        teacher_head = models.output_head(models_.teacher)
     with autocast(device, t.mixed_precision, t.use_fp16):
         states = None
         if layers is None:
@@ -135,7 +155,7 @@ def compute_terms(objective: Objective, models_: Models, batch: dict, device: to
             objective.spec, student_hidden, batch["student"]["labels"], models.output_head(models_.student_inner),
             teacher.head_input if teacher is not None else None,
             batch["teacher"]["labels"] if teacher is not None else None,
-            models.output_head(models_.teacher) if teacher is not None else None, alignment=batch_alignment(batch))
+            teacher_head, alignment=batch_alignment(batch))
         sums = {"ce": logit.ce_sum, "distill": logit.distill_sum}
         rows = 0
         if layers is not None:

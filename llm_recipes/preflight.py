@@ -27,6 +27,7 @@ class CheckedRun:
     student_tokenizer: object
     teacher_tokenizer: object  # None without --distillation
     plan: RunPlan
+    cache: Optional[object] = None  # teacher_cache.CacheMeta with --distillation_config.teacher_cache
 
 
 def check_embedding(tokenizer, model_name: str, trust_remote_code: bool, what: str) -> None:
@@ -58,6 +59,38 @@ def check_data(run: RunConfig) -> None:
     check_source(task, run.dataset.source, answer_column)
 
 
+def check_cache(run: RunConfig):
+    """--distillation_config.teacher_cache: a complete cache, for the teacher the run names (if it names one),
+    whose stored tokenizer is the one it was written with; returns (its metadata, that tokenizer)."""
+    from llm_recipes import teacher_cache
+
+    d = run.distillation
+    meta = teacher_cache.read_meta(d.teacher_cache)
+    if not meta.complete:
+        raise UserError(f"the teacher cache {d.teacher_cache} is incomplete (its writer stopped): run the same "
+                        "python -m llm_distillation.cache_teacher command again to finish it")
+    if "distillation_config.model_name" in run.given and d.model_name != meta.teacher:
+        raise UserError(f"the teacher cache {d.teacher_cache} was written for the teacher {meta.teacher}, not "
+                        f"{d.model_name}: drop --distillation_config.model_name or write a cache for that teacher")
+    tokenizer = models.load_tokenizer(d.teacher_cache, what="teacher tokenizer (from the cache)")
+    if teacher_cache.tokenizer_fingerprint(tokenizer) != meta.tokenizer_fingerprint or len(tokenizer) != meta.vocab_size:
+        raise UserError(f"the tokenizer in the teacher cache {d.teacher_cache} is not the one its rows were written "
+                        "with: write the cache again")
+    return meta, tokenizer
+
+
+def check_cache_temperature(run: RunConfig, plan: RunPlan, meta) -> None:
+    """The loss's teacher temperature is the one the cached log-probabilities were taken at."""
+    d = run.distillation
+    if plan.loss is None:
+        return
+    name = "teacher_temperature" if plan.loss.family in ("uld", "multilevel_ot") else "temperature"
+    if getattr(d, name) != meta.temperature:
+        raise UserError(f"--distillation_config.{name} is {getattr(d, name)} but the teacher cache "
+                        f"{d.teacher_cache} holds log-probabilities at temperature {meta.temperature}: use that "
+                        "temperature or write a cache at this one (cache_teacher --temperature)")
+
+
 def _collect(problems: list[str]) -> Callable:
     def attempt(check: Callable, *args):
         try:
@@ -85,8 +118,10 @@ def check_run(run: RunConfig) -> CheckedRun:
         what="student tokenizer" if t.tokenizer_name else "student model"))
     if student is not None:
         attempt(check_embedding, student, t.model_name, t.trust_remote_code, "student model")
-    teacher = None
-    if t.distillation:
+    teacher = cache = None
+    if t.distillation and d.teacher_cache:
+        cache, teacher = attempt(check_cache, run) or (None, None)
+    elif t.distillation:
         teacher = attempt(lambda: models.load_tokenizer(
             d.tokenizer_name or d.model_name, trust_remote_code=d.trust_remote_code,
             what="teacher tokenizer" if d.tokenizer_name else "teacher model"))
@@ -94,6 +129,8 @@ def check_run(run: RunConfig) -> CheckedRun:
             attempt(check_embedding, teacher, d.model_name, d.trust_remote_code, "teacher model")
     plan = attempt(resolve_plan, run, student, teacher) if student is not None and (teacher or not t.distillation) \
         else None
+    if plan is not None and cache is not None:
+        attempt(check_cache_temperature, run, plan, cache)
     if problems:
         raise UserErrors(list(dict.fromkeys(problems)))
-    return CheckedRun(resume, student, teacher, plan)
+    return CheckedRun(resume, student, teacher, plan, cache)
