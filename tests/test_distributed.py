@@ -65,6 +65,8 @@ TWO_PROCESS = {
                              "save_step": 3, "save_all": True}, "projected_text"),
     "ddp_hybrid_text": ({"model_name": "OTHER", "distillation_config.loss": "hybrid", "max_train_step": 2},
                         "hybrid_text"),  # ULD on the unshared tokens: compared over 2 steps, as ULD above
+    # the teacher's whole distribution from a cache (float32): each rank reads its own examples' rows
+    "ddp_teacher_cache": ({"distillation_config.teacher_cache": "CACHE"}, "plain"),
 }
 ONE_PROCESS = {
     "plain": {},
@@ -102,7 +104,22 @@ def flags(tiny, tied: str, out: Path, batch: int, extra: dict) -> dict:
         f["model_name"] = tied
     if f["model_name"] == "OTHER":
         f["model_name"] = other_student(tiny)
+    if f.get("distillation_config.teacher_cache") == "CACHE":
+        f["distillation_config.teacher_cache"] = full_teacher_cache(tiny)
     return f
+
+
+def full_teacher_cache(tiny) -> str:
+    """The tiny teacher's whole distribution at every answer row of the fixtures' data (float32)."""
+    from configs.datasets import dataset
+    from llm_distillation import cache_teacher
+
+    path = Path(tiny["root"]) / "teacher_cache_full"
+    if not (path / "cache.json").exists():
+        cache_teacher.write_cache(cache_teacher.CacheArgs(model_name=tiny["teacher"], output_dir=str(path),
+                                                          topk=10**6, storage="float32", progress=False),
+                                  dataset(file=tiny["loader"]))
+    return str(path)
 
 
 def other_student(tiny) -> str:
