@@ -64,6 +64,9 @@ class GenerateArgs:
     trust_remote_code: bool = option(False, "run the model repository's own code (only for repositories you trust)")
     stop_at_newline: bool = option(True, "stop a row at its first newline (same first line, far fewer tokens)")
     skip_too_long: bool = option(False, "leave out prompts longer than the model accepts instead of failing")
+    save_teacher_topk: int = option(
+        0, "also cache the teacher's top-K distributions over these answers in OUTPUT_DIR/teacher_cache (train with "
+           "--distillation_config.teacher_cache, sequence-level KD without the teacher); 0: no cache")
     progress: bool = option(True, "tqdm progress bars")
 
 
@@ -188,6 +191,8 @@ def validate(args: GenerateArgs) -> None:
         raise UserError(f"--number_of_examples must be at least 1, got {args.number_of_examples}")
     if not 0 <= args.val_fraction < 1:
         raise UserError(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
+    if args.save_teacher_topk < 0:
+        raise UserError(f"--save_teacher_topk must be 0 (no cache) or a positive K, got {args.save_teacher_topk}")
 
 
 def generate(args: GenerateArgs) -> dict:
@@ -257,7 +262,35 @@ def generate(args: GenerateArgs) -> dict:
     (output / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     print(f"{summary['kept']} answers kept ({summary['dropped_empty']} empty dropped, {dropped_too_long} too long "
           f"left out): {summary['train']} train, {summary.get('validation', 0)} validation in {output}")
+    if args.save_teacher_topk:
+        summary["teacher_cache"] = cache_answers(args, output, column, model)
     return summary
+
+
+def cache_answers(args: GenerateArgs, output: Path, column: str, model) -> dict:
+    """The teacher cache of the generated answers, with the model already in memory: the examples a run with
+    `--dataset.file <the task's loader> --dataset.source OUTPUT_DIR --dataset.answer_column COLUMN` builds."""
+    from configs.datasets import dataset
+    from configs.paths import LOADERS_DIR
+    from llm_distillation import cache_teacher
+    from llm_recipes import models
+
+    loader = Path(LOADERS_DIR) / f"{args.task}.py"
+    splits = "train,validation" if args.val_fraction > 0 else "train"
+    cache_args = cache_teacher.CacheArgs(
+        model_name=args.model_name, output_dir=str(output / "teacher_cache"), topk=args.save_teacher_topk,
+        tokenizer_name=args.tokenizer_name, trust_remote_code=args.trust_remote_code, bf16=args.bf16,
+        batch_size=args.batch_size, splits=splits, progress=args.progress)
+    tokenizer = models.load_tokenizer(args.tokenizer_name or args.model_name, trust_remote_code=args.trust_remote_code,
+                                      what="teacher tokenizer")
+    result = cache_teacher.write_cache(
+        cache_args, dataset(file=str(loader), source=str(output), answer_column=column, few_shot=args.few_shot,
+                            seed=args.seed), model=model, tokenizer=tokenizer)
+    extra = (f" --dataset.few_shot {args.few_shot}" if args.few_shot is not None else "") + \
+        (f" --dataset.seed {args.seed}" if args.seed != 42 else "")
+    print(f"train from it with: --dataset.file {loader} --dataset.source {output} --dataset.answer_column {column}"
+          f"{extra} --distillation_config.teacher_cache {output / 'teacher_cache'}")
+    return result
 
 
 COMMAND = flags.Command(program="python -m llm_distillation.generate", summary=__doc__.strip().splitlines()[0],

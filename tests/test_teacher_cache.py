@@ -183,3 +183,21 @@ def test_the_bytes_per_row(tiny, tmp_path):
     # ids 8 x 4 + log-probs 8 x 2 + tail 4 = 52 bytes per row, plus per example an offset and a hash
     assert 52 <= summary["bytes_per_row"] <= 52 + 24 * 60 / summary["answer_rows"] + 2000 / summary["answer_rows"]
     assert math.isclose(summary["bytes"], sum(p.stat().st_size for p in (tmp_path / "k8").glob("*.safetensors")))
+
+
+def test_generate_caches_the_teachers_own_answers(tmp_path):
+    """--save_teacher_topk: the answers and their cache in one pass of the loaded teacher; a run with the
+    printed flags trains from it."""
+    from configs.paths import TINY_QA_LOADER, TINY_STUDENT, TINY_TEACHER
+    from llm_distillation import generate
+
+    out = tmp_path / "answers"
+    generate.main(model_name=TINY_TEACHER, task="tiny_qa", split="train", number_of_examples=24, output_dir=str(out),
+                  max_new_tokens=16, batch_size=12, save_teacher_topk=16, progress=False)
+    meta = teacher_cache.read_meta(str(out / "teacher_cache"))
+    assert meta.complete and meta.topk == 16 and set(meta.splits) == {"train", "validation"}
+    result = train(parse_flags({"model_name": TINY_STUDENT, "dataset.file": TINY_QA_LOADER,
+                                "dataset.source": str(out), "dataset.answer_column": "answers_generated",
+                                "distillation": True, "distillation_config.teacher_cache": str(out / "teacher_cache"),
+                                "output_dir": str(tmp_path / "run"), "max_train_step": 2, "batch_size_training": 4}))
+    assert result["state"]["global_step"] == 2 and math.isfinite(result["eval"]["eval_distill"])
