@@ -14,6 +14,7 @@ epochs: log every --log_every steps, validate and save every --save_step steps a
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import signal
@@ -139,10 +140,14 @@ def pair_artifacts(plan: RunPlan, student_tokenizer, teacher_tokenizer, output: 
 
 
 def loss_spec(run: RunConfig, plan: RunPlan, student_tokenizer, teacher_tokenizer,
-              artifacts: PairArtifacts = PairArtifacts()) -> LossSpec:
+              artifacts: PairArtifacts = PairArtifacts(), cache=None) -> LossSpec:
+    """The logit term's spec. From a top-K teacher cache, ULD is top-K ULD (the K cached probabilities rank by
+    rank, the rest one bucket): exactly what the cache determines."""
     from llm_recipes.losses.projection import Projection
 
     t, d = run.train, run.distillation
+    if cache is not None and plan.loss is not None and plan.loss.family == "uld" and cache.topk < cache.vocab_size:
+        d = dataclasses.replace(d, uld_top_k=min(d.uld_top_k or cache.topk, cache.topk))
     projection = Projection(artifacts.projection_map) if artifacts.projection_map is not None else None
     return LossSpec.from_config(
         d, name=plan.loss_name, student_vocab_size=len(student_tokenizer),
@@ -295,7 +300,7 @@ def setup(run: RunConfig) -> TrainState:
               f"ids, {c.storage}, temperature {c.temperature:g}); the teacher model is not loaded")
     student, teacher = load_models(run, plan, checked.resume, info)
     artifacts = pair_artifacts(plan, student_tokenizer, teacher_tokenizer, output, info)
-    spec = loss_spec(run, plan, student_tokenizer, teacher_tokenizer, artifacts)
+    spec = loss_spec(run, plan, student_tokenizer, teacher_tokenizer, artifacts, checked.cache)
     train_split, val_split = load_data(run, plan, (student_tokenizer, teacher_tokenizer), student, teacher,
                                        artifacts.projection_map, info, checked.cache)
     per_epoch, total_steps = schedule(run, len(train_split), info.world_size)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import partial
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -74,10 +73,7 @@ def build_objective(run, distil_factor: float, spec: LossSpec, layers: Optional[
                     cache=None) -> Objective:
     """The run's terms and weights; `cache` (teacher_cache.CacheMeta): the teacher's logits come from it."""
     t, d = run.train, run.distillation
-    head = None
-    if cache is not None:
-        head = partial(teacher_cache.dense_logits, vocab_size=cache.vocab_size, k=cache.topk,
-                       temperature=cache.temperature)
+    head = teacher_cache.CachedHead(cache.vocab_size, cache.topk, cache.temperature) if cache is not None else None
     weights = {"ce": d.cross_entropy_factor if t.distillation else 1.0,
                "distill": distil_factor if spec.name != SFT_ONLY else 0.0,
                "hidden": d.hidden_weight if layers is not None and layers.hidden_pairs else 0.0,

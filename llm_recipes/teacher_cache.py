@@ -192,18 +192,43 @@ def check_ids_fit(vocab_size: int) -> None:
                         "(2^24 ids at most)")
 
 
-def dense_logits(packed: torch.Tensor, vocab_size: int, k: int, temperature: float) -> torch.Tensor:
-    """Teacher logits [n, V] (float32) rebuilt from packed cache rows [n, 2K + 1]: softmax(logits / T) is
-    the cached top-K log-probabilities where they are and the tail mass spread evenly over the other
-    V - K ids. The losses apply their temperature T (which must be the cache's) to these."""
+def dense_logits(packed: torch.Tensor, vocab_size: int, k: int, temperature: float,
+                 student_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Teacher logits [n, V] (float32) rebuilt from packed cache rows [n, 2K + 1], such that softmax(logits / T)
+    is the cached top-K probabilities where they are, and the tail mass (the rest) spread over the other ids:
+    evenly, or, given the student's logits over the same vocabulary, in proportion to the student's own
+    probabilities there. With the student-shaped tail, every divergence of the KL family computes exactly
+    the divergence between the two distributions coarsened to the top-K ids plus one tail bucket, with its
+    exact gradient (within the tail the ratio of the two distributions is constant). The losses apply their
+    temperature T (the cache's) to these logits."""
     ids = packed[:, :k].long()
     logprobs = packed[:, k:2 * k]
     tail = packed[:, 2 * k]
     rest = vocab_size - k
-    fill = tail - math.log(rest) if rest > 0 else torch.full_like(tail, -math.inf)
-    out = fill[:, None].expand(-1, vocab_size).clone()
+    if rest == 0:
+        out = torch.full((packed.shape[0], vocab_size), -math.inf, device=packed.device)
+    elif student_logits is not None:
+        log_q = torch.log_softmax(student_logits.detach().float() / temperature, dim=-1)
+        log_q_tail = torch.logsumexp(log_q.scatter(1, ids, -math.inf), dim=-1)
+        out = log_q + (tail - log_q_tail)[:, None]
+    else:
+        out = (tail - math.log(rest))[:, None].expand(-1, vocab_size).clone()
     out.scatter_(1, ids, logprobs)
     return out.mul_(temperature)
+
+
+@dataclass(frozen=True)
+class CachedHead:
+    """The teacher's "output layer" when its rows come from the cache: packed rows -> teacher logits. The loss
+    engine passes the student's logits for same-vocabulary divergences (`dense_logits`'s student-shaped tail)."""
+
+    vocab_size: int
+    k: int
+    temperature: float
+    takes_student = True
+
+    def __call__(self, packed: torch.Tensor, student_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return dense_logits(packed, self.vocab_size, self.k, self.temperature, student_logits)
 
 
 def scatter_rows(example_rows: list[Optional[torch.Tensor]], labels: torch.Tensor, encoder_decoder: bool,

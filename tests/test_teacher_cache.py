@@ -201,3 +201,43 @@ def test_generate_caches_the_teachers_own_answers(tmp_path):
                                 "distillation": True, "distillation_config.teacher_cache": str(out / "teacher_cache"),
                                 "output_dir": str(tmp_path / "run"), "max_train_step": 2, "batch_size_training": 4}))
     assert result["state"]["global_step"] == 2 and math.isfinite(result["eval"]["eval_distill"])
+
+
+@pytest.mark.parametrize("loss", ["kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"])
+def test_a_cached_divergence_is_the_divergence_of_the_top_k_plus_one_bucket(loss):
+    """Through the loss engine: from a top-K cache, every KL-family divergence equals (value and gradient)
+    the float64 divergence between teacher and student coarsened to the teacher's top-K ids plus one bucket
+    for the rest (the student-shaped tail makes the ratio constant inside the bucket)."""
+    from configs import distillation_config
+    from llm_recipes.losses import LossSpec, distillation_terms, table
+    from llm_recipes.losses.reference import divergence_of
+
+    torch.manual_seed(0)
+    n, vocab, k, temperature = 6, 40, 5, 2.0
+    teacher = torch.randn(n, vocab, dtype=torch.float64) * 3
+    student = (teacher + torch.randn(n, vocab, dtype=torch.float64)).requires_grad_(True)
+    ids, logprobs, tail = teacher_cache.summarize_rows(teacher, k, temperature, torch.float32)
+    packed = torch.cat([ids.float(), logprobs, tail[:, None]], 1)
+    labels = torch.full((1, n + 1), -100)
+    labels[0, 1:] = torch.randint(0, vocab, (n,))
+    spec = LossSpec.from_config(distillation_config(loss=loss, temperature=temperature), name=loss,
+                                student_vocab_size=vocab, teacher_vocab_size=vocab, same_tokenizer=True)
+    hidden = torch.cat([student, torch.zeros(1, vocab, dtype=torch.float64)])[None]
+    terms = distillation_terms(spec, hidden, labels, lambda rows: rows,
+                               torch.cat([packed, torch.zeros(1, 2 * k + 1)])[None], labels,
+                               teacher_cache.CachedHead(vocab, k, temperature), with_ce=False)
+    (grad,) = torch.autograd.grad(terms.distill_sum, student)
+
+    def coarse(probs):  # [n, V] -> [n, K + 1]: the teacher's top-K ids, then everything else
+        top = probs.gather(1, ids.long())
+        return torch.cat([top, 1 - top.sum(1, keepdim=True)], 1)
+
+    z = student.detach().clone().requires_grad_(True)
+    p = coarse(torch.softmax(teacher / temperature, -1))
+    q = coarse(torch.softmax(z / temperature, -1))
+    kind = table.LOSSES[loss].divergence
+    reference = divergence_of(p, q, kind).sum() * temperature**2
+    (reference_grad,) = torch.autograd.grad(reference, z)
+    value, reference = float(terms.distill_sum.detach()), float(reference.detach())
+    assert abs(value - reference) <= 1e-5 * abs(reference)
+    assert torch.allclose(grad, reference_grad, atol=1e-6, rtol=1e-4)

@@ -158,10 +158,13 @@ class _Batch:
     plans: dict  # chunk start -> plan, from a checkpointed chunk's first pass to its recompute
 
 
-def _teacher_logits(batch: _Batch, chunk: _Chunk) -> torch.Tensor:
-    """fp32 teacher logits [paired, V_t] of the chunk's paired rows, without gradient."""
+def _teacher_logits(batch: _Batch, chunk: _Chunk, student: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """fp32 teacher logits [paired, V_t] of the chunk's paired rows, without gradient. `student`: the paired
+    student logits over the same vocabulary, for a cached teacher's tail (llm_recipes.teacher_cache)."""
     with torch.no_grad():
-        t_logits = batch.teacher_head(batch.teacher_rows[chunk.start:chunk.start + chunk.paired])
+        rows = batch.teacher_rows[chunk.start:chunk.start + chunk.paired]
+        takes_student = student is not None and getattr(batch.teacher_head, "takes_student", False)
+        t_logits = batch.teacher_head(rows, student) if takes_student else batch.teacher_head(rows)
         vocab_t = batch.spec.teacher_vocab_size or t_logits.shape[-1]
         check_head_width(t_logits.shape[-1], vocab_t, "teacher")
         return t_logits[:, :vocab_t].float()
@@ -254,7 +257,7 @@ def _token_terms(batch: _Batch, chunk: _Chunk, z: torch.Tensor, targets: torch.T
     spec, opts = batch.spec, batch.spec.options
     vocab_s = spec.student_vocab_size or z.shape[-1]
     check_head_width(z.shape[-1], vocab_s, "student")
-    zt = _own(_teacher_logits(batch, chunk), batch.teacher_rows)
+    zt = _own(_teacher_logits(batch, chunk, z[: chunk.paired, :vocab_s]), batch.teacher_rows)
     if vocab_s != zt.shape[1]:
         raise UserError(
             f"student and teacher vocabularies differ ({vocab_s} vs {zt.shape[1]}); a same-tokenizer "
