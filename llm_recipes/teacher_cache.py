@@ -195,24 +195,26 @@ def check_ids_fit(vocab_size: int) -> None:
 def dense_logits(packed: torch.Tensor, vocab_size: int, k: int, temperature: float,
                  student_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Teacher logits [n, V] (float32) rebuilt from packed cache rows [n, 2K + 1], such that softmax(logits / T)
-    is the cached top-K probabilities where they are, and the tail mass (the rest) spread over the other ids:
-    evenly, or, given the student's logits over the same vocabulary, in proportion to the student's own
-    probabilities there. With the student-shaped tail, every divergence of the KL family computes exactly
-    the divergence between the two distributions coarsened to the top-K ids plus one tail bucket, with its
-    exact gradient (within the tail the ratio of the two distributions is constant). The losses apply their
-    temperature T (the cache's) to these logits."""
+    is the cached top-K probabilities where they are and the tail mass (the rest) spread over the other ids:
+    - given the student's logits over the same vocabulary: in proportion to the student's own probabilities
+      there. Every divergence of the KL family then computes exactly the divergence between the two
+      distributions coarsened to the top-K ids plus one tail bucket, with its exact gradient (within the
+      tail the ratio of the two distributions is constant);
+    - else evenly over the other V - K ids (measured closer to the live value than renormalising the top K
+      for the projected loss on the tiny pair: benchmarks/RESULTS.md).
+    The losses apply their temperature T (the cache's) to these logits."""
     ids = packed[:, :k].long()
     logprobs = packed[:, k:2 * k]
-    tail = packed[:, 2 * k]
+    rest_mass = packed[:, 2 * k]
     rest = vocab_size - k
     if rest == 0:
         out = torch.full((packed.shape[0], vocab_size), -math.inf, device=packed.device)
     elif student_logits is not None:
         log_q = torch.log_softmax(student_logits.detach().float() / temperature, dim=-1)
         log_q_tail = torch.logsumexp(log_q.scatter(1, ids, -math.inf), dim=-1)
-        out = log_q + (tail - log_q_tail)[:, None]
+        out = log_q + (rest_mass - log_q_tail)[:, None]
     else:
-        out = (tail - math.log(rest))[:, None].expand(-1, vocab_size).clone()
+        out = (rest_mass - math.log(rest))[:, None].expand(-1, vocab_size).clone()
     out.scatter_(1, ids, logprobs)
     return out.mul_(temperature)
 
