@@ -185,7 +185,8 @@ def training_costs(work: Path, epochs: int = 2) -> list[dict]:
     student = str(TINY_ASSETS / "student_pretrained")
     common = ["--model_name", student, "--num_epochs", str(epochs), "--batch_size_training", "16", "--lr", "2e-3",
               "--save_step", "0", "--save_model", "false", "--run_validation", "false", "--overwrite_output_dir"]
-    for name, teacher in (("tiny teacher (4 layers)", TINY_TEACHER), ("teacher 8x deeper (16 layers)", deep_teacher(work))):
+    teachers = (("tiny teacher (4 layers)", TINY_TEACHER), ("teacher 8x deeper (16 layers)", deep_teacher(work)))
+    for name, teacher in teachers:
         cache = work / f"timing-cache-{len(out)}"
         shutil.rmtree(cache, ignore_errors=True)
         write = timed([sys.executable, "-m", "llm_distillation.cache_teacher", "--model_name", teacher,

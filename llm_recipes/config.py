@@ -267,8 +267,8 @@ def validate_methods(run: RunConfig, spelled: dict) -> None:
                         "adapter: drop one of the two")
 
 
-LIVE_TEACHER_FLAGS = ("enable_fsdp", "pure_bf16", "mixed_precision", "use_fp16", "use_fast_kernels", "sharding_strategy",
-                      "fsdp_cpu_offload", "trust_remote_code", "tokenizer_name", "encoder_decoder")
+LIVE_TEACHER_FLAGS = ("enable_fsdp", "pure_bf16", "mixed_precision", "use_fp16", "use_fast_kernels",
+                      "sharding_strategy", "fsdp_cpu_offload", "trust_remote_code", "tokenizer_name", "encoder_decoder")
 
 
 def validate_teacher_cache(run: RunConfig, spelled: dict) -> None:

@@ -73,7 +73,8 @@ def check_cache(run: RunConfig):
         raise UserError(f"the teacher cache {d.teacher_cache} was written for the teacher {meta.teacher}, not "
                         f"{d.model_name}: drop --distillation_config.model_name or write a cache for that teacher")
     tokenizer = models.load_tokenizer(d.teacher_cache, what="teacher tokenizer (from the cache)")
-    if teacher_cache.tokenizer_fingerprint(tokenizer) != meta.tokenizer_fingerprint or len(tokenizer) != meta.vocab_size:
+    fingerprint = teacher_cache.tokenizer_fingerprint(tokenizer)
+    if fingerprint != meta.tokenizer_fingerprint or len(tokenizer) != meta.vocab_size:
         raise UserError(f"the tokenizer in the teacher cache {d.teacher_cache} is not the one its rows were written "
                         "with: write the cache again")
     return meta, tokenizer

@@ -478,5 +478,6 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tiny, tmp_path):
     wait(launch([resumed, straight], tmp_path, "after", 2), tmp_path, "after")
     a, b = saved_weights(out), saved_weights(tmp_path / "straight")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "train"]
+    records = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    steps = [r["step"] for r in records if r["type"] == "train"]
     assert steps == list(range(1, 81))

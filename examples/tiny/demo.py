@@ -11,8 +11,9 @@ answers the training questions (`llm_distillation.generate`); students learn fro
 
 Designed so that a gain of a few F1 points can be told from noise:
 - rows (ROWS): with the student's own tokenizer (cross-tokenizer) SFT, ULD paired by index at the
-  seeds' factor 1.5, ULD by text, the projected teacher, the hybrid, MultiLevelOT fast by text; with
-  the teacher's tokenizer SFT and forward KL (the same-tokenizer gain to recover);
+  seeds' factor 1.5, ULD by text, the projected teacher (live, and from a top-32 teacher cache), the
+  hybrid, MultiLevelOT fast by text; with the teacher's tokenizer SFT and forward KL (the
+  same-tokenizer gain to recover);
 - two student regimes: "random" (untrained students) and "pretrained" (language modelling on fresh
   contexts first: assets/tiny/*_pretrained for seed 0, the same recipe for the other seeds);
 - every row's learning rate is picked from LR_GRID by its validation F1 (seed 0, the 200-example
@@ -75,8 +76,11 @@ ROWS = (
     Row("SFT", "student", "none", None, {"distillation_config.distil_factor": 0}),
     Row("ULD index 1.5", "student", "uld", "index",
         {"distillation_config.loss": "uld", "distillation_config.alignment": "index"}),
-    Row("ULD text", "student", "uld", "text", {"distillation_config.loss": "uld", "distillation_config.alignment": "text"}),
+    Row("ULD text", "student", "uld", "text",
+        {"distillation_config.loss": "uld", "distillation_config.alignment": "text"}),
     Row("projected", "student", "projected", "text", {"distillation_config.loss": "projected"}),
+    Row("projected, cached teacher (K 32)", "student", "projected", "text",
+        {"distillation_config.loss": "projected", "distillation_config.teacher_cache": "CACHE"}),
     Row("hybrid", "student", "hybrid", "text", {"distillation_config.loss": "hybrid"}),
     Row("MultiLevelOT fast text", "student", "multilevel_ot", "text",
         {"distillation_config.loss": "multilevel_ot", "distillation_config.multilevel_ot_mode": "fast",
@@ -137,6 +141,7 @@ class Setup:
     data: Path  # tiny_qa data folder (a truncated copy with --quick)
     teacher: Path
     answers: Path  # the teacher's answers to the training split (datasets folder)
+    cache: Path  # the teacher's top-32 distributions over those answers (llm_distillation.cache_teacher)
     pretrain: Path  # the pretraining contexts
     quick: bool
     seeds: int
@@ -207,9 +212,16 @@ def prepare(args) -> Setup:
         run([sys.executable, "-m", "llm_distillation.generate", "--model_name", str(teacher), "--task", "tiny_qa",
              "--source", str(data), "--split", "train", "--output_dir", str(answers), "--batch_size", "64",
              "--max_new_tokens", "16", "--progress", "False"], out / "logs" / "generate.txt")
+    cache = out / "teacher-cache"
+    if not (cache / "summary.json").exists():
+        step("the teacher's top-32 distributions over its answers (teacher cache)")
+        run([sys.executable, "-m", "llm_distillation.cache_teacher", "--model_name", str(teacher), "--output_dir",
+             str(cache), "--topk", "32", "--dataset.file", TINY_QA_LOADER, "--dataset.source", str(answers),
+             "--dataset.answer_column", "answers_generated", "--batch_size", "64", "--progress", "False"],
+            out / "logs" / "cache_teacher.txt")
     pretrain = assets.write_pretrain_data(out / "pretrain-data", size=QUICK["pretrain"] if args.quick else
                                           assets.PRETRAIN_SIZE)
-    return Setup(out, data, teacher, answers, pretrain, args.quick, args.seeds, args.jobs)
+    return Setup(out, data, teacher, answers, cache, pretrain, args.quick, args.seeds, args.jobs)
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -222,6 +234,8 @@ def train_row(setup: Setup, row: Row, regime: str, seed: int, lr: float) -> Path
               "dataset.file": TINY_QA_LOADER, "dataset.source": setup.answers,
               "dataset.answer_column": "answers_generated", "output_dir": run_dir, "seed": seed,
               "distillation": True, "distillation_config.model_name": setup.teacher, **row.flags}
+    if values.get("distillation_config.teacher_cache") == "CACHE":
+        values["distillation_config.teacher_cache"] = setup.cache
     if setup.quick:
         values["num_epochs"] = QUICK["epochs"]
     run([sys.executable, "finetuning.py", *_flags(values)], run_dir / "log.txt")

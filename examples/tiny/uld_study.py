@@ -190,7 +190,8 @@ def run_study(args: StudyArgs) -> dict:
 
     regimes = [r.strip() for r in args.regimes.split(",") if r.strip()]
     if not regimes or any(r not in demo.REGIMES for r in regimes):
-        raise UserError(f"--regimes must be a comma-separated subset of {', '.join(demo.REGIMES)}, got {args.regimes!r}")
+        raise UserError(f"--regimes must be a comma-separated subset of {', '.join(demo.REGIMES)}, "
+                        f"got {args.regimes!r}")
     demo_args = demo.DemoArgs(output_dir=args.output_dir, seeds=1, jobs=args.jobs)
     setup = demo.prepare(demo_args)
     out = setup.out / "uld_study"
