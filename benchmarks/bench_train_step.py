@@ -26,6 +26,7 @@ far larger than with real models (a 7B teacher's forward dwarfs its output layer
 the ratios here are upper bounds.
 """
 import argparse
+import dataclasses
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -58,6 +59,7 @@ class Step:
     teacher_logits: bool = False  # "none" plus the teacher's output layer at its answer rows
     uld_top_k: int = 0
     mode: str = "fast"
+    cache_k: int = 0  # > 0: the teacher's logits from a top-K cache (llm_recipes.teacher_cache), no teacher forward
 
 
 @dataclass
@@ -120,12 +122,38 @@ def train_state(step: Step, group: Group, student, teacher, optimizer=None):
                                 teacher_vocab_size=vocab_t, same_tokenizer=group.same_tokenizer,
                                 chunk_size=group.chunk_size)
     factor = table.LOSSES[loss].distil_factor if loss in table.LOSSES else 0.0
-    goal = objective.build_objective(run, factor, spec, None)
+    cache = None
+    if step.cache_k:  # what `setup` resolves for --distillation_config.teacher_cache (finetuning.loss_spec too)
+        from llm_recipes.teacher_cache import CacheMeta
+
+        cache = CacheMeta("bench", "", vocab_t, step.cache_k, 1.0, "float16", False, None, True, {})
+        if spec.family == "uld":
+            spec = LossSpec.from_config(dataclasses.replace(run.distillation, uld_top_k=step.cache_k), name=loss,
+                                        student_vocab_size=group.vocab_student, teacher_vocab_size=vocab_t,
+                                        same_tokenizer=group.same_tokenizer, chunk_size=group.chunk_size)
+    goal = objective.build_objective(run, factor, spec, None, cache)
     goal = objective.Objective(**{**vars(goal), "uses_teacher": step.loss != "sft"})  # "none": teacher, no term
     optimizer = optimizer or build_optimizer(student, run.train)
+    live_teacher = teacher if step.loss != "sft" and not step.cache_k else None
     return TrainState(run, None, distributed.DistInfo(device=torch.device(group.device)),
-                      Models(student, student, teacher if step.loss != "sft" else None), goal, optimizer,
+                      Models(student, student, live_teacher), goal, optimizer,
                       build_scheduler(optimizer, run.train, 10**6), torch.amp.GradScaler("cuda", enabled=False))
+
+
+@torch.no_grad()
+def cached_rows(teacher, side: dict, k: int) -> torch.Tensor:
+    """The batch's packed top-K cache rows [B, S, 2K + 1] (float16 log-probabilities), made from the teacher
+    once, as llm_distillation.cache_teacher writes them and the data pipeline reads them."""
+    from llm_recipes import models, teacher_cache
+    from llm_recipes.losses.pairing import predicting_rows
+
+    hidden = models.forward_hidden(teacher, side, False)
+    mask, _ = predicting_rows(side["labels"], False)
+    ids, logprobs, tail = teacher_cache.summarize_rows(models.output_head(teacher)(hidden[mask]), k, 1.0,
+                                                       torch.float16)
+    packed = torch.zeros(*side["labels"].shape, 2 * k + 1)
+    packed[mask] = torch.cat([ids.float(), logprobs.float(), tail[:, None]], 1)
+    return packed
 
 
 def teacher_logits_hook(teacher, labels: torch.Tensor):
@@ -158,6 +186,11 @@ def measure(group: Group) -> dict:
     batch["teacher"] = batch["student"] if group.same_tokenizer else make_side(group, vocab_t, generator)
     batch = {side: {k: v.to(device) for k, v in tensors.items()} for side, tensors in batch.items()}
     steps = [Step(**step) for step in group.steps]
+    cache_k = {step.cache_k for step in steps if step.cache_k}
+    if len(cache_k) > 1:
+        raise SystemExit("error: one cache size per run")
+    if cache_k:
+        batch["teacher"] = {**batch["teacher"], "cache": cached_rows(teacher, batch["teacher"], cache_k.pop())}
     states = [train_state(steps[0], group, student, teacher)]
     states += [train_state(step, group, student, teacher, states[0].optimizer) for step in steps[1:]]
     memory = PeakMemory(device)
@@ -194,11 +227,15 @@ def build_groups(args) -> list[Group]:
     same = [Step("sft", "SFT", "sft"), Step("teacher-same", "SFT + teacher body", "none"),
             Step("logits-same", "SFT + teacher forward", "none", teacher_logits=True)]
     same += [Step(loss, loss, loss) for loss in (("kl",) if args.quick else KL_LOSSES)]
+    same += [Step(f"kl-cached-{args.cache_k}", f"kl, teacher from a top-{args.cache_k} cache", "kl",
+                  cache_k=args.cache_k)] if args.cache_k else []
     other = [Step("teacher-other", "SFT + teacher body", "none"),
              Step("logits-other", "SFT + teacher forward", "none", teacher_logits=True), Step("uld", "uld (exact)", "uld")]
     other += [Step(f"uld-top-{k}", f"uld top-{k}", "uld", uld_top_k=k) for k in args.uld_top_k]
     other += [Step(f"multilevel_ot-{mode}", f"multilevel_ot {mode}", "multilevel_ot", mode=mode)
               for mode in (("fast",) if args.quick else ("fast", "greedy"))]
+    other += [Step(f"uld-cached-{args.cache_k}", f"uld, teacher from a top-{args.cache_k} cache", "uld",
+                   cache_k=args.cache_k)] if args.cache_k else []
     known = [step.key for step in same + other]
     if args.only:
         unknown = set(args.only) - set(known)
@@ -221,6 +258,7 @@ def report(results, args) -> str:
              "ratio to SFT + teacher body | ratio to SFT + teacher forward | peak MiB |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     checks = []
+    sft_of = {(g.vocab_student, g.vocab_teacher): r["sft"] for g, r in results if "sft" in r}  # the other group's
     for group, by_key in results:
         vocab = f"{group.vocab_student:,}" + (" (both)" if group.same_tokenizer else f" / {group.vocab_teacher:,}")
         teacher = "same" if group.same_tokenizer else "other"
@@ -237,7 +275,12 @@ def report(results, args) -> str:
             lines.append(f"| {vocab} | {'—' if step['loss'] == 'sft' else teacher} | {step['label']} | "
                          f"{result['tokens'] / result['time_s']:,.0f} | {result['time_s']:.2f} | {cells} | "
                          f"{result['peak_bytes'] / 2**20:,.0f} |")
-            if step["loss"] == "kl":
+            sft = by_key.get("sft") or sft_of.get((group.vocab_student, group.vocab_teacher))
+            if step.get("cache_k") and sft:
+                ratio = result["time_s"] / sft["time_s"]
+                checks.append(f"| {step['label']} step <= 1.1 x SFT ({vocab}) | {'yes' if ratio <= 1.1 else 'NO'} | "
+                              f"{ratio:.2f} x |")
+            elif step["loss"] == "kl":
                 for ratio, base in zip(ratios, ("SFT + teacher body", "SFT + teacher forward")):
                     if ratio is not None:
                         checks.append(f"| same-tokenizer KL step <= 1.3 x {base} ({vocab}) | "
@@ -273,9 +316,11 @@ def main(argv=None):
     parser.add_argument("--teacher-hidden", type=int, default=512)
     parser.add_argument("--teacher-layers", type=int, default=4)
     parser.add_argument("--uld-top-k", type=lambda s: [int(x) for x in s.split(",") if x], default=[512])
+    parser.add_argument("--cache-k", type=int, default=32, help="K of the cached-teacher steps (0: none)")
     parser.add_argument("--only", type=lambda s: [x for x in s.split(",") if x],
-                        help="comma-separated steps to run: sft, teacher-same, logits-same, teacher-other, logits-other, "
-                             "kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd, uld, uld-top-K, multilevel_ot-fast, multilevel_ot-greedy")
+                        help="comma-separated steps to run: sft, teacher-same, logits-same, teacher-other, "
+                             "logits-other, kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd, uld, uld-top-K, "
+                             "multilevel_ot-fast, multilevel_ot-greedy, kl-cached-K, uld-cached-K")
     args = parser.parse_args(argv)
 
     if args.worker:
