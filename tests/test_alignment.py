@@ -530,6 +530,7 @@ def test_cli_json_through_fire(tmp_path, toks, monkeypatch, capsys):
     _check_groups(toks["tiny_t"], toks["bl"], text, groups)
 
 
+@pytest.mark.slow
 def test_cli_unknown_flag_is_an_error():
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     result = subprocess.run([sys.executable, "-m", "llm_recipes.alignment", "--teacher_tokenizer", "t",

@@ -190,6 +190,7 @@ def test_uld_and_multilevel_ot_by_text_match_the_reference(pair, loss):
 
 
 # --------------------------------------------------------------------------------------- the trainer
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["projected", "hybrid", "uld"])
 def test_trainer_distils_across_tokenizers_by_text(tmp_path, capsys, loss):
     flags = {"distillation": True, "distillation_config.loss": loss, "max_train_step": 6, "save_step": 3,
@@ -216,6 +217,7 @@ def test_projected_resume_gives_the_same_weights(tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
+@pytest.mark.slow
 def test_hidden_states_pair_by_text_across_tokenizers(tmp_path):
     flags = {"distillation": True, "distillation_config.hidden_weight": 1.0,
              "distillation_config.hidden_alignment": "text", "max_train_step": 3, "output_dir": str(tmp_path),

@@ -132,6 +132,7 @@ def test_a_tokenizer_longer_than_its_models_embedding_is_refused_up_front(tiny, 
     assert "resize_token_embeddings" in line
 
 
+@pytest.mark.slow
 def test_a_stray_positional_argument_is_refused_before_anything_loads():
     done = subprocess.run(command_line({"distillation": True}) + ["squad"], cwd=REPO, env=ENV,
                           capture_output=True, text=True, timeout=120)
@@ -175,6 +176,7 @@ def interrupt_run(flags: dict, out: Path, signal_number: int, after_lines: int =
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_saves_a_checkpoint_and_resume_is_bit_identical(tiny, tmp_path, signal_number):
     common = dict(num_epochs=20, max_train_step=60, scheduler="onecycle")
@@ -234,6 +236,7 @@ def limit_file_size(limit: int):
     return apply
 
 
+@pytest.mark.slow
 def test_a_failed_write_keeps_the_checkpoints_before_it(tiny, tmp_path):
     out = tmp_path / "out"
     train(parse_flags(base_flags(tiny, out, save_step=5)))  # checkpoints of steps 10 (best) and 12 (last)
