@@ -22,7 +22,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from llm_recipes import alignment as al  # noqa: E402
 from llm_recipes.errors import UserError  # noqa: E402
