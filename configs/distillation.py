@@ -36,7 +36,8 @@ class distillation_config:
     fsdp_cpu_offload: bool = option(False, "keep the sharded teacher in CPU memory", group="distributed")
 
     # total loss = cross_entropy_factor * CE + distil_factor * term
-    loss: str = _distillation("auto", choices_text() + " (auto: kl with one tokenizer, uld across tokenizers)")
+    loss: str = _distillation("auto", choices_text() + " (auto: kl with one tokenizer; across tokenizers projected, "
+                                                      "or uld with --distillation_config.alignment index)")
     cross_entropy_factor: float = _distillation(1.0, "weight of the student's cross-entropy on the labels")
     alignment: str = _distillation(
         "auto", "auto | text | index: how answer tokens pair across tokenizers; text: tokens that start the same text "

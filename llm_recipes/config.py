@@ -317,7 +317,7 @@ def resolve_plan(run: RunConfig, student_tokenizer, teacher_tokenizer) -> RunPla
     if not t.distillation:
         return RunPlan(None, 0.0, True, False, attention)
     same = student_tokenizer.get_vocab() == teacher_tokenizer.get_vocab()
-    loss = table.resolve(d.loss, same)
+    loss = table.resolve(d.loss, same, d.alignment)
     factor = d.distil_factor if d.distil_factor is not None else loss.distil_factor
     intermediate = d.hidden_weight > 0 or d.feature_weight > 0
     if intermediate and not same and d.hidden_alignment == "none":

@@ -710,11 +710,17 @@ def test_spec_validation_messages():
 def test_spec_auto_and_defaults():
     cfg = distillation_config()
     same = LossSpec.from_config(cfg, student_vocab_size=10, teacher_vocab_size=10, same_tokenizer=True)
-    cross = LossSpec.from_config(cfg, student_vocab_size=10, teacher_vocab_size=12, same_tokenizer=False)
-    assert (same.name, cross.name) == ("kl", "uld")
+    by_index = LossSpec.from_config(distillation_config(alignment="index"), student_vocab_size=10,
+                                    teacher_vocab_size=12, same_tokenizer=False)
+    assert (same.name, by_index.name) == ("kl", "uld")
+    assert (same.alignment, by_index.alignment) == ("index", "index")
+    # across tokenizers auto is the projected teacher, paired by text, which needs the pair's projection map
+    assert (table.auto_loss(True), table.auto_loss(False), table.auto_loss(False, "text"),
+            table.auto_loss(False, "index")) == ("kl", "projected", "projected", "uld")
+    with pytest.raises(ValueError, match="projection map"):
+        LossSpec.from_config(cfg, student_vocab_size=10, teacher_vocab_size=12, same_tokenizer=False)
     assert set(table.LOSS_CHOICES) == {"auto", "uld", "multilevel_ot", "projected", "hybrid", "kl", "reverse_kl",
                                        "jsd", "skew_kl", "skew_reverse_kl", "tvd"}
-    assert (same.alignment, cross.alignment) == ("index", "text")  # text pairing by default across tokenizers
     mlot = LossSpec.from_config(cfg, name="multilevel_ot", student_vocab_size=10, teacher_vocab_size=12,
                                 same_tokenizer=False).options
     assert (mlot.top_k, mlot.sl_weight, mlot.sd_weight, mlot.sl_temperature, mlot.sd_temperature,

@@ -334,3 +334,20 @@ def test_engine_divergence_token_selection_with_masked_entries(kind, side):
     assert terms.distill_count == 8  # ceil(0.5 m) of 6, 5, 3 answer rows
     assert not torch.isnan(terms.distill_sum) and torch.isinf(terms.distill_sum).item() == expected_infinite(kind, side)
     assert torch.isfinite(g_h).all() and torch.isfinite(g_w).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_engine_a_broken_teacher_row_makes_the_term_nan(kind, bad):
+    """A NaN or +inf teacher logit (a broken teacher, not a masked entry) is never dropped by the
+    divergences' 0 log 0 convention: the term is NaN, which the trainer reports naming it."""
+    labels, hidden, t_hidden, w_s, w_t = engine_batch("student", seed=5, pad=0)
+    spec = LossSpec.from_config(distillation_config(), name=KIND_TO_LOSS[kind], student_vocab_size=VOCAB,
+                                teacher_vocab_size=VOCAB, same_tokenizer=True, chunk_size=4)
+    clean = distillation_terms(spec, hidden, labels, masked_head(w_s, column_mask(VOCAB, False)), t_hidden, labels,
+                               masked_head(w_t, column_mask(VOCAB, False)))
+    broken_column = torch.zeros(VOCAB)
+    broken_column[7] = bad
+    terms = distillation_terms(spec, hidden, labels, masked_head(w_s, column_mask(VOCAB, False)), t_hidden, labels,
+                               masked_head(w_t, broken_column))  # in the rows whose first feature is > 0
+    assert torch.isfinite(clean.distill_sum) and torch.isnan(terms.distill_sum)

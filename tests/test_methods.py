@@ -163,7 +163,8 @@ def test_feature_selection_and_hidden_states_across_tokenizers(tiny, tmp_path):
     """GPT-NeoX student, Llama teacher (other tokenizer): ULD on the top half of the answer positions by
     divergence, hidden states and feature selection at an inner and the last layer, aligned by answer index."""
     result = run(tiny, tmp_path, max_train_step=4, save_step=2, **HIDDEN, **{
-        "distillation_config.hidden_alignment": "answer_index", "distillation_config.token_selection": "divergence",
+        "distillation_config.loss": "uld", "distillation_config.hidden_alignment": "answer_index",
+        "distillation_config.token_selection": "divergence",
         "distillation_config.feature_weight": 0.5, "distillation_config.feature_layer_map": "1:1,-1:-1"})
     train_lines = records(tmp_path)
     for line in train_lines:

@@ -101,10 +101,12 @@ def test_sft_without_distillation_and_with_distil_factor_zero_agree(tiny, tmp_pa
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
 
 
-def test_auto_loss_picks_kl_for_one_tokenizer_and_uld_for_two(tiny, tmp_path, capsys):
+def test_auto_loss_picks_kl_for_one_tokenizer_and_projected_or_uld_for_two(tiny, tmp_path, capsys):
     run(tiny, tmp_path / "same", model_name=tiny["student_same"], max_train_step=1, run_validation=False)
     assert "+ 1.5 x kl" in capsys.readouterr().out
     run(tiny, tmp_path / "diff", max_train_step=1, run_validation=False)
+    assert "+ 1.5 x projected" in capsys.readouterr().out
+    run(tiny, tmp_path / "index", max_train_step=1, run_validation=False, **{"distillation_config.alignment": "index"})
     assert "+ 1.5 x uld" in capsys.readouterr().out
 
 

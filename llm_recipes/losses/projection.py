@@ -69,7 +69,8 @@ def projected_target(teacher_logits: torch.Tensor, nodes: torch.Tensor, projecti
     """(q* [n, student_vocab] fp32, served [n] bool) from fp32 teacher logits [n, V_t] at the rows' trie nodes.
 
     A row whose node collects no teacher mass (its teacher tokens all underflowed) is not served: its
-    target is left uniform and the caller gives it no weight."""
+    target is left uniform and the caller gives it no weight. A row whose mass is NaN (NaN teacher logits)
+    is served, so that the term turns NaN and the trainer stops naming it, never skipped in silence."""
     projection = projection.on(teacher_logits.device)
     spare = max(projection.student_vocab_size, student_vocab)  # collects the mass of tokens without a sigma
     p = torch.softmax(scaled(teacher_logits[:, :projection.teacher_vocab_size], temperature), dim=-1)
@@ -91,7 +92,7 @@ def projected_target(teacher_logits: torch.Tensor, nodes: torch.Tensor, projecti
         target.index_put_((rows[pair_rows], student_ids), p[rows[pair_rows], teacher_ids], accumulate=True)
     target = target[:, :student_vocab]
     mass = target.sum(dim=1, keepdim=True)
-    served = mass.squeeze(1) > 0
+    served = ~(mass.squeeze(1) <= 0)  # NaN mass (a broken teacher) stays served: the loss then says it is NaN
     target = torch.where(served[:, None], target / mass.clamp_min(torch.finfo(target.dtype).tiny),
                          1.0 / student_vocab)
     return target, served

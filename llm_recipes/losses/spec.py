@@ -93,7 +93,7 @@ class LossSpec:
         name = name if name is not None else cfg.loss
         alignment = "index"
         if name != SFT_ONLY:
-            loss = table.resolve(name, same_tokenizer)
+            loss = table.resolve(name, same_tokenizer, getattr(cfg, "alignment", "auto"))
             name, alignment = loss.name, table.resolve_alignment(loss, getattr(cfg, "alignment", "auto"),
                                                                  same_tokenizer)
             if loss.same_tokenizer and student_vocab_size != teacher_vocab_size:

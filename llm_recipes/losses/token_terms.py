@@ -22,6 +22,8 @@ Masked vocabulary entries (-inf logits, on either side or both) follow llm_recip
 value is +inf where the true divergence is (never NaN) and every gradient is finite, with no extra
 pass for the forward KL (nansum already drops its 0 * inf terms; q - p is its gradient's limit).
 """
+import math
+
 import torch
 
 from llm_recipes.losses.kl import divergence_rows, scaled
@@ -56,6 +58,9 @@ class _TokenTermsSum(torch.autograd.Function):
                 t = zt[start:stop]  # raw teacher logits in; T * dD/dz_s out
                 log_q = log_softmax[rows] if shared else torch.log_softmax(scaled(s[rows, :vocab], temperature), dim=-1)
                 log_p = torch.log_softmax(scaled(t, temperature), dim=-1)
+                # a NaN or +inf teacher logit makes NaN entries in its row, which the divergences' nansum would
+                # drop: such a row's value is NaN, so that the trainer stops and names the term
+                broken = log_p.isnan().any(dim=-1)
                 if kind == "forward":  # the default: q and p computed once, the gradient q - p written in place
                     p = log_p.exp()
                     # 0 log 0 = 0 (nansum drops 0 * -inf and 0 * NaN); p > 0 = q (a -inf student logit): +inf
@@ -71,7 +76,7 @@ class _TokenTermsSum(torch.autograd.Function):
                     value, grad = divergence_rows(kind, log_q, log_p, beta, alpha, with_grad=need_grad)
                     if need_grad:
                         t.copy_(grad)
-                distill_parts.append((weights[start:stop] * value).sum())
+                distill_parts.append((weights[start:stop] * value.masked_fill(broken, math.nan)).sum())
             if need_grad and with_ce:
                 if not q_written:
                     torch.exp(log_softmax, out=s)
