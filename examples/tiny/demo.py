@@ -344,7 +344,7 @@ def plot(results: dict, path: Path) -> None:
         ax.axvline(0, color="black", linewidth=0.8)
         ax.set_yticks(range(len(lines)), [line["name"] for line in lines], fontsize=8)
         ax.invert_yaxis()
-        ax.set(title=f"{table['students']} students: test F1 minus its SFT, paired by seed", xlabel="F1 difference")
+        ax.set(title=f"{table['students']} students: F1 minus SFT, by seed", xlabel="test F1 difference (95% interval)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -135,15 +135,16 @@ def plot_curves(curves: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(len(curves), 2, figsize=(11, 3.6 * len(curves)), squeeze=False)
     for (regime, runs), (ce_ax, distill_ax) in zip(curves.items(), axes):
-        for name, metrics in runs.items():
+        for index, (name, metrics) in enumerate(runs.items()):
             train = [r for r in metrics if r["type"] == "train"]
+            color = f"C{index % 10}"  # one colour per row in both panels
             window = 20
             for ax, key in ((ce_ax, "ce"), (distill_ax, "distill")):
                 values = [r.get(key) for r in train]
                 if None in values or not values or (key == "distill" and name == "SFT"):
                     continue
                 smooth = [statistics.mean(values[max(0, i - window + 1): i + 1]) for i in range(len(values))]
-                ax.plot([r["step"] for r in train], smooth, label=name, linewidth=1)
+                ax.plot([r["step"] for r in train], smooth, label=name, linewidth=1, color=color)
         ce_ax.set(title=f"{regime} students: train CE (mean of {window} steps)", xlabel="step", yscale="log")
         distill_ax.set(title=f"{regime} students: distillation term", xlabel="step", yscale="log")
         ce_ax.legend(fontsize=7)
