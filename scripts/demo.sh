@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The published pipeline at toy scale, offline, on a CPU (about 11 minutes on 2 cores, one seed):
-# a tiny teacher trained on a synthetic QA task, its answers, students trained by SFT, ULD,
-# MultiLevelOT (fast, greedy) and KL, every model benchmarked; a table and a plot in OUTPUT.
-#   bash scripts/demo.sh                      # one seed
-#   bash scripts/demo.sh --seeds 3            # each student 3 times: mean and spread (about 25 minutes)
-#   bash scripts/demo.sh --teacher assets/tiny/teacher   # skip the teacher's training (same weights)
-#   bash scripts/demo.sh --quick              # a smoke run of the mechanics (about 3 minutes)
+# The paired tiny benchmark, offline, on a CPU: the shipped tiny teacher answers a synthetic QA task;
+# students with another tokenizer (SFT, ULD by index and by text, the projected teacher live and from a
+# teacher cache, the hybrid, MultiLevelOT) and with the teacher's (SFT, KL) learn from its answers; each
+# row's learning rate picked on validation, then N seeds paired by seed, test F1 on 1,000 questions.
+#   bash scripts/demo.sh                      # 5 seeds, random-init and pretrained students (~2 hours, 2 cores)
+#   bash scripts/demo.sh --seeds 3 --regimes pretrained
+#   bash scripts/demo.sh --quick              # the mechanics on a few examples (~9 minutes)
 # Details: examples/tiny/demo.py; the latest results: docs/demo/
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -112,8 +112,8 @@ def test_the_untrained_students_are_the_seeded_initialisation():
 
 @pytest.mark.slow  # the whole default run
 def test_embedded_default_run_distills_the_shipped_teacher(tmp_path):
-    """`python finetuning.py --distillation` with no model or data flags: the shipped pair, ULD (tokenizers
-    differ), offline; 40 steps here (the full default run is 750 steps, about half a minute)."""
+    """`python finetuning.py --distillation` with no model or data flags: the shipped pair, the projected
+    teacher (auto across tokenizers), offline; 40 steps here (the full default run is 750 steps, about half a minute)."""
     import subprocess
     import sys
 
@@ -121,7 +121,7 @@ def test_embedded_default_run_distills_the_shipped_teacher(tmp_path):
     done = subprocess.run([sys.executable, "finetuning.py", "--distillation", "--output_dir", str(tmp_path / "out"),
                            "--max_train_step", "40"], cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "loss: 1.0 x CE + 1.5 x uld" in done.stdout
+    assert "loss: 1.0 x CE + 1.5 x projected" in done.stdout
     assert "model saved to" in done.stdout and "eval loss" in done.stdout
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval_loss" in r]
