@@ -228,6 +228,7 @@ class CachedHead:
     k: int
     temperature: float
     takes_student = True
+    sparse_forward_kl = True  # the engine may compute the forward KL from the rows (losses/cached_terms.py)
 
     def __call__(self, packed: torch.Tensor, student_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
         return dense_logits(packed, self.vocab_size, self.k, self.temperature, student_logits)

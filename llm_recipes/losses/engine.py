@@ -35,6 +35,7 @@ from llm_recipes.errors import UserError
 from llm_recipes.losses.hybrid import hybrid_plan, hybrid_sum
 from llm_recipes.losses.pairing import Pairing, check_head_width, pair_answers, pair_by_groups
 from llm_recipes.losses.projection import projected_target
+from llm_recipes.losses.cached_terms import cached_forward_kl_sum
 from llm_recipes.losses.cross_entropy import cross_entropy_sum
 from llm_recipes.losses.kl import divergence_rows
 from llm_recipes.losses.multilevel_ot import multilevel_ot_plan, multilevel_ot_sum
@@ -257,13 +258,18 @@ def _token_terms(batch: _Batch, chunk: _Chunk, z: torch.Tensor, targets: torch.T
     spec, opts = batch.spec, batch.spec.options
     vocab_s = spec.student_vocab_size or z.shape[-1]
     check_head_width(z.shape[-1], vocab_s, "student")
+    weights = batch.row_weights[chunk.start:chunk.start + chunk.paired]
+    head = batch.teacher_head
+    if (getattr(head, "sparse_forward_kl", False) and opts.kind == "forward" and opts.temperature == 1
+            and head.temperature == 1 and batch.with_ce and vocab_s == z.shape[-1] == head.vocab_size):
+        packed = batch.teacher_rows[chunk.start:chunk.start + chunk.paired]  # a cache's rows: no dense teacher row
+        return cached_forward_kl_sum(z, targets, packed, head.k, weights)
     zt = _own(_teacher_logits(batch, chunk, z[: chunk.paired, :vocab_s]), batch.teacher_rows)
     if vocab_s != zt.shape[1]:
         raise UserError(
             f"student and teacher vocabularies differ ({vocab_s} vs {zt.shape[1]}); a same-tokenizer "
             f"loss needs one vocabulary: use --distillation_config.loss {' or '.join(CROSS_TOKENIZER_LOSSES)}"
         )
-    weights = batch.row_weights[chunk.start:chunk.start + chunk.paired]
     return token_terms_sum(z, targets, zt, weights, opts.kind, opts.temperature, opts.beta, opts.alpha,
                            with_ce=batch.with_ce)
 
