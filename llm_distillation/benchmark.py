@@ -38,7 +38,7 @@ class BenchmarkArgs:
     """Flags of `python -m llm_distillation.benchmark`."""
 
     model_name: str = option(help="checkpoint folder, hub id, or LoRA adapter folder (adapter_config.json)")
-    task: str = option(help="squad, qed, fairytaleqa, pubmedqa, dialogsum, dolly, generic, tiny_qa")
+    task: str = option(help="squad, qed, fairytaleqa, pubmedqa, dialogsum, dolly, generic, tiny_qa, people_qa")
     output_dir: str = option(help="where scores.json and predictions.jsonl go")
     split: Optional[str] = option(None, "None: the task's evaluation split (squad/qed validation, the others test)")
     source: Optional[str] = option(None, "hub id or local path of the task's data; None: the task's default")

@@ -46,7 +46,7 @@ class GenerateArgs:
     """Flags of `python -m llm_distillation.generate`."""
 
     model_name: str = option(help="the teacher: hub id or local folder")
-    task: str = option(help="squad, qed, fairytaleqa, pubmedqa, dialogsum, dolly, generic, tiny_qa")
+    task: str = option(help="squad, qed, fairytaleqa, pubmedqa, dialogsum, dolly, generic, tiny_qa, people_qa")
     output_dir: str = option(help="datasets folder + generated.jsonl + progress.jsonl (resumable)")
     split: str = option("train", "split of the task to answer")
     source: Optional[str] = option(None, "hub id or local path of the task's data; None: the task's default")

@@ -56,6 +56,12 @@ TASKS: dict[str, PromptSpec] = {
     "qed": _QA,
     # the demo set: the QA prompt without the system turn, so the tiny demo models' short contexts hold it
     "tiny_qa": PromptSpec(request=_QA.request, cue="Answer:", title=True),
+    # the real-pair demo's task (examples/real_pair/people_qa.py): some answers are computed, not copied
+    "people_qa": PromptSpec(
+        request=_QA.request, cue="Answer:",
+        system=("Read the facts about several people and answer the question. Some questions need two facts, or "
+                "a number worked out from the numbers stated. Answer with a name, a few words from the text, or a "
+                "number, and nothing else.")),
     "fairytaleqa": PromptSpec(
         request=_QA.request, cue="Answer:", title=True,
         system=("You are an expert agent in reading comprehension (question answering). You must read and "
@@ -118,7 +124,7 @@ def _teacher_row(task: str, model_name: Optional[str]) -> Optional[TeacherShots]
 
 # Shots for a teacher whose family has no row above (Qwen, Gemma, ...): the published Llama-2 setting, the
 # ULD paper's main teacher; none for the tasks the published runs did not prompt few-shot.
-DEFAULT_SHOTS = {"squad": 1, "qed": 5, "fairytaleqa": 2, "pubmedqa": 3, "dialogsum": 3}
+DEFAULT_SHOTS = {"squad": 1, "qed": 5, "fairytaleqa": 2, "pubmedqa": 3, "dialogsum": 3, "people_qa": 3}
 
 
 def few_shot_count(task: str, model_name: Optional[str], override: Optional[int] = None) -> int:

@@ -56,6 +56,7 @@ class TaskData:
     split_aliases: dict = field(default_factory=dict)  # source split -> the split it serves as
     merge_on: Optional[str] = None  # rows with the same value of this field are one example, all answers kept
     notes: str = ""
+    build_hint: str = ""  # how to make the default source when it is generated, not downloaded
 
 
 _SQUAD_FIELDS = {"title": ("title",), "context": ("context",), "question": ("question",)}
@@ -99,6 +100,11 @@ TASK_DATA: dict[str, TaskData] = {
     # tiny_qa: the synthetic demo set shipped in assets/tiny/data (SQuAD's schema)
     "tiny_qa": TaskData(source=str(TINY_QA_DATA), fields=_SQUAD_FIELDS, answers=(("answers",),), eval_split="test",
                         carve={"test": 0.1, "validation": 0.1}),
+    # people_qa: the real-pair demo's synthetic task (two hops, arithmetic on stated numbers), written by
+    # `python -m examples.real_pair.people_qa` outside the repository (SQuAD's schema plus a `kind` column)
+    "people_qa": TaskData(source="~/.cache/llm-distill/people_qa", fields=_SQUAD_FIELDS, answers=(("answers",),),
+                          eval_split="test", carve={"test": 0.1, "validation": 0.1},
+                          build_hint="write it with python -m examples.real_pair.people_qa"),
 }
 
 # The generic task: a user's own data in one of these schemas (checked in this order).
@@ -132,6 +138,8 @@ def default_eval_split(task: str) -> str:
 def _source_splits(task: str, data: TaskData, source: str) -> dict:
     """The source's splits under the names the task uses (aliases applied)."""
     hub_config = data.hub_config if source == data.source else None
+    if source == data.source and data.build_hint and not os.path.exists(os.path.expanduser(source)):
+        raise UserError(f"the {task} data is not at {source}: {data.build_hint}, or pass --dataset.source")
     splits = load_splits(source, hub_config=hub_config)
     named = {}
     for name, dataset in splits.items():
