@@ -400,9 +400,10 @@ def check_finite(value: torch.Tensor, what: str, where: str) -> None:
 
 def check_terms_finite(loss: torch.Tensor, terms, where: str, device) -> None:
     """All processes stop together when any has a non-finite loss; the message names the term(s)."""
-    bad = {} if torch.isfinite(loss.detach()).all() else \
+    finite = bool(torch.isfinite(loss.detach()).all())
+    bad = {} if finite else \
         {name: float(value.detach()) for name, value in terms.sums.items() if not torch.isfinite(value.detach()).all()}
-    if distributed.any_rank(bool(bad) or not torch.isfinite(loss.detach()).all(), device):
+    if distributed.any_rank(not finite, device):
         found = ", ".join(f"{TERM_NAMES.get(name, name)} term {value}" for name, value in bad.items())
         raise UserError(f"the loss is not finite at {where}: " + (found or "on another process") + f"; {NAN_ADVICE}")
 

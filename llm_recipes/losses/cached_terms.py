@@ -28,8 +28,8 @@ class _CachedForwardKL(torch.autograd.Function):
         n, width = z.shape
         paired = packed.shape[0]
         ids_all = packed[:, :k].long()
-        scale = z.new_zeros(paired)  # 1 - r per paired row
-        correction = z.new_zeros(paired, k)  # q_k r - p_k at the K ids
+        scale = z.new_zeros(paired if need_grad else 0)  # 1 - r per paired row
+        correction = z.new_zeros((paired, k) if need_grad else (0, k))  # q_k r - p_k at the K ids
         ce_parts, distill_parts = [], []
         step = block_rows(width, z.device)
         for start in range(0, n, step):
@@ -58,10 +58,12 @@ class _CachedForwardKL(torch.autograd.Function):
                 broken = log_p.isnan().any(dim=-1) | log_p_tail.isnan()  # a broken cache row: NaN, never dropped
                 value = (head + tail).masked_fill(broken, math.nan)
                 distill_parts.append((weights[start:stop] * value).sum())
-                r = torch.where(has_tail & (q_tail > 0), log_ratio.exp(), 0.0)
-                scale[start:stop] = 1.0 - r
-                correction[start:stop] = q_k * r[:, None] - p
-            s.scatter_add_(1, targets[start:end, None], s.new_full((end - start, 1), -1.0))
+                if need_grad:
+                    r = torch.where(has_tail & (q_tail > 0), log_ratio.exp(), 0.0)
+                    scale[start:stop] = 1.0 - r
+                    correction[start:stop] = q_k * r[:, None] - p
+            if need_grad:
+                s.scatter_add_(1, targets[start:end, None], s.new_full((end - start, 1), -1.0))
         ce = torch.stack(ce_parts).sum() if ce_parts else z.new_zeros(())
         distill = torch.stack(distill_parts).sum() if distill_parts else z.new_zeros(())
         ctx.mark_dirty(z)

@@ -307,10 +307,9 @@ def _selection_scores(spec: LossSpec, pairing: Pairing, h_rows: torch.Tensor, st
     return torch.cat(scores)
 
 
-def _select_tokens(spec: LossSpec, pairing: Pairing, h_rows: torch.Tensor, student_head: Head,
+def _select_tokens(spec: LossSpec, pairing: Pairing, kept: torch.Tensor, h_rows: torch.Tensor, student_head: Head,
                    teacher_hidden: torch.Tensor, teacher_head: Head, seq_len: int) -> Pairing:
-    """The pairing reduced to each sequence's top positions by the token-selection score."""
-    kept = _kept(spec, pairing)
+    """The pairing reduced to each sequence's top positions (`kept` of them) by the token-selection score."""
     with torch.no_grad():
         t_rows = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).index_select(
             0, pairing.teacher_rows.to(teacher_hidden.device))
@@ -350,8 +349,9 @@ def distillation_terms(
 
     hidden_size = student_hidden.shape[-1]
     h_rows = student_hidden.reshape(-1, hidden_size).index_select(0, pairing.student_rows.to(student_hidden.device))
-    if teacher_hidden is not None and _kept(spec, pairing) is not None:
-        pairing = _select_tokens(spec, pairing, h_rows, student_head, teacher_hidden, teacher_head,
+    kept = _kept(spec, pairing) if teacher_hidden is not None else None
+    if kept is not None:
+        pairing = _select_tokens(spec, pairing, kept, h_rows, student_head, teacher_hidden, teacher_head,
                                  student_labels.shape[1])
         h_rows = student_hidden.reshape(-1, hidden_size).index_select(0, pairing.student_rows.to(student_hidden.device))
     ce_count, distill_count = pairing.ce_count, _distill_count(spec, pairing)
