@@ -5,8 +5,10 @@ trainer builds (the loader file called for the teacher's tokenizer), and for eve
 answer token keeps its top-K token ids, their log-probabilities at the cache's temperature, and the log
 of the probability mass outside them. Training with `--distillation_config.teacher_cache DIR` then
 feeds the losses a dense teacher distribution rebuilt from those rows (`dense_logits`): the top-K
-log-probabilities where they are, the tail mass spread evenly over the other ids. With K = the
-vocabulary it is the teacher's distribution itself (to the storage precision: float32 is exact).
+log-probabilities where they are, the tail mass spread like the student's own tail (the KL family) or
+evenly over the other ids (across tokenizers); the forward KL at temperature 1 reads the rows directly
+(llm_recipes/losses/cached_terms.py). With K = the vocabulary it is the teacher's distribution itself (to
+the storage precision: float32 is exact).
 
 The folder:
   cache.json                       what the rows depend on: the teacher, its tokenizer's fingerprint and
