@@ -192,13 +192,18 @@ def holds_a_run(output_dir: str) -> list[str]:
     return found
 
 
+def saved_checkpoints(folder: Path) -> list[Path]:
+    """A run folder's complete checkpoints (those with a trainer state), oldest first."""
+    found = sorted((folder / CHECKPOINTS_DIR).glob("step-*")) if (folder / CHECKPOINTS_DIR).is_dir() else []
+    return [c for c in found if (c / TRAINER_STATE).is_file()]
+
+
 def latest_checkpoint(path: str) -> Path:
     """--resume_from's checkpoint: the folder itself when it is one, else a run folder's last checkpoint."""
     folder = Path(path).expanduser()
     if (folder / TRAINER_STATE).is_file():
         return folder
-    candidates = sorted((folder / CHECKPOINTS_DIR).glob("step-*")) if (folder / CHECKPOINTS_DIR).is_dir() else []
-    candidates = [c for c in candidates if (c / TRAINER_STATE).is_file()]
+    candidates = saved_checkpoints(folder)
     if not candidates:
         raise UserError(f"--resume_from {path} is neither a checkpoint of this trainer nor a run folder holding one "
                         f"(no {TRAINER_STATE}): pass the run's --output_dir or one of its checkpoints/step-*")

@@ -44,7 +44,7 @@ from typing import Optional
 
 from configs.paths import REPO_ROOT, TINY_ASSETS, TINY_QA_DATA, TINY_QA_LOADER, TINY_TEACHER
 from llm_recipes import flags
-from llm_recipes.checkpoint import CHECKPOINTS_DIR, TRAINER_STATE, holds_a_run
+from llm_recipes.checkpoint import holds_a_run, saved_checkpoints
 from llm_recipes.errors import UserError
 from llm_recipes.flags import option
 
@@ -240,7 +240,7 @@ def train_row(setup: Setup, row: Row, regime: str, seed: int, lr: float) -> Path
     if setup.quick:
         values["num_epochs"] = QUICK["epochs"]
     if holds_a_run(str(run_dir)):  # a run of an earlier demo that was stopped: continue it, or start it over
-        has_checkpoint = any((run_dir / CHECKPOINTS_DIR).glob(f"step-*/{TRAINER_STATE}"))
+        has_checkpoint = bool(saved_checkpoints(run_dir))
         values["resume_from" if has_checkpoint else "overwrite_output_dir"] = run_dir if has_checkpoint else True
     run([sys.executable, "finetuning.py", *_flags(values)], run_dir / "log.txt")
     return run_dir
