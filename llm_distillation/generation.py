@@ -64,7 +64,10 @@ def load_for_generation(name: str, *, tokenizer_name: Optional[str] = None, base
         tokenizer_source = name
     tokenizer = models.load_tokenizer(tokenizer_name or tokenizer_source, trust_remote_code=trust_remote_code,
                                       what="tokenizer" if tokenizer_name else "model")
-    model.to(inference_device()).eval().requires_grad_(False)
+    # No requires_grad_(False): decoding runs under inference_mode anyway, and on CPU (torch 2.13) a bf16
+    # Gemma 3 with frozen parameters spends ~20x longer in one bmm's copies (38 s against 1.7 s for a
+    # prefill of 16 prompts, measured); the parameters' flag changes nothing else here.
+    model.to(inference_device()).eval()
     return model, tokenizer
 
 
