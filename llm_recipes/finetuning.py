@@ -580,7 +580,7 @@ class LogWindow:
             line["token_kept"] = self.sums["kept"] / max(self.sums["candidates"], 1.0)
         if "feature" in self.active:  # fraction of the teacher's units the student matches
             line["feature_kept"] = state.objective.layers.feature_kept_fraction
-        line.update({"lr": self.lr, "tokens_per_s": tokens / max(self.time, 1e-9),
+        line.update({"lr": self.lr, "tokens_per_s": tokens / max(self.time, 1e-9), "step_s": self.time / steps,
                      "peak_memory_gb": peak_memory_gb(state.info.device)})
         return line
 

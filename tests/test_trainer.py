@@ -53,8 +53,9 @@ def test_distillation_run_writes_a_usable_checkpoint(tiny, tmp_path):
     train_records = [r for r in records if r["type"] == "train"]
     eval_records = [r for r in records if r["type"] == "eval"]
     assert len(train_records) == 12 and [r["step"] for r in eval_records] == [5, 10, 12]
-    for key in ("loss", "ce", "distill", "lr", "tokens_per_s", "peak_memory_gb"):
+    for key in ("loss", "ce", "distill", "lr", "tokens_per_s", "step_s", "peak_memory_gb"):
         assert all(torch.isfinite(torch.tensor(float(r[key]))) for r in train_records), key
+    assert all(r["step_s"] > 0 for r in train_records)
     assert abs(train_records[0]["loss"] - (train_records[0]["ce"] + 1.5 * train_records[0]["distill"])) < 1e-4
     for key in ("eval_loss", "eval_ce", "eval_distill", "eval_ppl"):
         assert key in eval_records[-1]
