@@ -114,13 +114,14 @@ def run(command: list[str], log: Path) -> float:
     return time.time() - start
 
 
-def score(model: Path, data: Path, split: str, out: Path) -> float:
-    """F1 (x100) of a model's greedy 0-shot answers on a split of the task's gold answers (cached in `out`)."""
+def score(model: Path, data: Path, split: str, out: Path, task: str = "tiny_qa", extra: tuple = ()) -> float:
+    """F1 (x100) of a model's greedy 0-shot answers on a split of the task's gold answers (cached in `out`);
+    `extra`: more benchmark flags."""
     result = out / "scores.json"
     if not result.exists():
-        run([sys.executable, "-m", "llm_distillation.benchmark", "--model_name", str(model), "--task", "tiny_qa",
+        run([sys.executable, "-m", "llm_distillation.benchmark", "--model_name", str(model), "--task", task,
              "--source", str(data), "--split", split, "--output_dir", str(out), "--max_new_tokens", "16",
-             "--batch_size", "50", "--progress", "False"], out / "log.txt")
+             "--batch_size", "50", "--progress", "False", *extra], out / "log.txt")
     return json.loads(result.read_text())["scores"]["f1"]
 
 
@@ -287,8 +288,10 @@ def paired(values: list[float], baseline: list[float]) -> dict:
 def regime_table(regime: dict) -> list[dict]:
     """Per row: mean F1, paired difference to its SFT, share of the same-tokenizer KL gain."""
     rows = {row["name"]: row for row in regime["rows"]}
-    sft = {"different": rows["SFT"]["f1"], "same": rows["SFT (same tokenizer)"]["f1"]}
-    kl_gain = statistics.mean(rows["KL (same tokenizer)"]["f1"]) - statistics.mean(sft["same"])
+    sft = {"different": rows["SFT"]["f1"], "same": rows.get("SFT (same tokenizer)", {}).get("f1")}
+    kl_gain = None  # only where the table has the same-tokenizer rows (the real pair has no such student)
+    if sft["same"] is not None and "KL (same tokenizer)" in rows:
+        kl_gain = statistics.mean(rows["KL (same tokenizer)"]["f1"]) - statistics.mean(sft["same"])
     lines = []
     for row in regime["rows"]:
         diff = paired(row["f1"], sft[row["tokenizers"]]) if row["loss"] != "none" else None
@@ -305,16 +308,20 @@ def markdown(results: dict, details: dict) -> str:
     out = []
     for table in results["tables"]:
         regime = table["students"]
+        lines = regime_table(table)
+        with_share = any(line["name"] == "KL (same tokenizer)" for line in lines)  # none in the real pair's table
         out += [f"### {regime} students", "",
-                "| row | tokenizers | lr | test F1 (mean of seeds) | paired difference to its SFT [95% interval] | "
-                "share of the same-tokenizer KL gain |", "| --- | --- | ---: | ---: | --- | ---: |"]
-        for line in regime_table(table):
+                "| row | tokenizers | lr | test F1 (mean of seeds) | paired difference to its SFT [95% interval] |" +
+                (" share of the same-tokenizer KL gain |" if with_share else ""),
+                "| --- | --- | ---: | ---: | --- |" + (" ---: |" if with_share else "")]
+        for line in lines:
             lr = details["rates"][regime][line["name"]]["lr"]
             diff = line["diff"]
             cell = "—" if diff is None else f"{_cell(diff['mean'], signed=True)} [{_cell(diff['low'], signed=True)}, " \
                                             f"{_cell(diff['high'], signed=True)}]"
             share = "—" if line["share_of_kl_gain"] is None else f"{line['share_of_kl_gain']:.0%}"
-            out.append(f"| {line['name']} | {line['tokenizers']} | {lr:g} | {line['mean']:.1f} | {cell} | {share} |")
+            out.append(f"| {line['name']} | {line['tokenizers']} | {lr:g} | {line['mean']:.1f} | {cell} |" +
+                       (f" {share} |" if with_share else ""))
         out.append("")
     seeds = len(results["seeds"])
     out.append(f"Test F1 x100 on the 1,000-example held-out split, {seeds} seed(s) (0..{seeds - 1}); differences are "

