@@ -369,6 +369,18 @@ def run_command(command: Command, entry: Callable[[Parsed], Any], args: tuple, k
             cleanup()
 
 
+def repeated_flags(argv: list) -> list[str]:
+    """Flags given more than once on a command line (`--lr 1 --lr 2`): fire would keep one silently."""
+    seen, repeated = set(), []
+    for arg in argv:
+        if arg.startswith("--") and len(arg) > 2:
+            name = arg[2:].split("=", 1)[0].replace("-", "_").replace(".", "_")  # the same field
+            if name in seen and name not in repeated:
+                repeated.append(name)
+            seen.add(name)
+    return repeated
+
+
 def entry_points(command: Command, run: Callable[[Parsed], Any], cleanup: Optional[Callable[[], None]] = None):
     """(main, cli) of a command: `main(*args, **kwargs)` is fire's target (tests call it directly),
     `cli()` runs fire on the process's arguments (the console scripts and `python -m ...`)."""
@@ -382,6 +394,12 @@ def entry_points(command: Command, run: Callable[[Parsed], Any], cleanup: Option
         if any(arg in ("--help", "-h") for arg in argv):  # fire would describe the function instead
             print(help_text(command))
             return
+
+        repeated = repeated_flags(argv)
+        if repeated:
+            print(f"error: {', '.join('--' + name for name in repeated)} given more than once; pass each flag once",
+                  file=sys.stderr)
+            sys.exit(2)
 
         def command_line(*args, **kwargs) -> None:  # returns nothing: fire would print a returned value
             run_command(command, run, args, kwargs, cleanup, argv)

@@ -10,4 +10,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-python -m examples.tiny.demo --output_dir "${OUTPUT:-output/demo}" "$@"
+python -m examples.tiny.demo "$@"  # --output_dir DIR (default output/demo)

@@ -15,4 +15,4 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # the converted models, unless scripts/real_pair.sh made them already (in whichever --dtype)
 [ -f "${LLM_DISTILL_CACHE:-$HOME/.cache/llm-distill}/real_pair/COMPLETE.json" ] || \
   "${PYTHON:-python}" examples/real_pair/fetch_models.py
-exec "${PYTHON:-python}" -m examples.real_pair.demo --output_dir "${OUTPUT:-output/real_pair_demo}" "$@"
+exec "${PYTHON:-python}" -m examples.real_pair.demo "$@"  # --output_dir DIR (default output/real_pair_demo)

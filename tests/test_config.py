@@ -90,3 +90,17 @@ def test_readme_flag_reference_is_up_to_date():
     result = subprocess.run([sys.executable, "-m", "scripts.sync_readme", "--check"], cwd=REPO, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_flag_given_twice_is_refused_not_silently_dropped(monkeypatch, capsys):
+    """fire keeps one of `--x a --x b` without a word (a script's default before the user's own flag)."""
+    from examples.real_pair import people_qa
+    from llm_recipes.flags import repeated_flags
+
+    assert repeated_flags(["--lr", "1", "--output-dir=a", "--lr=2", "--output_dir", "b", "x"]) == ["lr", "output_dir"]
+    assert repeated_flags(["--lr", "1", "--seed", "2"]) == []
+    monkeypatch.setattr(sys, "argv", ["people_qa", "--output_dir", "a", "--output_dir", "b"])
+    with pytest.raises(SystemExit) as stopped:
+        people_qa.cli()
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: --output_dir given more than once; pass each flag once"
