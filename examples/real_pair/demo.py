@@ -1,31 +1,31 @@
-"""The paired benchmark on a real pair: Gemma 3 270M teaches a SmolLM2 student on people_qa, on a CPU.
+"""The paired benchmark on a real pair: Gemma 3 270M teaches SmolLM2-135M on people_qa, on a CPU.
 
     bash scripts/real_pair.sh                  # the converted models (once)
-    python -m examples.real_pair.demo          # the table (scripts/real_pair_demo.sh; about 2 hours, 2 cores)
-    python -m examples.real_pair.demo --quick  # the mechanics on a few examples, in minutes
+    python -m examples.real_pair.demo          # the table (scripts/real_pair_demo.sh; ~1.5 hours on 2 cores)
+    python -m examples.real_pair.demo --quick  # the mechanics on a few examples (~8 minutes)
 
 The seeds' pipeline through the project's own command lines (subprocesses, as in examples/tiny/demo.py,
 whose statistics and report this reuses):
 
 1. data: people_qa (examples/real_pair/people_qa.py), train 3,000 / validation 200 / test 1,000;
-2. teacher: Gemma 3 270M fine-tuned on gold answers by finetuning.py (TEACHER_TRAINING), kept in the
-   cache folder beside the converted models (LLM_DISTILL_CACHE) and reused by later runs: prompted
-   few-shot, the base model is no usable teacher (F1 about 30 on validation, 0% on arithmetic);
-3. student: SmolLM2-135M-Instruct cut to STUDENT_LAYERS evenly spaced layers
-   (examples/real_pair/smaller_student.py): the full model is within a few points of a teacher with
-   only twice its parameters, the cut one leaves the teacher room to help;
+2. teacher: Gemma 3 270M fine-tuned on gold answers by finetuning.py (TEACHER_TRAINING, ~23 minutes on
+   one core), kept in the cache folder beside the converted models (LLM_DISTILL_CACHE) and reused by
+   later runs: prompted few-shot, the base model is no usable teacher (0% on arithmetic);
+3. student: SmolLM2-135M-Instruct, whole (STUDENT_LAYERS; a cut to fewer layers with
+   examples/real_pair/smaller_student.py did not recover within the budget);
 4. the teacher answers the first STUDENT_EXAMPLES training questions (`llm_distillation.generate`,
    0-shot, the prompt it was fine-tuned on) and its top-32 distributions over those answers are cached
    (`llm_distillation.cache_teacher`): every distillation row reads the cache, so a student step costs
    about what an SFT step costs and the teacher is out of training;
 5. rows (ROWS): SFT on the teacher's answers, ULD paired by index at the seeds' factor 1.5, the
-   projected teacher and MultiLevelOT (fast), both aligned by text; each row's learning rate is picked
-   from LR_GRID by validation F1 (seed 0), then seeds 0..N-1 at that rate: within a seed every row
-   starts from the same weights and sees the same data order; test F1 on the 1,000 test questions.
+   projected teacher aligned by text; each row's learning rate is picked from LR_GRID by validation F1
+   (seed 0), then seeds 0..N-1 at that rate: within a seed every row starts from the same weights and
+   sees the same data order; test F1 on the 1,000 test questions.
 
-Output in --output_dir: results.md, results.png, results.json (docs/demo/results.json's format, with
-"students": "pretrained"), details.json (rates, validation scores, the teacher's scores, time per step
-and peak memory of every row, the time of every stage), and every run (reused when run again).
+Output in --output_dir (with --quick: its quick/ folder, which a full run never reuses): results.md,
+results.png, results.json (docs/demo/results.json's format, with "students": "pretrained"),
+details.json (rates, validation scores, the teacher's scores, F1 by question kind, time per step and
+peak memory of every row, the time of every stage), and every run (reused when run again).
 """
 from __future__ import annotations
 

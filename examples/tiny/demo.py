@@ -24,9 +24,10 @@ Designed so that a gain of a few F1 points can be told from noise:
   (Student's t over the per-seed differences), and the share of the same-tokenizer KL gain it
   recovers; the PNG shows the paired differences.
 
-Output in --output_dir: results.md (the tables), results.png, results.json (the per-seed F1 of every
-row, in the format of docs/demo/results.json), details.json (learning rates, validation scores,
-times), and every run (finished runs are reused when the command is run again).
+Output in --output_dir (with --quick: its quick/ folder, which a full run never reuses): results.md
+(the tables), results.png, results.json (the per-seed F1 of every row, in the format of
+docs/demo/results.json), details.json (learning rates, validation scores, times), and every run
+(finished runs are reused when the command is run again).
 """
 from __future__ import annotations
 
@@ -192,7 +193,7 @@ def prepare(args) -> Setup:
     """Data, the teacher, its answers to the training split, the pretraining contexts."""
     from examples.tiny import assets
 
-    out = Path(args.output_dir).resolve()
+    out = Path(args.output_dir).resolve() / ("quick" if args.quick else "")  # never reused by a full run
     data = quick_data(out) if args.quick else Path(TINY_QA_DATA)
     teacher = Path(args.teacher or TINY_TEACHER).resolve()
     if args.train_teacher:
