@@ -104,3 +104,13 @@ def test_the_report_has_no_share_column_without_same_tokenizer_rows(tmp_path):
     text = tiny_demo.write_report(results, details, tmp_path)
     assert "| projected | different | 0.0003 | 44.7 | +2.7 [" in text and "share" not in text
     assert json.loads((tmp_path / "results.json").read_text())["tables"][0]["students"] == "pretrained"
+
+
+def test_f1_by_question_kind_reads_the_benchmark_predictions(tmp_path):
+    data, scored = tmp_path / "data", tmp_path / "scored"
+    data.mkdir(), scored.mkdir()
+    kinds = {"a": "lookup", "b": "arithmetic", "c": "lookup"}
+    (data / "test.jsonl").write_text("".join(json.dumps({"id": i, "kind": k}) + "\n" for i, k in kinds.items()))
+    f1 = {"a": 100.0, "b": 0.0, "c": 50.0}  # the benchmark writes F1 x100 per prediction
+    (scored / "predictions.jsonl").write_text("".join(json.dumps({"id": i, "f1": v}) + "\n" for i, v in f1.items()))
+    assert demo.f1_by_kind(scored, data, "test") == {"arithmetic": 0.0, "lookup": 75.0}

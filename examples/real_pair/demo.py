@@ -205,13 +205,13 @@ def benchmark(setup: Setup, model: Path, split: str, out: Path) -> float:
 
 
 def f1_by_kind(scored: Path, data: Path, split: str) -> dict:
-    """Mean F1 (x100) of a benchmark's predictions per question kind (lookup, two_hop, arithmetic, comparison)."""
+    """Mean F1 (x100, as the predictions hold it) per question kind (lookup, two_hop, arithmetic, comparison)."""
     kinds = {row["id"]: row["kind"] for row in map(json.loads, (data / f"{split}.jsonl").read_text().splitlines())}
     by_kind: dict = {}
     for line in (scored / "predictions.jsonl").read_text().splitlines():
         row = json.loads(line)
         by_kind.setdefault(kinds[row["id"]], []).append(row["f1"])
-    return {kind: 100 * statistics.mean(values) for kind, values in sorted(by_kind.items())}
+    return {kind: statistics.mean(values) for kind, values in sorted(by_kind.items())}
 
 
 def train_row(setup: Setup, row: Row, seed: int, lr: float) -> Path:
