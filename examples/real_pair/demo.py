@@ -1,7 +1,7 @@
 """The paired benchmark on a real pair: Gemma 3 270M teaches SmolLM2-135M on people_qa, on a CPU.
 
     bash scripts/real_pair.sh                  # the converted models (once)
-    python -m examples.real_pair.demo          # the table (scripts/real_pair_demo.sh; ~1.5 hours on 2 cores)
+    python -m examples.real_pair.demo          # the table (scripts/real_pair_demo.sh; ~55 min on 2 cores)
     python -m examples.real_pair.demo --quick  # the mechanics on a few examples (~8 minutes)
 
 The seeds' pipeline through the project's own command lines (subprocesses, as in examples/tiny/demo.py,
