@@ -114,3 +114,23 @@ def test_f1_by_question_kind_reads_the_benchmark_predictions(tmp_path):
     f1 = {"a": 100.0, "b": 0.0, "c": 50.0}  # the benchmark writes F1 x100 per prediction
     (scored / "predictions.jsonl").write_text("".join(json.dumps({"id": i, "f1": v}) + "\n" for i, v in f1.items()))
     assert demo.f1_by_kind(scored, data, "test") == {"arithmetic": 0.0, "lookup": 75.0}
+
+
+def test_scoring_passes_each_benchmark_flag_once(tmp_path, monkeypatch):
+    """The demo's options replace the defaults (a flag twice is refused; fire used to keep the first)."""
+    from llm_recipes.flags import repeated_flags
+
+    commands = []
+
+    def fake_run(command, log):
+        commands.append(command)
+        (tmp_path / "scores.json").write_text(json.dumps({"scores": {"f1": 12.5}}))
+        return 0.0
+
+    monkeypatch.setattr(tiny_demo, "run", fake_run)
+    f1 = demo.benchmark(demo.Setup(tmp_path, tmp_path, tmp_path, tmp_path, tmp_path, tmp_path, tmp_path, False, 3, 2),
+                        tmp_path / "model", "test", tmp_path)
+    command = commands[0]
+    assert f1 == 12.5 and repeated_flags(command) == []
+    values = dict(zip(command[3::2], command[4::2]))
+    assert values["--max_new_tokens"] == "12" and values["--batch_size"] == "25" and values["--bf16"] == "True"

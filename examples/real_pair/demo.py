@@ -60,7 +60,7 @@ COMMON = {"batch_size_training": 8, "val_batch_size": 16, "scheduler": "cosine",
 TEACHER_TRAINING = {**COMMON, "num_epochs": 1, "max_train_step": 150, "lr": TEACHER_LR, "seed": 0}
 # A student: one epoch over the teacher's answers, batch 8 (53 steps).
 STUDENT_TRAINING = {**COMMON, "num_epochs": 1}
-GENERATION = ("--max_new_tokens", "12", "--batch_size", "25", "--bf16", "True", "--progress", "False")
+GENERATION = {"max_new_tokens": 12, "batch_size": 25, "bf16": True, "progress": False}
 QUICK = {"train": 16, "validation": 8, "test": 16, "teacher_steps": 2, "lr_grid": (3e-4,)}
 
 _TEACHER_PROMPT = {"dataset.few_shot": 0}  # the 0-shot prompt the teacher was fine-tuned on
@@ -188,7 +188,7 @@ def prepare(args) -> Setup:
         if not (answers / "summary.json").exists():
             run([sys.executable, "-m", "llm_distillation.generate", "--model_name", str(teacher), "--task",
                  "people_qa", "--source", str(data), "--split", "train", "--output_dir", str(answers),
-                 "--few_shot", "0", *GENERATION], out / "logs" / "generate.txt")
+                 "--few_shot", "0", *_flags(GENERATION)], out / "logs" / "generate.txt")
     teacher_cache = out / "teacher-cache"
     with stage("the teacher's top-32 distributions over its answers (teacher cache)"):
         if not (teacher_cache / "summary.json").exists():
@@ -201,7 +201,7 @@ def prepare(args) -> Setup:
 
 
 def benchmark(setup: Setup, model: Path, split: str, out: Path) -> float:
-    return score(model, setup.data, split, out, task="people_qa", extra=GENERATION)
+    return score(model, setup.data, split, out, task="people_qa", options=GENERATION)
 
 
 def f1_by_kind(scored: Path, data: Path, split: str) -> dict:

@@ -115,14 +115,15 @@ def run(command: list[str], log: Path) -> float:
     return time.time() - start
 
 
-def score(model: Path, data: Path, split: str, out: Path, task: str = "tiny_qa", extra: tuple = ()) -> float:
+def score(model: Path, data: Path, split: str, out: Path, task: str = "tiny_qa", options: Optional[dict] = None
+          ) -> float:
     """F1 (x100) of a model's greedy 0-shot answers on a split of the task's gold answers (cached in `out`);
-    `extra`: more benchmark flags."""
+    `options`: benchmark flags that replace or add to the defaults below."""
     result = out / "scores.json"
     if not result.exists():
-        run([sys.executable, "-m", "llm_distillation.benchmark", "--model_name", str(model), "--task", task,
-             "--source", str(data), "--split", split, "--output_dir", str(out), "--max_new_tokens", "16",
-             "--batch_size", "50", "--progress", "False", *extra], out / "log.txt")
+        values = {"model_name": model, "task": task, "source": data, "split": split, "output_dir": out,
+                  "max_new_tokens": 16, "batch_size": 50, "progress": False, **(options or {})}
+        run([sys.executable, "-m", "llm_distillation.benchmark", *_flags(values)], out / "log.txt")
     return json.loads(result.read_text())["scores"]["f1"]
 
 
