@@ -5,7 +5,7 @@
 # projected teacher (text alignment; both from a top-32 teacher cache); each row's rate picked on
 # validation, then 3 seeds paired by seed, test F1 on 1,000 questions.
 #   bash scripts/real_pair_demo.sh                 # the table (~55 min on 2 cores; ~75 while the teacher is fine-tuned)
-#   bash scripts/real_pair_demo.sh --quick         # the mechanics on a few examples (minutes)
+#   bash scripts/real_pair_demo.sh --quick         # the mechanics on a few examples (~5 minutes)
 #   bash scripts/real_pair_demo.sh --seeds 5
 # By running it you accept the models' licences: Gemma Terms of Use (https://ai.google.dev/gemma/terms),
 # Apache-2.0 for SmolLM2. Details: examples/real_pair/demo.py; the latest results: docs/real_pair/

@@ -2,7 +2,7 @@
 
     bash scripts/real_pair.sh                  # the converted models (once)
     python -m examples.real_pair.demo          # the table (scripts/real_pair_demo.sh; ~55 min on 2 cores)
-    python -m examples.real_pair.demo --quick  # the mechanics on a few examples (~8 minutes)
+    python -m examples.real_pair.demo --quick  # the mechanics on a few examples (~5 minutes)
 
 The seeds' pipeline through the project's own command lines (subprocesses, as in examples/tiny/demo.py,
 whose statistics and report this reuses):
