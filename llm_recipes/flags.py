@@ -350,25 +350,6 @@ def markdown_reference(command: Command) -> str:
 
 
 # ---------------------------------------------------------------------------------------- entry point
-def run_command(command: Command, entry: Callable[[Parsed], Any], args: tuple, kwargs: dict,
-                cleanup: Optional[Callable[[], None]] = None, argv: Optional[list] = None) -> Any:
-    """A fire entry point's body: --help, parsing, and UserError -> `error: <one line>`, exit code 2."""
-    try:
-        if kwargs.pop("help", False) or kwargs.pop("h", False):
-            print(help_text(command))
-            return None
-        return entry(parse(command, kwargs, args, argv))
-    except UserError as error:
-        from tqdm.auto import tqdm
-
-        for line in getattr(error, "messages", [str(error)]):
-            tqdm.write(f"{error.label}: {line}", file=sys.stderr)  # on its own line, below any progress bar
-        sys.exit(error.exit_code)
-    finally:
-        if cleanup is not None:
-            cleanup()
-
-
 def repeated_flags(argv: list) -> list[str]:
     """Flags given more than once on a command line (`--lr 1 --lr 2`): fire would keep one silently."""
     seen, repeated = set(), []
@@ -379,6 +360,28 @@ def repeated_flags(argv: list) -> list[str]:
                 repeated.append(name)
             seen.add(name)
     return repeated
+
+
+def run_command(command: Command, entry: Callable[[Parsed], Any], args: tuple, kwargs: dict,
+                cleanup: Optional[Callable[[], None]] = None, argv: Optional[list] = None) -> Any:
+    """A fire entry point's body: --help, parsing, and UserError -> `error: <one line>`, exit code 2."""
+    try:
+        if kwargs.pop("help", False) or kwargs.pop("h", False):
+            print(help_text(command))
+            return None
+        repeated = repeated_flags(argv or [])
+        if repeated:
+            raise UserError(f"{', '.join('--' + name for name in repeated)} given more than once; pass each flag once")
+        return entry(parse(command, kwargs, args, argv))
+    except UserError as error:
+        from tqdm.auto import tqdm
+
+        for line in getattr(error, "messages", [str(error)]):
+            tqdm.write(f"{error.label}: {line}", file=sys.stderr)  # on its own line, below any progress bar
+        sys.exit(error.exit_code)
+    finally:
+        if cleanup is not None:
+            cleanup()
 
 
 def entry_points(command: Command, run: Callable[[Parsed], Any], cleanup: Optional[Callable[[], None]] = None):
@@ -394,12 +397,6 @@ def entry_points(command: Command, run: Callable[[Parsed], Any], cleanup: Option
         if any(arg in ("--help", "-h") for arg in argv):  # fire would describe the function instead
             print(help_text(command))
             return
-
-        repeated = repeated_flags(argv)
-        if repeated:
-            print(f"error: {', '.join('--' + name for name in repeated)} given more than once; pass each flag once",
-                  file=sys.stderr)
-            sys.exit(2)
 
         def command_line(*args, **kwargs) -> None:  # returns nothing: fire would print a returned value
             run_command(command, run, args, kwargs, cleanup, argv)

@@ -8,7 +8,7 @@ The seeds' pipeline through the project's own command lines (subprocesses, as in
 whose statistics and report this reuses):
 
 1. data: people_qa (examples/real_pair/people_qa.py), train 3,000 / validation 200 / test 1,000;
-2. teacher: Gemma 3 270M fine-tuned on gold answers by finetuning.py (TEACHER_TRAINING, ~23 minutes on
+2. teacher: Gemma 3 270M fine-tuned on gold answers by finetuning.py (TEACHER_TRAINING, ~20 minutes on
    one core), kept in the cache folder beside the converted models (LLM_DISTILL_CACHE) and reused by
    later runs: prompted few-shot, the base model is no usable teacher (0% on arithmetic);
 3. student: SmolLM2-135M-Instruct, whole (STUDENT_LAYERS; a cut to fewer layers with
@@ -38,9 +38,9 @@ from pathlib import Path
 from typing import Optional
 
 from configs.paths import REPO_ROOT
-from examples.tiny.demo import Row, in_parallel, read_metrics, run, score, write_report
+from examples.tiny.demo import (STARTED, Row, _flags, finetune, in_parallel, read_metrics, run, score, step,
+                                write_report)
 from llm_recipes import flags
-from llm_recipes.checkpoint import holds_a_run, saved_checkpoints
 from llm_recipes.errors import UserError
 from llm_recipes.flags import option
 
@@ -58,7 +58,7 @@ COMMON = {"batch_size_training": 8, "val_batch_size": 16, "scheduler": "cosine",
           "weight_decay": 0.0, "save_step": 0, "save_optimizer": False, "mixed_precision": True}
 # The teacher: 150 steps of 8 gold answers (1,200 of the 3,000 training questions), seed 0.
 TEACHER_TRAINING = {**COMMON, "num_epochs": 1, "max_train_step": 150, "lr": TEACHER_LR, "seed": 0}
-# A student: one epoch over the teacher's answers, batch 8 (53 steps).
+# A student: one epoch over the teacher's 432 training answers, batch 8 (54 steps).
 STUDENT_TRAINING = {**COMMON, "num_epochs": 1}
 GENERATION = {"max_new_tokens": 12, "batch_size": 25, "bf16": True, "progress": False}
 QUICK = {"train": 16, "validation": 8, "test": 16, "teacher_steps": 2, "lr_grid": (3e-4,)}
@@ -73,19 +73,10 @@ ROWS = (
         {"distillation_config.loss": "projected", "distillation_config.alignment": "text",
          "distillation_config.teacher_cache": "CACHE", **_TEACHER_PROMPT}),
 )
-# MultiLevelOT (fast, text) is not a row: three rows x (2 rates + 2 more seeds) already take the ~2 hours the
-# demo may use on 2 cores; `--rows` is not offered, edit ROWS (examples/tiny/demo.py has it).
+# MultiLevelOT (fast, text) is not a row, to keep the demo near an hour on 2 cores (three rows x (2 rates +
+# 2 more seeds) took 48 minutes of training and scoring); add it to ROWS from examples/tiny/demo.py's.
 
-STARTED = time.time()
 STAGES: dict = {}  # stage -> minutes it took in this invocation (0 when reused)
-
-
-def step(text: str) -> None:
-    print(f"[{(time.time() - STARTED) / 60:5.1f} min] {text}", flush=True)
-
-
-def _flags(values: dict) -> list[str]:
-    return [part for name, value in values.items() for part in (f"--{name}", str(value))]
 
 
 class stage:
@@ -161,12 +152,10 @@ def fine_tuned_teacher(setup_cache: Path, out: Path, data: Path, quick: bool) ->
     if (run_dir / "best" / "config.json").is_file():
         return run_dir / "best"
     values = {**TEACHER_TRAINING, "model_name": setup_cache / TEACHER_BASE, "dataset.file": LOADER,
-              "dataset.source": data if quick else out / "teacher-data", "output_dir": run_dir}
+              "dataset.source": data if quick else out / "teacher-data"}
     if quick:
         values["max_train_step"] = QUICK["teacher_steps"]
-    if holds_a_run(str(run_dir)):
-        values["overwrite_output_dir"] = True  # an interrupted fine-tuning: start it over
-    run([sys.executable, "finetuning.py", *_flags(values)], out / "logs" / "teacher.txt")
+    finetune(values, run_dir, out / "logs" / "teacher.txt")
     return run_dir / "best"
 
 
@@ -220,15 +209,11 @@ def train_row(setup: Setup, row: Row, seed: int, lr: float) -> Path:
     if (run_dir / "best" / "config.json").exists():
         return run_dir
     values = {**STUDENT_TRAINING, "lr": lr, "model_name": setup.student, "dataset.file": LOADER,
-              "dataset.source": setup.answers, "dataset.answer_column": "answers_generated",
-              "output_dir": run_dir, "seed": seed, "distillation": True,
-              "distillation_config.model_name": setup.teacher, **row.flags}
+              "dataset.source": setup.answers, "dataset.answer_column": "answers_generated", "seed": seed,
+              "distillation": True, "distillation_config.model_name": setup.teacher, **row.flags}
     if values.get("distillation_config.teacher_cache") == "CACHE":
         values["distillation_config.teacher_cache"] = setup.teacher_cache
-    if holds_a_run(str(run_dir)):
-        has_checkpoint = bool(saved_checkpoints(run_dir))
-        values["resume_from" if has_checkpoint else "overwrite_output_dir"] = run_dir if has_checkpoint else True
-    run([sys.executable, "finetuning.py", *_flags(values)], run_dir / "log.txt")
+    finetune(values, run_dir, run_dir / "log.txt")
     return run_dir
 
 
@@ -252,6 +237,18 @@ def final_run(setup: Setup, row: Row, seed: int, lr: float) -> dict:
     run_dir = train_row(setup, row, seed, lr)
     return {"f1": benchmark(setup, run_dir / "best", "test", run_dir / "test"), **cost(run_dir),
             "f1_by_kind": f1_by_kind(run_dir / "test", setup.data, "test")}
+
+
+def mean_cost(runs: list[dict]) -> dict:
+    """A row's seconds per step (mean over its seeds' runs) and peak memory (the highest)."""
+    times = [r["s_per_step"] for r in runs if r["s_per_step"] is not None]
+    peaks = [r["peak_memory_gb"] for r in runs if r["peak_memory_gb"] is not None]
+    return {"s_per_step": statistics.mean(times) if times else None, "peak_memory_gb": max(peaks, default=None)}
+
+
+def mean_by_kind(per_seed: list[dict]) -> dict:
+    """F1 per question kind, averaged over the seeds (every seed scores the same test questions)."""
+    return {kind: statistics.mean(scores[kind] for scores in per_seed) for kind in per_seed[0]}
 
 
 @dataclass(frozen=True)
@@ -291,13 +288,9 @@ def run_demo(args: RealPairDemoArgs) -> dict:
                                              "alignment": row.alignment,
                                              "f1": [finals[(row.name, s)]["f1"] for s in seeds]} for row in ROWS]}]}
     details = {"rates": {"pretrained": rates},
-               "cost": {row.name: {"s_per_step": statistics.mean(
-                   [finals[(row.name, s)]["s_per_step"] for s in seeds if finals[(row.name, s)]["s_per_step"]] or [0]),
-                   "peak_memory_gb": max((finals[(row.name, s)]["peak_memory_gb"] or 0) for s in seeds)}
-                   for row in ROWS},
-               "test_f1_by_kind": {row.name: {kind: statistics.mean(finals[(row.name, s)]["f1_by_kind"].get(kind, 0.0)
-                                                                   for s in seeds)
-                                              for kind in finals[(row.name, 0)]["f1_by_kind"]} for row in ROWS},
+               "cost": {row.name: mean_cost([finals[(row.name, s)] for s in seeds]) for row in ROWS},
+               "test_f1_by_kind": {row.name: mean_by_kind([finals[(row.name, s)]["f1_by_kind"] for s in seeds])
+                                   for row in ROWS},
                "teacher": str(setup.teacher), "student": str(setup.student), "teacher_f1": teacher_scores,
                "student_examples": QUICK["train"] if args.quick else STUDENT_EXAMPLES, "quick": args.quick,
                "jobs": args.jobs, "stages_minutes": STAGES, "total_minutes": (time.time() - STARTED) / 60}

@@ -236,17 +236,24 @@ def train_row(setup: Setup, row: Row, regime: str, seed: int, lr: float) -> Path
         return run_dir
     values = {**STUDENT_TRAINING, "lr": lr, "model_name": student_init(setup, row.student, regime, seed),
               "dataset.file": TINY_QA_LOADER, "dataset.source": setup.answers,
-              "dataset.answer_column": "answers_generated", "output_dir": run_dir, "seed": seed,
+              "dataset.answer_column": "answers_generated", "seed": seed,
               "distillation": True, "distillation_config.model_name": setup.teacher, **row.flags}
     if values.get("distillation_config.teacher_cache") == "CACHE":
         values["distillation_config.teacher_cache"] = setup.cache
     if setup.quick:
         values["num_epochs"] = QUICK["epochs"]
-    if holds_a_run(str(run_dir)):  # a run of an earlier demo that was stopped: continue it, or start it over
+    finetune(values, run_dir, run_dir / "log.txt")
+    return run_dir
+
+
+def finetune(values: dict, run_dir: Path, log: Path) -> None:
+    """`finetuning.py` with these flags into run_dir; a run of an earlier demo stopped there continues
+    from its last checkpoint, or starts over when it saved none."""
+    values = {**values, "output_dir": run_dir}
+    if holds_a_run(str(run_dir)):
         has_checkpoint = bool(saved_checkpoints(run_dir))
         values["resume_from" if has_checkpoint else "overwrite_output_dir"] = run_dir if has_checkpoint else True
-    run([sys.executable, "finetuning.py", *_flags(values)], run_dir / "log.txt")
-    return run_dir
+    run([sys.executable, "finetuning.py", *_flags(values)], log)
 
 
 def select_rate(setup: Setup, row: Row, regime: str) -> dict:
