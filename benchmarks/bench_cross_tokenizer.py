@@ -120,14 +120,14 @@ def make_inputs(case: Case):
 def spec_for(case: Case, pmap, shared):
     from configs import distillation_config
     from llm_recipes.losses import LossSpec
-    from llm_recipes.losses.projection import Projection
+    from llm_recipes.losses.family import PairArtifacts
 
     name, _, alignment = case.loss.partition(" ")
     alignment = alignment.split()[0] if alignment else "text"
     return LossSpec.from_config(distillation_config(alignment=alignment), name=name,
                                 student_vocab_size=case.vocab_student, teacher_vocab_size=case.vocab_teacher,
-                                same_tokenizer=False, chunk_size=case.chunk_size, projection=Projection(pmap),
-                                shared_tokens=shared)
+                                same_tokenizer=False, chunk_size=case.chunk_size,
+                                artifacts=PairArtifacts(projection_map=pmap, shared_tokens=shared))
 
 
 # ---------------------------------------------------------------------------------------- measuring

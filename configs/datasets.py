@@ -2,7 +2,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from configs.paths import TINY_QA_LOADER
-from llm_recipes.flags import option
+from configs.fields import option
 
 
 @dataclass(frozen=True)

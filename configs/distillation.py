@@ -2,8 +2,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from configs.paths import TINY_TEACHER
-from llm_recipes.flags import option
-from llm_recipes.losses.table import choices_text
+from configs.fields import option
 
 
 def _distillation(default, help):
@@ -36,12 +35,14 @@ class distillation_config:
     fsdp_cpu_offload: bool = option(False, "keep the sharded teacher in CPU memory", group="distributed")
 
     # total loss = cross_entropy_factor * CE + distil_factor * term
-    loss: str = _distillation("auto", choices_text() + " (auto: kl with one tokenizer; across tokenizers projected, "
-                                                      "or uld with --distillation_config.alignment index)")
+    loss: str = _distillation(
+        "auto", "auto | uld | multilevel_ot | projected | hybrid | kl | reverse_kl | jsd | skew_kl | skew_reverse_kl | "
+                "tvd (auto: kl with one tokenizer; across tokenizers projected, or uld with "
+                "--distillation_config.alignment index)")
     cross_entropy_factor: float = _distillation(1.0, "weight of the student's cross-entropy on the labels")
     alignment: str = _distillation(
         "auto", "auto | text | index: how answer tokens pair across tokenizers; text: tokens that start the same text "
-                "(llm_recipes/alignment.py), index: the i-th with the i-th (the seeds' ULD); auto: text across "
+                "(llm_recipes/alignment/), index: the i-th with the i-th (the seeds' ULD); auto: text across "
                 "tokenizers")
     distil_factor: Optional[float] = _distillation(
         None, "weight of the distillation term; None: the loss's default (1.5, 0.15 for multilevel_ot)")

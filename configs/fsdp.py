@@ -1,6 +1,6 @@
 from dataclasses import dataclass
 
-from llm_recipes.flags import option
+from configs.fields import option
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from configs.paths import TINY_STUDENT
-from llm_recipes.flags import option
+from configs.fields import option
 
 
 @dataclass(frozen=True)

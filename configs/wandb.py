@@ -1,7 +1,7 @@
 from dataclasses import dataclass
 from typing import List, Optional
 
-from llm_recipes.flags import option
+from configs.fields import option
 
 
 @dataclass(frozen=True)

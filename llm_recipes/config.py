@@ -23,7 +23,7 @@ from configs import dataset, distillation_config, fsdp_config, lora_config, trai
 from llm_recipes import flags
 from llm_recipes.errors import UserError
 from llm_recipes.flags import Refused
-from llm_recipes.losses import table
+from llm_recipes.losses import LossSpec
 from llm_recipes.losses.table import SFT_ONLY
 
 MULTILEVEL_OT_F_MODES = {1: "fast", 2: "greedy"}  # the MultiLevelOT fork's --f
@@ -154,16 +154,6 @@ def _validate_ranges(run: RunConfig) -> None:
         raise UserError(f"--num_freeze_layers must be at least 1 with --freeze_layers, got {t.num_freeze_layers}")
     if not 0 < run.dataset.training_size <= 1:
         raise UserError(f"--dataset.training_size must be in (0, 1], got {run.dataset.training_size}")
-    if d.loss not in table.LOSS_CHOICES:
-        raise UserError(f"unknown loss {d.loss!r}: --distillation_config.loss must be one of "
-                        f"{', '.join(table.LOSS_CHOICES)}")
-    if d.alignment not in (table.AUTO,) + table.ALIGNMENTS:
-        raise UserError(f"--distillation_config.alignment must be one of auto, {', '.join(table.ALIGNMENTS)}, "
-                        f"got {d.alignment!r}")
-    if d.projected_divergence not in table.PROJECTED_DIVERGENCES:
-        raise UserError(f"--distillation_config.projected_divergence must be one of "
-                        f"{', '.join(table.PROJECTED_DIVERGENCES)} (a projected target is zero on many tokens, where "
-                        f"reverse_kl is infinite), got {d.projected_divergence!r}")
     if d.distil_factor is not None and d.distil_factor < 0:
         raise UserError(f"--distillation_config.distil_factor must be 0 or more, got {d.distil_factor}")
     if d.cross_entropy_factor < 0:
@@ -232,10 +222,10 @@ METHOD_SWITCHES = {
 def validate_methods(run: RunConfig, spelled: dict) -> None:
     """Hidden-state, selective and freezing flags: valid values, and no detail flag of a method that is off."""
     from llm_recipes.losses.hidden import HIDDEN_ALIGNMENTS, HIDDEN_DISTANCES, HIDDEN_POSITIONS
-    from llm_recipes.losses.selection import FEATURE_ATTRIBUTIONS, TOKEN_SELECTIONS
+    from llm_recipes.losses.selection import FEATURE_ATTRIBUTIONS
 
     t, d = run.train, run.distillation
-    choices_of = {"token_selection": TOKEN_SELECTIONS, "hidden_distance": HIDDEN_DISTANCES,
+    choices_of = {"hidden_distance": HIDDEN_DISTANCES,
                   "hidden_positions": HIDDEN_POSITIONS, "hidden_alignment": HIDDEN_ALIGNMENTS,
                   "feature_attribution": FEATURE_ATTRIBUTIONS}
     for name, choices in choices_of.items():
@@ -245,8 +235,6 @@ def validate_methods(run: RunConfig, spelled: dict) -> None:
     for name in ("hidden_weight", "feature_weight", "feature_offdiag_weight"):
         if not getattr(d, name) >= 0:
             raise UserError(f"--distillation_config.{name} must be 0 or more, got {getattr(d, name)}")
-    if not 0 < d.token_selection_ratio <= 1:
-        raise UserError(f"--distillation_config.token_selection_ratio must be in (0, 1], got {d.token_selection_ratio}")
     for name, (switch, is_on) in METHOD_SWITCHES.items():
         if f"distillation_config.{name}" in spelled and not is_on(d):
             raise UserError(f"--distillation_config.{name} has no effect without {switch}: set it or remove the flag")
@@ -293,38 +281,38 @@ def validate_teacher_cache(run: RunConfig, spelled: dict) -> None:
 class RunPlan:
     """What the configuration resolves to for this student and teacher (derived, never stored back)."""
 
-    loss: Optional[table.Loss]  # the logit term (`auto` resolved); None: no logit term
+    spec: LossSpec  # the logit term, resolved and validated once (`auto` resolved; name "none": no logit term)
     distil_factor: float  # its weight (the loss's default when --distillation_config.distil_factor is unset)
     same_tokenizer: bool  # the two tokenizers have the same vocabulary (token strings and ids)
     intermediate_terms: bool  # a hidden-state or feature term is on
     student_attention: Optional[str]  # attn_implementation of the student
-    alignment: str = "index"  # how the logit term pairs answer tokens: "index" or "text" (table.resolve_alignment)
     text_groups: bool = False  # the data pipeline aligns answers by text (the logit term or hidden_alignment text)
 
     @property
-    def loss_name(self) -> str:
-        return self.loss.name if self.loss is not None else SFT_ONLY
-
-    @property
     def uses_teacher(self) -> bool:
-        return self.loss is not None or self.intermediate_terms
+        return self.spec.distills or self.intermediate_terms
 
 
-def resolve_plan(run: RunConfig, student_tokenizer, teacher_tokenizer) -> RunPlan:
-    """The run's plan once its tokenizers are loaded (teacher_tokenizer None without --distillation)."""
+def resolve_plan(run: RunConfig, student_tokenizer, teacher_tokenizer, cache=None) -> RunPlan:
+    """The run's plan once its tokenizers are loaded (teacher_tokenizer None without --distillation; `cache`:
+    the teacher cache's metadata): the one place the loss is resolved and its values checked."""
     t, d = run.train, run.distillation
     attention = "sdpa" if t.use_fast_kernels else t.attn_implementation
+    same = not t.distillation or student_tokenizer.get_vocab() == teacher_tokenizer.get_vocab()
+    sizes = dict(student_vocab_size=len(student_tokenizer),
+                 teacher_vocab_size=len(teacher_tokenizer if teacher_tokenizer is not None else student_tokenizer),
+                 same_tokenizer=same, student_encoder_decoder=t.encoder_decoder,
+                 teacher_encoder_decoder=d.encoder_decoder, chunk_size=t.logits_chunk_size, cache=cache)
     if not t.distillation:
-        return RunPlan(None, 0.0, True, False, attention)
-    same = student_tokenizer.get_vocab() == teacher_tokenizer.get_vocab()
-    loss = table.resolve(d.loss, same, d.alignment)
-    factor = d.distil_factor if d.distil_factor is not None else loss.distil_factor
+        return RunPlan(LossSpec.from_config(d, name=SFT_ONLY, **sizes), 0.0, True, False, attention)
     intermediate = d.hidden_weight > 0 or d.feature_weight > 0
     if intermediate and not same and d.hidden_alignment == "none":
         raise UserError("hidden-state and feature distillation compare the two models position by position, but "
                         "the student and teacher tokenizers differ: set --distillation_config.hidden_alignment text "
                         "(the first tokens of text-aligned groups) or answer_index (the i-th answer tokens, as ULD)")
-    alignment = table.resolve_alignment(loss, d.alignment, same)
-    logit = loss if factor > 0 else None
-    text_groups = (logit is not None and alignment == "text") or (intermediate and d.hidden_alignment == "text")
-    return RunPlan(logit, factor, same, intermediate, attention, alignment, text_groups)
+    spec = LossSpec.from_config(d, **sizes)
+    factor = d.distil_factor if d.distil_factor is not None else spec.loss.distil_factor
+    if factor == 0:  # no logit term: the plain CE (the named loss was still checked)
+        spec = LossSpec.from_config(d, name=SFT_ONLY, **sizes)
+    text_groups = (spec.distills and spec.alignment == "text") or (intermediate and d.hidden_alignment == "text")
+    return RunPlan(spec, factor, same, intermediate, attention, text_groups)

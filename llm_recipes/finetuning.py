@@ -14,7 +14,6 @@ epochs: log every --log_every steps, validate and save every --save_step steps a
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 import signal
@@ -31,13 +30,10 @@ from llm_recipes import checkpoint, data, distributed, flags, freezing, intermed
 from llm_recipes import interrupt, preflight
 from llm_recipes.config import TRAINER, RunConfig, RunPlan, run_config
 from llm_recipes.errors import RunInterrupted, UserError
-from llm_recipes.losses import LossSpec
+from llm_recipes.losses.family import PairArtifacts
 from llm_recipes.metrics_log import MetricsLog, peak_memory_gb
 from llm_recipes.objective import Counts, Models, Objective
 from llm_recipes.optim import build_optimizer, build_scheduler
-
-PROJECTION_MAP = "projection_map.safetensors"  # the tokenizer pair's map, cached in the output folder
-
 
 # ------------------------------------------------------------------------------------------- state
 @dataclass
@@ -109,52 +105,19 @@ def load_models(run: RunConfig, plan: RunPlan, resume: Optional[Path], info: dis
     return student, teacher
 
 
-@dataclass(frozen=True)
-class PairArtifacts:
-    """What a text-aligned cross-tokenizer loss needs of the tokenizer pair, made once per run."""
-
-    projection_map: object = None  # llm_recipes.alignment.ProjectionMap (the projected loss)
-    shared_tokens: Optional[tuple] = None  # (teacher ids, student ids) with the same text (the hybrid loss)
-
-
-def pair_artifacts(plan: RunPlan, student_tokenizer, teacher_tokenizer, output: Path, info) -> PairArtifacts:
-    """The projection map (cached in the output folder, built by rank 0) or the shared tokens."""
-    from llm_recipes import alignment
-
-    family = plan.loss.family if plan.loss is not None else None
-    if family == "projection":
-        path = output / PROJECTION_MAP
-        if info.is_main:
-            pmap, how = alignment.load_or_build_map(teacher_tokenizer, student_tokenizer, path)
-            print(f"projection map: {pmap.num_nodes:,} nodes, {pmap.num_pairs:,} pairs ({how})")
-        distributed.barrier()
-        if not info.is_main:
-            pmap = alignment.ProjectionMap.load(path, teacher_tokenizer, student_tokenizer)
-        return PairArtifacts(projection_map=pmap)
-    if family == "hybrid":
-        shared = alignment.shared_token_pairs(teacher_tokenizer, student_tokenizer)
-        if info.is_main:
-            print(f"hybrid: {shared[0].numel():,} tokens with the same text in both vocabularies")
-        return PairArtifacts(shared_tokens=shared)
-    return PairArtifacts()
-
-
-def loss_spec(run: RunConfig, plan: RunPlan, student_tokenizer, teacher_tokenizer,
-              artifacts: PairArtifacts = PairArtifacts(), cache=None) -> LossSpec:
-    """The logit term's spec. From a top-K teacher cache, ULD is top-K ULD (the K cached probabilities rank by
-    rank, the rest one bucket): exactly what the cache determines."""
-    from llm_recipes.losses.projection import Projection
-
-    t, d = run.train, run.distillation
-    if cache is not None and plan.loss is not None and plan.loss.family == "uld" and cache.topk < cache.vocab_size:
-        d = dataclasses.replace(d, uld_top_k=min(d.uld_top_k or cache.topk, cache.topk))
-    projection = Projection(artifacts.projection_map) if artifacts.projection_map is not None else None
-    return LossSpec.from_config(
-        d, name=plan.loss_name, student_vocab_size=len(student_tokenizer),
-        teacher_vocab_size=len(teacher_tokenizer) if teacher_tokenizer is not None else len(student_tokenizer),
-        same_tokenizer=plan.same_tokenizer, student_encoder_decoder=t.encoder_decoder,
-        teacher_encoder_decoder=d.encoder_decoder, chunk_size=t.logits_chunk_size, projection=projection,
-        shared_tokens=artifacts.shared_tokens)
+def pair_artifacts(plan: RunPlan, student_tokenizer, teacher_tokenizer, info) -> PairArtifacts:
+    """What the loss's family builds of the tokenizer pair (the projection map, the shared tokens), cached on
+    disk per pair: rank 0 builds or reads it first, the other processes then read what it wrote."""
+    family = plan.spec.family
+    if family is None:
+        return PairArtifacts()
+    artifacts = family.artifacts(student_tokenizer, teacher_tokenizer) if info.is_main else None
+    distributed.barrier()
+    if not info.is_main:
+        artifacts = family.artifacts(student_tokenizer, teacher_tokenizer)
+    elif artifacts.summary:
+        print(artifacts.summary)
+    return artifacts
 
 
 def load_data(run: RunConfig, plan: RunPlan, tokenizers: tuple, student, teacher, projection_map, info,
@@ -181,7 +144,7 @@ def load_data(run: RunConfig, plan: RunPlan, tokenizers: tuple, student, teacher
     if plan.text_groups:
         splits = [data.attach_alignment(split, student_tokenizer, teacher_tokenizer, projection_map)
                   for split in splits]
-    if cache is not None and plan.loss is not None:
+    if cache is not None and plan.spec.distills:
         splits = [data.attach_teacher_cache(split, d.teacher_cache, name, teacher_tokenizer)
                   for split, name in zip(splits, names)]
     if info.is_main:
@@ -244,7 +207,7 @@ def run_identity(run: RunConfig, plan: RunPlan, state_models: Models, train_exam
     projections = state_models.projections
     return {"train_examples": train_examples, "world_size": world_size, "batch_size_training": t.batch_size_training,
             "gradient_accumulation_steps": t.gradient_accumulation_steps, "seed": t.seed, "student": t.model_name,
-            "teacher": run.distillation.model_name if t.distillation else None, "loss": plan.loss_name,
+            "teacher": run.distillation.model_name if t.distillation else None, "loss": plan.spec.name,
             "hidden_projections": sorted(projections.keys()) if projections is not None else None}
 
 
@@ -299,8 +262,8 @@ def setup(run: RunConfig) -> TrainState:
         print(f"teacher: the cache {run.distillation.teacher_cache} of {c.teacher} (top {c.topk} of {c.vocab_size:,} "
               f"ids, {c.storage}, temperature {c.temperature:g}); the teacher model is not loaded")
     student, teacher = load_models(run, plan, checked.resume, info)
-    artifacts = pair_artifacts(plan, student_tokenizer, teacher_tokenizer, output, info)
-    spec = loss_spec(run, plan, student_tokenizer, teacher_tokenizer, artifacts, checked.cache)
+    artifacts = pair_artifacts(plan, student_tokenizer, teacher_tokenizer, info)
+    spec = plan.spec.with_artifacts(artifacts)
     train_split, val_split = load_data(run, plan, (student_tokenizer, teacher_tokenizer), student, teacher,
                                        artifacts.projection_map, info, checked.cache)
     per_epoch, total_steps = schedule(run, len(train_split), info.world_size)
@@ -336,8 +299,8 @@ def report_setup(run: RunConfig, plan: RunPlan, placed: Models, objective_: Obje
         return
     trainable, total = models.count_parameters(placed.student_inner)
     pairing = ""
-    if plan.loss is not None and not plan.same_tokenizer:
-        pairing = f"; answer tokens paired by {plan.alignment}"
+    if plan.spec.distills and not plan.same_tokenizer:
+        pairing = f"; answer tokens paired by {plan.spec.alignment}"
         if plan.text_groups:
             pairing += f" ({data.one_to_one_share(first_batch):.0%} of the first batch's groups are one-to-one)"
     print(f"student: {trainable:,} trainable of {total:,} parameters; loss: "

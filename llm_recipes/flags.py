@@ -29,17 +29,8 @@ import typing
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Callable, Optional
 
+from configs.fields import option  # noqa: F401 (every command's configs use it: re-exported)
 from llm_recipes.errors import UserError
-
-
-def option(default: Any = MISSING, help: str = "", *, group: str = "", default_factory: Any = MISSING,
-           flag: bool = True):
-    """A config field with its help text (`--help`, the README's flag tables). `flag=False`: set by the
-    program, never by a flag. `group` sorts `--help` into sections."""
-    metadata = {"help": help, "group": group, "flag": flag}
-    if default_factory is not MISSING:
-        return field(default_factory=default_factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
 
 
 def help_of(f: dataclasses.Field) -> str:

@@ -23,7 +23,6 @@ from llm_recipes.data import batch_alignment
 from llm_recipes.losses import LossSpec, count_units as count_logit_units, distillation_terms
 from llm_recipes.losses.hidden import RowPairs, hidden_row_pairs, hidden_states_sum
 from llm_recipes.losses.selection import feature_selection_sum, top_units
-from llm_recipes.losses.table import SFT_ONLY
 
 
 class Counts(NamedTuple):
@@ -75,11 +74,11 @@ def build_objective(run, distil_factor: float, spec: LossSpec, layers: Optional[
     t, d = run.train, run.distillation
     head = teacher_cache.CachedHead(cache.vocab_size, cache.topk, cache.temperature) if cache is not None else None
     weights = {"ce": d.cross_entropy_factor if t.distillation else 1.0,
-               "distill": distil_factor if spec.name != SFT_ONLY else 0.0,
+               "distill": distil_factor if spec.distills else 0.0,
                "hidden": d.hidden_weight if layers is not None and layers.hidden_pairs else 0.0,
                "feature": d.feature_weight if layers is not None and layers.feature_pairs else 0.0}
     active = tuple(name for name in Counts._fields if name == "ce" or weights[name] > 0)
-    return Objective(spec, weights, active, t, d, layers, uses_teacher=spec.name != SFT_ONLY or layers is not None,
+    return Objective(spec, weights, active, t, d, layers, uses_teacher=spec.distills or layers is not None,
                      cached_teacher_head=head)
 
 
@@ -190,10 +189,8 @@ def describe(objective: Objective, distillation: bool) -> str:
     if not distillation:
         return "CE"
     text = f"{d.cross_entropy_factor} x CE"
-    if spec.name != SFT_ONLY:
-        text += f" + {objective.weights['distill']} x {spec.name}"
-        if spec.family == "projection":
-            text += f" ({d.projected_divergence} to the projected teacher)"
+    if spec.distills:
+        text += f" + {objective.weights['distill']} x {spec.name}" + spec.family.describe(spec)
         if spec.selects_tokens:
             text += f" (on the top {spec.token_selection_ratio:g} of answer positions by {spec.token_selection})"
     if layers is not None and layers.hidden_pairs:

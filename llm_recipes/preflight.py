@@ -83,9 +83,9 @@ def check_cache(run: RunConfig):
 def check_cache_temperature(run: RunConfig, plan: RunPlan, meta) -> None:
     """The loss's teacher temperature is the one the cached log-probabilities were taken at."""
     d = run.distillation
-    if plan.loss is None:
+    if plan.spec.family is None:
         return
-    name = "teacher_temperature" if plan.loss.family in ("uld", "multilevel_ot") else "temperature"
+    name = plan.spec.family.teacher_temperature_field
     if getattr(d, name) != meta.temperature:
         raise UserError(f"--distillation_config.{name} is {getattr(d, name)} but the teacher cache "
                         f"{d.teacher_cache} holds log-probabilities at temperature {meta.temperature}: use that "
@@ -128,8 +128,8 @@ def check_run(run: RunConfig) -> CheckedRun:
             what="teacher tokenizer" if d.tokenizer_name else "teacher model"))
         if teacher is not None:
             attempt(check_embedding, teacher, d.model_name, d.trust_remote_code, "teacher model")
-    plan = attempt(resolve_plan, run, student, teacher) if student is not None and (teacher or not t.distillation) \
-        else None
+    plan = attempt(resolve_plan, run, student, teacher, cache) \
+        if student is not None and (teacher or not t.distillation) else None
     if plan is not None and cache is not None:
         attempt(check_cache_temperature, run, plan, cache)
     if problems:

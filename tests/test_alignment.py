@@ -24,6 +24,7 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 
 from llm_recipes import alignment as al  # noqa: E402
+from llm_recipes.alignment import inspector  # noqa: E402
 from llm_recipes.errors import UserError  # noqa: E402
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -262,18 +263,18 @@ def test_file_figures_through_the_cli(tmp_path, capsys):
     rows = [{"answers": {"text": ["pale green parrot"]}}, {"answers": {"text": ["May", "x"]}}]
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert al.read_column(data, "answers.text") == ["pale green parrot", "May"]
-    flags = al.InspectFlags(teacher_tokenizer=str(REPO / "assets/tiny/teacher"),
+    assert inspector.read_column(data, "answers.text") == ["pale green parrot", "May"]
+    flags = inspector.InspectFlags(teacher_tokenizer=str(REPO / "assets/tiny/teacher"),
                             student_tokenizer=str(REPO / "assets/tiny/student"), file=str(data), json=True,
                             map=str(tmp_path / "m.safetensors"))
-    al.inspect(flags)
+    inspector.inspect(flags)
     figures = json.loads(capsys.readouterr().out)
     assert figures["examples"] == 2 and figures["served_share_of_text_positions"] == 1.0
     assert figures["student_positions"] == figures["student_text_positions"] + 2  # the two EOS
-    al.inspect(flags)  # the map saved by the first run is loaded and checked
+    inspector.inspect(flags)  # the map saved by the first run is loaded and checked
     assert json.loads(capsys.readouterr().out)["groups"] == figures["groups"]
     with pytest.raises(UserError, match="no column"):
-        al.read_column(data, "answer")
+        inspector.read_column(data, "answer")
 
 
 def test_align_spans_leading_whitespace_is_absorbed():
@@ -324,15 +325,15 @@ def test_inspector_invariants_on_random_text(toks, pair):
     texts = ["", " ", "421", " Paris 421", "東京 😀 é", "hello  world\n", "  the parrot,"]
     texts += [_random_text(rng, 20) for _ in range(120)]
     for text in texts:
-        _check_groups(tok_t, tok_s, text, al.text_groups(tok_t, tok_s, text))
+        _check_groups(tok_t, tok_s, text, inspector.text_groups(tok_t, tok_s, text))
 
 
 def test_minimal_groups_on_digits_and_cjk(toks):
-    groups = al.text_groups(toks["bl"], toks["sp"], "421")
+    groups = inspector.text_groups(toks["bl"], toks["sp"], "421")
     assert [g["text"] for g in groups] == ["421"]  # one teacher token, three student ones
-    groups = al.text_groups(toks["sp"], toks["ms"], " 4212")
+    groups = inspector.text_groups(toks["sp"], toks["ms"], " 4212")
     assert [g["text"] for g in groups] == [" 421", "2"]
-    groups = al.text_groups(toks["bl"], toks["bl_cjk"], "東京")  # both byte-level: cut only between characters
+    groups = inspector.text_groups(toks["bl"], toks["bl_cjk"], "東京")  # both byte-level: cut only between characters
     assert [g["text"] for g in groups] in (["東", "京"], ["東京"])
     assert all(len(g["text"]) >= 1 for g in groups)
 
@@ -500,7 +501,7 @@ def test_shared_token_pairs(toks):
 def test_tiny_pair_figures(toks):
     rows = [json.loads(line) for line in (REPO / "assets/tiny/data/validation.jsonl").open()]
     answers = [r["answers"]["text"][0] for r in rows]
-    figures = al.dataset_figures(toks["tiny_t"], toks["tiny_s"], answers)
+    figures = inspector.dataset_figures(toks["tiny_t"], toks["tiny_s"], answers)
     assert figures["unaligned_examples"] == 0 and figures["examples"] == len(answers)
     assert 0.4 < figures["one_to_one_group_share"] < 0.8
     assert figures["largest_group"]["teacher_tokens"] == 1  # every teacher word is one token
@@ -522,7 +523,7 @@ def test_cli_json_through_fire(tmp_path, toks, monkeypatch, capsys):
     argv = ["--teacher_tokenizer", str(REPO / "assets/tiny/teacher"), "--student_tokenizer", str(tmp_path / "bl"),
             "--text", text, "--json"]
     monkeypatch.setattr(sys, "argv", ["alignment"] + argv)
-    al.cli()
+    inspector.cli()
     out = capsys.readouterr().out
     assert len(out.strip().splitlines()) == 1
     groups = json.loads(out)
@@ -543,12 +544,12 @@ def test_cli_unknown_flag_is_an_error():
 def test_flag_parsing_keeps_text_verbatim():
     from llm_recipes.flags import parse
 
-    flags = parse(al.COMMAND, {"teacher_tokenizer": "t", "student_tokenizer": "s", "text": 421},
+    flags = parse(inspector.COMMAND, {"teacher_tokenizer": "t", "student_tokenizer": "s", "text": 421},
                   argv=["--teacher_tokenizer", "t", "--student_tokenizer", "s", "--text", "0421"])["flags"]
     assert flags.text == "0421"
     with pytest.raises(UserError, match="unknown flag --textt"):
-        parse(al.COMMAND, {"textt": "x"})
+        parse(inspector.COMMAND, {"textt": "x"})
     with pytest.raises(UserError, match="exactly one of"):
-        al.inspect(al.InspectFlags(teacher_tokenizer="t", student_tokenizer="s"))
+        inspector.inspect(inspector.InspectFlags(teacher_tokenizer="t", student_tokenizer="s"))
 
 

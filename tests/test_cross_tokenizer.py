@@ -16,7 +16,7 @@ from llm_recipes.errors import UserError
 from llm_recipes.finetuning import train
 from llm_recipes.losses import LossSpec, count_units, distillation_terms, reference
 from llm_recipes.losses.pairing import IGNORE_INDEX, pair_by_groups
-from llm_recipes.losses.projection import Projection
+from llm_recipes.losses.family import PairArtifacts
 
 RTOL = 1e-6
 ANSWERS = ["pale green parrot", "May", "Velmora", "night nurse", "Ostrava Nova", "sky blue sea turtle", "Zeno"]
@@ -59,7 +59,7 @@ def logits_like(labels, vocab, seed, scale=3.0):
 def spec_for(pair, name, chunk=1024, **config):
     return LossSpec.from_config(distillation_config(**config), name=name, student_vocab_size=len(pair["student"]),
                                 teacher_vocab_size=len(pair["teacher"]), same_tokenizer=False, chunk_size=chunk,
-                                projection=Projection(pair["map"]), shared_tokens=pair["shared"])
+                                artifacts=PairArtifacts(projection_map=pair["map"], shared_tokens=pair["shared"]))
 
 
 def engine_value(spec, zs, s_labels, zt, t_labels, align):
@@ -199,8 +199,11 @@ def test_trainer_distils_across_tokenizers_by_text(tmp_path, capsys, loss):
     out = capsys.readouterr().out
     assert "answer tokens paired by text" in out and "text alignment:" in out and "0 examples unaligned" in out
     assert result["state"]["global_step"] == 6 and torch.isfinite(torch.tensor(result["eval"]["eval_distill"]))
-    if loss == "projected":
-        assert (tmp_path / "projection_map.safetensors").is_file()
+    if loss == "projected":  # the pair's map is cached by the tokenizers' content, outside the run's folder
+        teacher, student = (AutoTokenizer.from_pretrained(str(TINY_ASSETS / name)) for name in ("teacher", "student"))
+        cached = alignment.projection_map.pair_cache_dir(teacher, student) / alignment.projection_map.MAP_FILE
+        assert cached.is_file() and "projection map: " in out and str(cached) in out
+        assert not (tmp_path / "projection_map.safetensors").exists()
         assert "projection serves 75.6% of the student's answer tokens" in out
 
 

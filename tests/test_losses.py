@@ -717,8 +717,13 @@ def test_spec_auto_and_defaults():
     # across tokenizers auto is the projected teacher, paired by text, which needs the pair's projection map
     assert (table.auto_loss(True), table.auto_loss(False), table.auto_loss(False, "text"),
             table.auto_loss(False, "index")) == ("kl", "projected", "projected", "uld")
+    projected = LossSpec.from_config(cfg, student_vocab_size=10, teacher_vocab_size=12, same_tokenizer=False)
+    assert projected.name == "projected" and projected.options.projection is None  # the map: with_artifacts
+    labels, groups = torch.tensor([[-100, 5, 6]]), torch.tensor([[-1, 0, 1]])
     with pytest.raises(ValueError, match="projection map"):
-        LossSpec.from_config(cfg, student_vocab_size=10, teacher_vocab_size=12, same_tokenizer=False)
+        distillation_terms(projected, torch.randn(1, 3, 10), labels, lambda h: h, torch.randn(1, 3, 12), labels,
+                           lambda h: h, alignment={"student_groups": groups, "teacher_groups": groups,
+                                                   "student_nodes": torch.tensor([[-1, 0, 0]])})
     assert set(table.LOSS_CHOICES) == {"auto", "uld", "multilevel_ot", "projected", "hybrid", "kl", "reverse_kl",
                                        "jsd", "skew_kl", "skew_reverse_kl", "tvd"}
     mlot = LossSpec.from_config(cfg, name="multilevel_ot", student_vocab_size=10, teacher_vocab_size=12,

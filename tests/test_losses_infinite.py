@@ -25,7 +25,7 @@ import torch
 
 from configs.distillation import distillation_config
 from llm_recipes.losses import LossSpec, distillation_terms, kl_loss, table
-from llm_recipes.losses.kl import divergence_rows
+from llm_recipes.losses.divergences import divergence_rows
 
 NEG_INF = float("-inf")
 RTOL = 1e-5

@@ -228,7 +228,6 @@ def test_intermediate_terms_refuse_what_cannot_pair(tiny, tmp_path, capsys, case
     ({"distillation_config.hidden_layer_map": "1:1"}, "hidden_layer_map has no effect without"),
     ({"distillation_config.token_selection_ratio": 0.3}, "token_selection_ratio has no effect without"),
     ({"distillation_config.feature_attribution": "signed"}, "feature_attribution has no effect without"),
-    ({"distillation_config.token_selection": "entropy"}, "token_selection must be one of none, teacher_entropy"),
     ({"distillation_config.hidden_weight": -1}, "hidden_weight must be 0 or more"),
     ({"distillation_config.token_selection": "student_ce", "distillation_config.distil_factor": 0},
      "which --distillation_config.distil_factor 0 turns off"),
@@ -239,6 +238,18 @@ def test_intermediate_terms_refuse_what_cannot_pair(tiny, tmp_path, capsys, case
 def test_method_flags_are_validated(flags, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
         parse_flags({"distillation": True, **flags})
+
+
+def test_loss_values_are_checked_before_any_model_loads(tmp_path):
+    """The loss's values are checked once, where the tokenizers resolve `auto` (llm_recipes.config.resolve_plan),
+    before any model or data set loads: nothing is written to the output folder."""
+    from llm_recipes import preflight
+
+    run = parse_flags({"distillation": True, "distillation_config.token_selection": "entropy",
+                       "output_dir": str(tmp_path / "out")})
+    with pytest.raises(UserError, match="token_selection must be one of none, teacher_entropy"):
+        preflight.check_run(run)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 # ------------------------------------------------------------------------------ encoder-decoder students

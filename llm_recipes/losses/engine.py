@@ -4,8 +4,9 @@ Never builds [batch, seq, vocab]: the answer rows of the hidden states are gathe
 the output layer is applied to `spec.chunk_size` rows at a time, and every softmax / sort / loss
 runs in fp32 inside the chunk (CE and the same-tokenizer family in one fused pass over the chunk's
 two logits buffers: llm_recipes.losses.token_terms). Every chunk but the last is wrapped in
-torch.utils.checkpoint (non-reentrant), so backward recomputes that chunk's logits instead of keeping any chunk alive: peak
-extra memory is one chunk's [rows, vocab] working set, whatever the batch and sequence. The last
+torch.utils.checkpoint (non-reentrant), so backward recomputes that chunk's logits instead of keeping
+any chunk alive: peak extra memory is one chunk's [rows, vocab] working set, whatever the batch and
+sequence. The last
 chunk keeps its tensors: its backward is the first to run, right after the forward, so keeping them
 costs what recomputing them would, and a batch whose answer rows fit in one chunk is never
 recomputed. The non-differentiable work of ULD and MultiLevelOT (the teacher's logits, the sorts,
@@ -13,7 +14,9 @@ top-k and column rankings) is done once: a checkpointed chunk's first pass keeps
 (ULD exact: one int8 per student logit; otherwise [rows, k] tensors), and backward's recompute of
 the chunk reuses it instead of sorting again.
 MultiLevelOT ranks columns over a whole sequence, so its chunks hold whole sequences (a sequence
-longer than the chunk size becomes a chunk of its own).
+longer than the chunk size becomes a chunk of its own). What a chunk computes, and how the rows are cut
+into chunks, is the loss family's (llm_recipes.losses.family): this module only pairs, gathers, chunks
+and checkpoints.
 
 Units (see docs/losses.md): CE sums token losses over every student answer row; the distillation
 sum counts one unit per paired answer token (same-tokenizer family) or one per sequence with at
@@ -26,33 +29,17 @@ sequences with a kept pair). CE is unchanged.
 """
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, List, NamedTuple, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from llm_recipes.errors import UserError
-from llm_recipes.losses.hybrid import hybrid_plan, hybrid_sum
-from llm_recipes.losses.pairing import Pairing, check_head_width, pair_answers, pair_by_groups
-from llm_recipes.losses.projection import projected_target
-from llm_recipes.losses.cached_terms import cached_forward_kl_sum
-from llm_recipes.losses.cross_entropy import cross_entropy_sum
-from llm_recipes.losses.kl import divergence_rows
-from llm_recipes.losses.multilevel_ot import multilevel_ot_plan, multilevel_ot_sum
-from llm_recipes.losses.selection import (
-    cross_entropy_rows,
-    entropy_rows,
-    kept_per_sequence,
-    select_pairs,
-    select_top,
-    uld_rows,
-)
+from llm_recipes.losses.family import Chunk, ChunkBatch, Head, own, row_chunks
+from llm_recipes.losses.pairing import Pairing, pair_answers, pair_by_groups
+from llm_recipes.losses.selection import cross_entropy_rows, entropy_rows, kept_per_sequence, select_pairs, select_top
 from llm_recipes.losses.spec import LossSpec
-from llm_recipes.losses.table import CROSS_TOKENIZER_LOSSES, SFT_ONLY
 from llm_recipes.losses.token_terms import token_terms_sum
-from llm_recipes.losses.uld import teacher_sorted, uld_plan, uld_sum
-
-Head = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -68,7 +55,7 @@ class DistillationTerms:
 def _pairing(spec: LossSpec, student_labels, teacher_labels, alignment: Optional[dict] = None) -> Pairing:
     """The micro-batch's pairing: by index, or by text (`alignment`: the batch's "student_groups",
     "teacher_groups" and, for the projected loss, "student_nodes" tensors, aligned with the labels)."""
-    if spec.name == SFT_ONLY:
+    if not spec.distills:
         teacher_labels = None
     if teacher_labels is not None and spec.alignment == "text":
         if alignment is None:
@@ -76,7 +63,7 @@ def _pairing(spec: LossSpec, student_labels, teacher_labels, alignment: Optional
         return pair_by_groups(student_labels, teacher_labels, alignment["student_groups"], alignment["teacher_groups"],
                               student_encoder_decoder=spec.student_encoder_decoder,
                               teacher_encoder_decoder=spec.teacher_encoder_decoder,
-                              student_nodes=alignment["student_nodes"] if spec.family == "projection" else None)
+                              student_nodes=alignment["student_nodes"] if spec.family.uses_nodes else None)
     return pair_answers(
         student_labels,
         teacher_labels,
@@ -95,7 +82,7 @@ def _kept(spec: LossSpec, pairing: Pairing):
 
 
 def _distill_count(spec: LossSpec, pairing: Pairing) -> int:
-    if spec.name == SFT_ONLY:
+    if not spec.distills:
         return 0
     return pairing.sequences_with_pairs if spec.per_sequence else pairing.num_paired
 
@@ -115,81 +102,12 @@ def count_units(spec: LossSpec, student_labels: torch.Tensor, teacher_labels: Op
     return pairing.ce_count, units
 
 
-class _Chunk(NamedTuple):
-    start: int  # rows [start, end) of the gathered student rows
-    end: int
-    paired: int  # the first `paired` rows of the chunk have a teacher partner (same offsets)
-    lengths: Tuple[int, ...]  # MultiLevelOT: paired rows per sequence in the chunk
+def _ce_only(batch: ChunkBatch, z: torch.Tensor, targets: torch.Tensor):
+    """CE of a chunk without paired rows (z consumed)."""
+    return token_terms_sum(z, targets) if batch.with_ce else (z[:0].sum(), z[:0].sum())
 
 
-def _plan_chunks(spec: LossSpec, pairing: Pairing) -> List[_Chunk]:
-    size, n_paired, n_rows = spec.chunk_size, pairing.num_paired, pairing.ce_count
-    chunks: List[_Chunk] = []
-    if spec.family == "multilevel_ot" and n_paired:
-        lengths = [int(m) for m in pairing.pairs_per_sequence.tolist() if m > 0]
-        start, group = 0, []
-        for length in lengths:
-            if group and sum(group) + length > size:
-                chunks.append(_Chunk(start, start + sum(group), sum(group), tuple(group)))
-                start, group = start + sum(group), []
-            group.append(length)
-        chunks.append(_Chunk(start, start + sum(group), sum(group), tuple(group)))
-        first_unpaired = n_paired
-    else:
-        first_unpaired = 0
-    for start in range(first_unpaired, n_rows, size):
-        end = min(start + size, n_rows)
-        chunks.append(_Chunk(start, end, max(0, min(end, n_paired) - start), ()))
-    return chunks
-
-
-@dataclass
-class _Batch:
-    """Everything a chunk needs besides its student hidden rows."""
-
-    spec: LossSpec
-    student_head: Head
-    targets: torch.Tensor  # [N]
-    max_target: int
-    teacher_rows: Optional[torch.Tensor]  # [P, H_t] hidden rows of the teacher, no grad
-    teacher_head: Optional[Head]
-    row_weights: Optional[torch.Tensor]  # [P] fp32: 1/m_b (ULD), 1 (KL family)
-    nodes: Optional[torch.Tensor]  # [P] long: projection-map node of each paired row (projected loss)
-    with_ce: bool
-    plans: dict  # chunk start -> plan, from a checkpointed chunk's first pass to its recompute
-
-
-def _teacher_logits(batch: _Batch, chunk: _Chunk, student: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """fp32 teacher logits [paired, V_t] of the chunk's paired rows, without gradient. `student`: the paired
-    student logits over the same vocabulary, for a cached teacher's tail (llm_recipes.teacher_cache)."""
-    with torch.no_grad():
-        rows = batch.teacher_rows[chunk.start:chunk.start + chunk.paired]
-        takes_student = student is not None and getattr(batch.teacher_head, "takes_student", False)
-        t_logits = batch.teacher_head(rows, student) if takes_student else batch.teacher_head(rows)
-        vocab_t = batch.spec.teacher_vocab_size or t_logits.shape[-1]
-        check_head_width(t_logits.shape[-1], vocab_t, "teacher")
-        return t_logits[:, :vocab_t].float()
-
-
-def _plan(batch: _Batch, chunk: _Chunk, keep: bool, make):
-    """The chunk's plan. `keep` (a checkpointed chunk): kept by its first pass, taken back by backward's
-    recompute of the chunk, so that sorts, rankings and the teacher's logits are computed once."""
-    plan = batch.plans.pop(chunk.start, None)
-    if plan is None:
-        plan = make()
-        if keep:
-            batch.plans[chunk.start] = plan
-    return plan
-
-
-def _own(x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """x, or a copy when it shares memory with `source` (an identity head returns its input rows):
-    token_terms_sum overwrites the buffers it is given."""
-    return x.clone() if x.untyped_storage().data_ptr() == source.untyped_storage().data_ptr() else x
-
-
-def _chunk_terms(batch: _Batch, chunk: _Chunk, checkpointed: bool, hidden: torch.Tensor):
-    spec = batch.spec
+def _chunk_terms(batch: ChunkBatch, chunk: Chunk, checkpointed: bool, hidden: torch.Tensor):
     logits = batch.student_head(hidden)
     width = logits.shape[-1]
     if batch.max_target >= width:
@@ -199,79 +117,10 @@ def _chunk_terms(batch: _Batch, chunk: _Chunk, checkpointed: bool, hidden: torch
         )
     z = logits.float()
     targets = batch.targets[chunk.start:chunk.end]
-    if chunk.paired == 0 or spec.family == "divergence":
-        return _token_terms(batch, chunk, _own(z, hidden), targets)
-    if spec.family == "projection":
-        return _projection_terms(batch, chunk, checkpointed, _own(z, hidden), targets)
-    ce = cross_entropy_sum(z, targets) if batch.with_ce else z[:0].sum()
-    vocab_s = spec.student_vocab_size or width
-    check_head_width(width, vocab_s, "student")
-    zs = z[: chunk.paired, :vocab_s]
-    weights = batch.row_weights[chunk.start:chunk.start + chunk.paired]
-    opts = spec.options
-    if spec.family == "uld":
-        def make_uld_plan():
-            teacher = teacher_sorted(_teacher_logits(batch, chunk), opts.teacher_temperature, opts.top_k)
-            return uld_plan(zs.detach(), teacher, opts.student_temperature, opts.top_k)
-
-        distill = uld_sum(zs, _plan(batch, chunk, checkpointed, make_uld_plan), weights, opts.student_temperature)
-    elif spec.family == "hybrid":
-        plan = _plan(batch, chunk, checkpointed, lambda: hybrid_plan(zs.detach(), _teacher_logits(batch, chunk), opts))
-        distill = hybrid_sum(zs, plan, weights, opts.temperature)
-    else:
-        plan = _plan(batch, chunk, checkpointed, lambda: multilevel_ot_plan(
-            zs.detach(), _teacher_logits(batch, chunk), chunk.lengths, opts))
-        distill = multilevel_ot_sum(zs, plan, chunk.lengths, opts)
-    return ce, distill
-
-
-def _projection_terms(batch: _Batch, chunk: _Chunk, checkpointed: bool, z: torch.Tensor, targets: torch.Tensor):
-    """CE and the divergence between the student and the projected teacher (llm_recipes.losses.projection),
-    in the fused pass of the KL family: the projected target enters as teacher logits T * log q*, whose
-    log-softmax at temperature T is log q* itself."""
-    spec, opts = batch.spec, batch.spec.options
-    vocab_s = spec.student_vocab_size or z.shape[-1]
-    check_head_width(z.shape[-1], vocab_s, "student")
-
-    def make():
-        rows = slice(chunk.start, chunk.start + chunk.paired)
-        target, served = projected_target(_teacher_logits(batch, chunk), batch.nodes[rows], opts.projection,
-                                          opts.temperature, vocab_s)
-        return target.log_().mul_(opts.temperature), served
-
-    plan = batch.plans.pop(chunk.start, None)  # (log target, served), kept from a checkpointed chunk's first pass
-    if plan is None:
-        plan = make()
-        if checkpointed:  # the fused pass overwrites its teacher buffer: the recompute gets the kept original
-            batch.plans[chunk.start] = plan
-            plan = (plan[0].clone(), plan[1])
-    log_target, served = plan
-    weights = batch.row_weights[chunk.start:chunk.start + chunk.paired] * served
-    return token_terms_sum(z, targets, log_target, weights, opts.kind, opts.temperature, opts.beta, opts.alpha,
-                           with_ce=batch.with_ce)
-
-
-def _token_terms(batch: _Batch, chunk: _Chunk, z: torch.Tensor, targets: torch.Tensor):
-    """CE, and the same-tokenizer divergence of the paired rows, in one pass over z (consumed)."""
-    if not chunk.paired:
-        return token_terms_sum(z, targets) if batch.with_ce else (z[:0].sum(), z[:0].sum())
-    spec, opts = batch.spec, batch.spec.options
-    vocab_s = spec.student_vocab_size or z.shape[-1]
-    check_head_width(z.shape[-1], vocab_s, "student")
-    weights = batch.row_weights[chunk.start:chunk.start + chunk.paired]
-    head = batch.teacher_head
-    if (getattr(head, "sparse_forward_kl", False) and opts.kind == "forward" and opts.temperature == 1
-            and head.temperature == 1 and batch.with_ce and vocab_s == z.shape[-1] == head.vocab_size):
-        packed = batch.teacher_rows[chunk.start:chunk.start + chunk.paired]  # a cache's rows: no dense teacher row
-        return cached_forward_kl_sum(z, targets, packed, head.k, weights)
-    zt = _own(_teacher_logits(batch, chunk, z[: chunk.paired, :vocab_s]), batch.teacher_rows)
-    if vocab_s != zt.shape[1]:
-        raise UserError(
-            f"student and teacher vocabularies differ ({vocab_s} vs {zt.shape[1]}); a same-tokenizer "
-            f"loss needs one vocabulary: use --distillation_config.loss {' or '.join(CROSS_TOKENIZER_LOSSES)}"
-        )
-    return token_terms_sum(z, targets, zt, weights, opts.kind, opts.temperature, opts.beta, opts.alpha,
-                           with_ce=batch.with_ce)
+    if chunk.paired == 0:
+        return _ce_only(batch, own(z, hidden), targets)
+    family = batch.spec.family
+    return family.terms(batch, chunk, checkpointed, own(z, hidden) if family.consumes_logits else z, targets)
 
 
 @torch.no_grad()
@@ -296,13 +145,8 @@ def _selection_scores(spec: LossSpec, pairing: Pairing, h_rows: torch.Tensor, st
             score = entropy_rows(zs)
         elif method == "student_ce":
             score = cross_entropy_rows(zs, targets[start:end])
-        elif spec.family == "uld":
-            teacher = teacher_sorted(zt, opts.teacher_temperature, opts.top_k)
-            score = uld_rows(zs, teacher, opts.student_temperature, opts.top_k)
-        else:  # the KL family (MultiLevelOT is refused by LossSpec)
-            temperature = opts.temperature
-            score, _ = divergence_rows(opts.kind, torch.log_softmax(zs / temperature, dim=-1),
-                                       torch.log_softmax(zt / temperature, dim=-1), opts.beta, opts.alpha)
+        else:  # the loss's own value (LossSpec refuses families without one)
+            score = spec.family.position_scores(opts, zs, zt)
         scores.append(score.float())
     return torch.cat(scores)
 
@@ -317,6 +161,21 @@ def _select_tokens(spec: LossSpec, pairing: Pairing, kept: torch.Tensor, h_rows:
     sequence = pairing.student_rows[: pairing.num_paired] // seq_len
     keep = select_top(scores.cpu(), sequence.cpu(), kept.cpu())
     return select_pairs(pairing, keep, kept)
+
+
+def _paired_teacher_rows(spec: LossSpec, pairing: Pairing, teacher_hidden: Optional[torch.Tensor], seq_len: int,
+                         device: torch.device):
+    """(the teacher's rows [P, H_t] paired with the student's, each paired row's weight [P] fp32: 1/m_b for a
+    per-sequence unit, else 1); (None, None) without a teacher or pairs."""
+    if teacher_hidden is None or not pairing.num_paired:
+        return None, None
+    with torch.no_grad():
+        teacher_rows = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).index_select(
+            0, pairing.teacher_rows.to(teacher_hidden.device))
+    if spec.per_sequence:  # the mean over the sequence's positions
+        seq = pairing.student_rows[: pairing.num_paired] // seq_len
+        return teacher_rows, (1.0 / pairing.pairs_per_sequence[seq].float()).to(device)
+    return teacher_rows, torch.ones(pairing.num_paired, device=device)
 
 
 def distillation_terms(
@@ -338,7 +197,7 @@ def distillation_terms(
     for SFT only. `alignment`: the batch's text-alignment ids (see `_pairing`) when spec.alignment is
     "text". Works under torch.no_grad() too (evaluation): then nothing is checkpointed.
     """
-    if teacher_hidden is None or spec.name == SFT_ONLY:
+    if teacher_hidden is None or not spec.distills:
         teacher_hidden = teacher_labels = None
     elif teacher_head is None or teacher_labels is None:
         raise ValueError("teacher_hidden needs teacher_labels and teacher_head")
@@ -359,22 +218,15 @@ def distillation_terms(
         zero = student_head(h_rows).float().sum()
         return DistillationTerms(zero, zero.clone(), 0, 0, candidates, 0)
 
-    teacher_rows = row_weights = None
-    if teacher_hidden is not None and pairing.num_paired:
-        with torch.no_grad():
-            teacher_rows = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).index_select(
-                0, pairing.teacher_rows.to(teacher_hidden.device))
-        seq = pairing.student_rows[: pairing.num_paired] // student_labels.shape[1]
-        if spec.family == "uld":  # per-sequence mean over its positions
-            row_weights = (1.0 / pairing.pairs_per_sequence[seq].float()).to(student_hidden.device)
-        else:
-            row_weights = torch.ones(pairing.num_paired, device=student_hidden.device)
+    teacher_rows, row_weights = _paired_teacher_rows(spec, pairing, teacher_hidden, student_labels.shape[1],
+                                                     student_hidden.device)
     targets = pairing.student_targets.to(student_hidden.device)
     recompute = torch.is_grad_enabled() and student_hidden.requires_grad
-    batch = _Batch(spec, student_head, targets, int(pairing.student_targets.max()), teacher_rows,
-                   teacher_head, row_weights, pairing.nodes, with_ce, plans={})
+    batch = ChunkBatch(spec, student_head, targets, int(pairing.student_targets.max()), teacher_rows,
+                       teacher_head, row_weights, pairing.nodes, with_ce, plans={})
     ce_sum = distill_sum = None
-    chunks = _plan_chunks(spec, pairing)
+    chunks = spec.family.chunks(pairing, spec.chunk_size) if spec.family is not None else \
+        row_chunks(0, pairing.ce_count, 0, spec.chunk_size)
     for i, chunk in enumerate(chunks):
         checkpointed = recompute and i < len(chunks) - 1
         fn = partial(_chunk_terms, batch, chunk, checkpointed)

@@ -100,7 +100,8 @@ def _all_positions(student: dict, teacher: dict) -> RowPairs:
 def hidden_distance_sum(student: torch.Tensor, teacher: torch.Tensor, distance: str) -> torch.Tensor:
     """sum over rows of the per-row distance; student (already projected) and teacher [N, d], any float dtype."""
     if student.shape != teacher.shape:
-        raise ValueError(f"projected student rows {tuple(student.shape)} and teacher rows {tuple(teacher.shape)} differ")
+        raise ValueError(f"projected student rows {tuple(student.shape)} and teacher rows {tuple(teacher.shape)} "
+                         "differ")
     s, t = student.float(), teacher.float()
     if distance == "mse":
         return (s - t).pow(2).sum() / s.shape[-1]

@@ -19,12 +19,15 @@ As for ULD, the non-differentiable work (the sort of the unmatched part) runs on
 tokens, the sign of the sorted difference on the others); `hybrid_sum`'s backward is that gradient
 through the softmax Jacobian.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple, Optional
 
 import torch
 
-from llm_recipes.losses.kl import scaled
+from llm_recipes.losses.cross_entropy import cross_entropy_sum
+from llm_recipes.losses.divergences import scaled
+from llm_recipes.losses.family import Family, PairArtifacts, non_negative
+from llm_recipes.losses.kl import kl_options
 from llm_recipes.losses.uld import sort_descending
 
 
@@ -112,3 +115,39 @@ class _HybridSum(torch.autograd.Function):
 def hybrid_sum(student_logits: torch.Tensor, plan: HybridPlan, weights: torch.Tensor, temperature: float):
     """sum_r weights_r * hybrid_r, differentiable w.r.t. student_logits [n, V_s] fp32 (the plan's logits)."""
     return _HybridSum.apply(student_logits, weights, plan.values, plan.gradient, temperature)
+
+
+# ------------------------------------------------------------------------------------------- the family
+class HybridFamily(Family):
+    name = "hybrid"
+    alignments = ("text",)
+
+    def options(self, loss, cfg, cache=None) -> HybridOptions:
+        kl_options("jsd", cfg)  # its temperature and jsd_beta, checked as the KL family checks them
+        for field_name in ("hybrid_matched_weight", "hybrid_unmatched_weight"):
+            if getattr(cfg, field_name) is not None:
+                non_negative(field_name, getattr(cfg, field_name))
+        return HybridOptions(float(cfg.temperature), float(cfg.jsd_beta), cfg.hybrid_matched_weight,
+                             cfg.hybrid_unmatched_weight)
+
+    def artifacts(self, student_tokenizer, teacher_tokenizer) -> PairArtifacts:
+        from llm_recipes import alignment
+
+        shared = alignment.shared_token_pairs(teacher_tokenizer, student_tokenizer)
+        return PairArtifacts(shared_tokens=shared,
+                             summary=f"hybrid: {shared[0].numel():,} tokens with the same text in both vocabularies")
+
+    def with_artifacts(self, options, artifacts):
+        return replace(options, teacher_shared=artifacts.shared_tokens[0], student_shared=artifacts.shared_tokens[1])
+
+    def terms(self, batch, chunk, checkpointed, z, targets):
+        opts = batch.options
+        if opts.teacher_shared is None:
+            raise ValueError("the hybrid loss needs the tokens the two vocabularies share (LossSpec.with_artifacts)")
+        ce = cross_entropy_sum(z, targets) if batch.with_ce else z[:0].sum()
+        zs = z[: chunk.paired, : batch.student_vocab(z)]
+        plan = batch.plan(chunk, checkpointed, lambda: hybrid_plan(zs.detach(), batch.teacher_logits(chunk), opts))
+        return ce, hybrid_sum(zs, plan, batch.weights(chunk), opts.temperature)
+
+
+HYBRID = HybridFamily()

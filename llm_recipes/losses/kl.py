@@ -1,113 +1,79 @@
-"""Same-tokenizer divergences, row-wise, with analytic gradients.
+"""The KL family (kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd): one tokenizer, token by token.
 
-With p = softmax(z_t / T) (teacher) and q = softmax(z_s / T) (student) over the shared vocabulary,
-per answer position:
-    forward       KL(p || q)
-    reverse       KL(q || p)
-    jsd           beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q   (TRL GKD)
-    skew_forward  KL(p || alpha p + (1 - alpha) q)                                         (DistiLLM)
-    skew_reverse  KL(q || alpha q + (1 - alpha) p)                                         (DistiLLM)
-    tvd           0.5 sum |p - q|
-each multiplied by T^2 (Hinton's convention, kept for every kind so the temperature never changes
-the scale of the gradient).
-
-The gradient w.r.t. the student logits is written out (for f(q): q * (df/dq - <q, df/dq>) / T):
-llm_recipes.losses.token_terms evaluates these row functions block by block, together with the CE,
-and keeps no autograd graph over [rows, vocab].
-
-Masked vocabulary entries (a -inf logit: probability exactly 0 on that side; docs/losses.md). Every
-row must keep at least one finite logit on each side. Values are the extended-real limits:
-- an entry -inf on both sides is outside both distributions: it adds exactly 0 and gets gradient 0;
-- a term a log(a / b) with a = 0 is 0 (0 log 0 = 0), whatever b;
-- a term a log(a / b) with a > 0 = b is +inf: forward KL is +inf at a row where the student is -inf
-  at an entry the teacher is not, reverse KL where the teacher is -inf at an entry the student is
-  not (skew_* with alpha = 0 are these two). JSD, skew_* with alpha > 0 and TVD stay finite (their
-  second argument contains the first). +inf is returned as +inf, never as NaN.
-The gradient is the limit of the gradient as the masked logits go to -inf. It is finite everywhere
-but at a reverse-KL row that is +inf: there the limit diverges (like the teacher's logit gap), the
-row is +inf in a whole neighbourhood of the student's logits, and its gradient is 0.
+With p = softmax(z_t / T) and q = softmax(z_s / T) over the shared vocabulary, each paired answer token
+adds T^2 D_kind(p, q) (the divergences: llm_recipes.losses.divergences), one unit per token. The CE and
+the divergence of a chunk run in one fused pass over its two logits buffers (token_terms); from a top-K
+teacher cache the forward KL at temperature 1 reads the K cached entries directly (cached_terms).
 """
-import math
+from dataclasses import dataclass
 
 import torch
 
-from llm_recipes.losses.table import DIVERGENCE_KINDS
+from llm_recipes.errors import UserError
+from llm_recipes.losses.cached_terms import cached_forward_kl_sum
+from llm_recipes.losses.divergences import divergence_rows
+from llm_recipes.losses.family import Family, own, positive
+from llm_recipes.losses.token_terms import token_terms_sum
 
 
-def scaled(logits, temperature):
-    """z / T, without the copy when T = 1 (the default); every loss module scales its logits with it."""
-    return logits if temperature == 1 else logits / temperature
+@dataclass(frozen=True)
+class KLOptions:
+    kind: str = "forward"  # a divergence kind (llm_recipes.losses.divergences.DIVERGENCE_KINDS)
+    temperature: float = 1.0
+    beta: float = 0.5  # jsd
+    alpha: float = 0.1  # skew_forward / skew_reverse
 
 
-def _p_log_ratio(p, log_p, log_r):
-    """sum_v p (log p - log r), with 0 log 0 = 0: the only NaN a term can hold is 0 * -inf or 0 * NaN
-    (p = 0 at a -inf logit, r = 0 or not), which nansum counts as 0; p > 0 = r gives +inf, kept."""
-    return torch.nansum(p * (log_p - log_r), dim=-1)
+def validate_kl(opts: KLOptions) -> None:
+    """The KL family's constants; each is checked only for the kinds that read it."""
+    positive("temperature", opts.temperature)
+    if opts.kind == "jsd" and not 0 < opts.beta < 1:
+        raise UserError(
+            f"--distillation_config.jsd_beta (loss jsd) must be strictly between 0 and 1, got {opts.beta} "
+            f"(beta -> 0 and 1 are the plain divergences: use loss kl or reverse_kl)"
+        )
+    if opts.kind in ("skew_forward", "skew_reverse") and not 0 <= opts.alpha < 1:
+        raise UserError(f"--distillation_config.skew_alpha (losses skew_kl, skew_reverse_kl) must be in [0, 1), "
+                        f"got {opts.alpha}")
 
 
-def _project(q, g):
-    """q * (g - <q, g>): the softmax Jacobian applied to df/dq (up to 1/T). g must be finite where
-    q > 0; where q = 0 (a -inf student logit) it may be +-inf or NaN (a log-ratio at 0), and q * g
-    tends to 0 there for every caller: g is set to 0 at those entries first (in place, one pass)."""
-    g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-    return g.sub_((q * g).sum(dim=-1, keepdim=True)).mul_(q)
+def kl_options(kind: str, cfg) -> KLOptions:
+    opts = KLOptions(kind, float(cfg.temperature), float(cfg.jsd_beta), float(cfg.skew_alpha))
+    validate_kl(opts)
+    return opts
 
 
-def _log_mixture(log_a, log_b, weight_a):
-    """log(weight_a * a + (1 - weight_a) * b) of two log-distributions."""
-    if weight_a == 0:
-        return log_b.clone()
-    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+class KLFamily(Family):
+    name = "KL"
+    alignments = ("index",)  # one tokenizer: by index and by text are the same pairing
+    consumes_logits = True
+    scores_positions = True
+
+    def options(self, loss, cfg, cache=None) -> KLOptions:
+        return kl_options(loss.divergence, cfg)
+
+    def terms(self, batch, chunk, checkpointed, z, targets):
+        """CE, and the divergence of the paired rows, in one pass over z (consumed)."""
+        opts = batch.options
+        vocab_s = batch.student_vocab(z)
+        weights = batch.weights(chunk)
+        head = batch.teacher_head
+        if (getattr(head, "sparse_forward_kl", False) and opts.kind == "forward" and opts.temperature == 1
+                and head.temperature == 1 and batch.with_ce and vocab_s == z.shape[-1] == head.vocab_size):
+            packed = batch.teacher_rows[chunk.start:chunk.start + chunk.paired]  # a cache's rows: no dense row
+            return cached_forward_kl_sum(z, targets, packed, head.k, weights)
+        zt = own(batch.teacher_logits(chunk, z[: chunk.paired, :vocab_s]), batch.teacher_rows)
+        if vocab_s != zt.shape[1]:
+            raise UserError(f"student and teacher vocabularies differ ({vocab_s} vs {zt.shape[1]}); a same-tokenizer "
+                            "loss needs one vocabulary: use a cross-tokenizer --distillation_config.loss (projected, "
+                            "hybrid, uld, multilevel_ot)")
+        return token_terms_sum(z, targets, zt, weights, opts.kind, opts.temperature, opts.beta, opts.alpha,
+                               with_ce=batch.with_ce)
+
+    def position_scores(self, options, student_logits, teacher_logits):
+        t = options.temperature
+        return divergence_rows(options.kind, torch.log_softmax(student_logits / t, dim=-1),
+                               torch.log_softmax(teacher_logits / t, dim=-1), options.beta, options.alpha)[0]
 
 
-def divergence_rows(kind, log_q, log_p, beta=0.5, alpha=0.1, with_grad=False, with_value=True):
-    """-> (value per row [n] or None, T * d value / d z_s [n, V] or None). log_q, log_p: fp32 log-softmax.
-
-    Computes only what is asked for (backward asks for the gradient alone)."""
-    value = grad = None
-    if alpha == 0 and kind in ("skew_forward", "skew_reverse"):  # the plain KLs, with their own limits
-        kind = "forward" if kind == "skew_forward" else "reverse"
-    if kind == "forward":
-        p = log_p.exp()
-        if with_value:
-            value = _p_log_ratio(p, log_p, log_q)
-        if with_grad:
-            grad = log_q.exp().sub_(p)
-    elif kind == "reverse":
-        q = log_q.exp()
-        # q log(q / p): NaN where q = 0 (0 * -inf, or 0 * NaN when p = 0 too) -> 0; +inf where q > 0 = p
-        terms = (log_q - log_p).mul_(q).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
-        value = terms.sum(dim=-1)  # the gradient needs it too
-        if with_grad:  # q (log(q / p) - value), finite in a finite row; 0 in a +inf row (its limit diverges):
-            # there every entry is now -inf (q > 0) or NaN (q = 0, or a +inf term), so zeroing the non-finite
-            # entries zeroes exactly those rows, in one pass (a broadcast masked_fill_ costs ten times more)
-            grad = terms.addcmul_(q, value[:, None], value=-1.0).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-    elif kind == "jsd":
-        q = log_q.exp()
-        log_m = _log_mixture(log_p, log_q, beta)
-        if with_value:
-            value = beta * _p_log_ratio(log_p.exp(), log_p, log_m) + (1 - beta) * _p_log_ratio(q, log_q, log_m)
-        if with_grad:
-            grad = _project(q, (log_q - log_m).mul_(1 - beta))
-    elif kind == "skew_forward":
-        log_m = _log_mixture(log_p, log_q, alpha)
-        if with_value:
-            value = _p_log_ratio(log_p.exp(), log_p, log_m)
-        if with_grad:
-            grad = _project(log_q.exp(), (log_p - log_m).exp_().mul_(-(1 - alpha)))
-    elif kind == "skew_reverse":
-        q = log_q.exp()
-        log_m = _log_mixture(log_q, log_p, alpha)
-        if with_value:
-            value = _p_log_ratio(q, log_q, log_m)
-        if with_grad:
-            grad = _project(q, (log_q - log_m).sub_((log_q - log_m).exp_().mul_(alpha)))
-    elif kind == "tvd":
-        diff = log_q.exp() - log_p.exp()
-        if with_value:
-            value = 0.5 * diff.abs().sum(dim=-1)
-        if with_grad:
-            grad = _project(log_q.exp(), diff.sign_().mul_(0.5))
-    else:
-        raise ValueError(f"unknown divergence kind {kind!r}; expected one of {DIVERGENCE_KINDS}")
-    return value, grad
+KL = KLFamily()

@@ -32,7 +32,10 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from llm_recipes.losses.kl import scaled
+from llm_recipes.errors import UserError
+from llm_recipes.losses.cross_entropy import cross_entropy_sum
+from llm_recipes.losses.divergences import scaled
+from llm_recipes.losses.family import Chunk, Family, choice, non_negative, positive, positive_int, row_chunks
 
 MODES = ("fast", "greedy")
 RANKINGS = ("sequence", "token")
@@ -208,3 +211,66 @@ def multilevel_ot_sum(
         total = total + value
         start += length
     return total.float()
+
+
+# ------------------------------------------------------------------------------------------- the family
+def validate_multilevel_ot(opts: MultiLevelOTOptions) -> None:
+    choice("multilevel_ot_mode", opts.mode, MODES)
+    choice("multilevel_ot_ranking", opts.ranking, RANKINGS)
+    choice("multilevel_ot_logit_norm", opts.logit_norm, LOGIT_NORMS)
+    choice("multilevel_ot_sl_form", opts.sl_form, SL_FORMS)
+    if opts.ranking == "token" and opts.mode == "greedy":
+        raise UserError(
+            "multilevel_ot_mode greedy (--f 2) matches columns over a sequence and needs "
+            "--distillation_config.multilevel_ot_ranking sequence"
+        )
+    positive_int("--distillation_config.top_k", opts.top_k)
+    positive_int("--distillation_config.sinkhorn_iters", opts.sinkhorn_iters)
+    for field in ("sl_temperature", "sd_temperature", "sinkhorn_reg", "student_temperature", "teacher_temperature"):
+        positive(field, getattr(opts, field))
+    for field in ("sl_weight", "sd_weight", "sd_scale"):
+        non_negative(field, getattr(opts, field))
+
+
+class MultiLevelOTFamily(Family):
+    """Ranks columns and transports over whole sequences: a chunk holds whole sequences (one longer than the
+    chunk size is a chunk of its own)."""
+
+    name = "MultiLevelOT"
+    per_sequence = True
+    teacher_temperature_field = "teacher_temperature"
+    no_position_scores = "MultiLevelOT (per-sequence ranking and transport) has no per-position value"
+
+    def options(self, loss, cfg, cache=None) -> MultiLevelOTOptions:
+        opts = MultiLevelOTOptions(
+            mode=cfg.multilevel_ot_mode, top_k=cfg.top_k, sl_weight=float(cfg.sl_weight),
+            sd_weight=float(cfg.sd_weight), sl_temperature=float(cfg.sl_temperature),
+            sd_temperature=float(cfg.sd_temperature), sinkhorn_reg=float(cfg.sinkhorn_reg),
+            sinkhorn_iters=cfg.sinkhorn_iters, student_temperature=float(cfg.student_temperature),
+            teacher_temperature=float(cfg.teacher_temperature), ranking=cfg.multilevel_ot_ranking,
+            logit_norm=cfg.multilevel_ot_logit_norm, sl_form=cfg.multilevel_ot_sl_form, sd_scale=float(cfg.sd_scale))
+        validate_multilevel_ot(opts)
+        return opts
+
+    def chunks(self, pairing, size):
+        if not pairing.num_paired:
+            return super().chunks(pairing, size)
+        chunks, start, group = [], 0, []
+        for length in (int(m) for m in pairing.pairs_per_sequence.tolist() if m > 0):
+            if group and sum(group) + length > size:
+                chunks.append(Chunk(start, start + sum(group), sum(group), tuple(group)))
+                start, group = start + sum(group), []
+            group.append(length)
+        chunks.append(Chunk(start, start + sum(group), sum(group), tuple(group)))
+        return chunks + row_chunks(pairing.num_paired, pairing.ce_count, pairing.num_paired, size)
+
+    def terms(self, batch, chunk, checkpointed, z, targets):
+        ce = cross_entropy_sum(z, targets) if batch.with_ce else z[:0].sum()
+        zs = z[: chunk.paired, : batch.student_vocab(z)]
+        opts = batch.options
+        plan = batch.plan(chunk, checkpointed, lambda: multilevel_ot_plan(
+            zs.detach(), batch.teacher_logits(chunk), chunk.lengths, opts))
+        return ce, multilevel_ot_sum(zs, plan, chunk.lengths, opts)
+
+
+MULTILEVEL_OT = MultiLevelOTFamily()

@@ -17,12 +17,22 @@ for every teacher token, so the target is one `index_add_` of p's columns into t
 (`Projection.root_columns`: teacher id -> first student token, or a spare column for tokens without
 a sigma); deeper nodes have few pairs, gathered and scattered for those rows only.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
 
-from llm_recipes.losses.kl import scaled
+from llm_recipes.losses.divergences import scaled
+from llm_recipes.errors import UserError
+from llm_recipes.losses.family import Family, PairArtifacts
+from llm_recipes.losses.kl import kl_options
+from llm_recipes.losses.token_terms import token_terms_sum
+
+# The divergences a projected target can be compared by (loss name -> kind): a projected target is sparse (zero
+# on the student tokens no teacher token starts with), so reverse KL, infinite where the target is zero and the
+# student is not, is left out.
+PROJECTED_DIVERGENCES = {"kl": "forward", "jsd": "jsd", "skew_kl": "skew_forward", "skew_reverse_kl": "skew_reverse",
+                         "tvd": "tvd"}
 
 
 class Projection:
@@ -56,7 +66,7 @@ class Projection:
 
 @dataclass(frozen=True)
 class ProjectionOptions:
-    kind: str = "forward"  # the divergence (llm_recipes.losses.table.PROJECTED_DIVERGENCES' kinds)
+    kind: str = "forward"  # the divergence (a kind of PROJECTED_DIVERGENCES)
     temperature: float = 1.0
     beta: float = 0.5  # jsd
     alpha: float = 0.1  # skew kinds
@@ -96,3 +106,64 @@ def projected_target(teacher_logits: torch.Tensor, nodes: torch.Tensor, projecti
     target = torch.where(served[:, None], target / mass.clamp_min(torch.finfo(target.dtype).tiny),
                          1.0 / student_vocab)
     return target, served
+
+
+# ------------------------------------------------------------------------------------------- the family
+class ProjectedFamily(Family):
+    """Every served student answer token is one unit, paired through the projection map's trie nodes."""
+
+    name = "projected"
+    alignments = ("text",)
+    uses_nodes = True
+    consumes_logits = True
+
+    def options(self, loss, cfg, cache=None) -> ProjectionOptions:
+        if cfg.projected_divergence not in PROJECTED_DIVERGENCES:
+            raise UserError(f"--distillation_config.projected_divergence must be one of "
+                            f"{', '.join(PROJECTED_DIVERGENCES)} (a projected target is zero on many tokens, where "
+                            f"reverse_kl is infinite), got {cfg.projected_divergence!r}")
+        opts = kl_options(PROJECTED_DIVERGENCES[cfg.projected_divergence], cfg)
+        return ProjectionOptions(opts.kind, opts.temperature, opts.beta, opts.alpha)
+
+    def artifacts(self, student_tokenizer, teacher_tokenizer) -> PairArtifacts:
+        from llm_recipes import alignment
+
+        pmap, how = alignment.load_or_build_map(teacher_tokenizer, student_tokenizer)
+        return PairArtifacts(projection_map=pmap,
+                             summary=f"projection map: {pmap.num_nodes:,} nodes, {pmap.num_pairs:,} pairs ({how})")
+
+    def with_artifacts(self, options, artifacts):
+        return replace(options, projection=Projection(artifacts.projection_map))
+
+    def terms(self, batch, chunk, checkpointed, z, targets):
+        """CE and the divergence between the student and the projected teacher, in the fused pass of the KL
+        family: the projected target enters as teacher logits T * log q*, whose log-softmax at temperature T
+        is log q* itself."""
+        opts = batch.options
+        if opts.projection is None:
+            raise ValueError("the projected loss needs the tokenizer pair's projection map (LossSpec.with_artifacts)")
+        vocab_s = batch.student_vocab(z)
+
+        def make():
+            rows = slice(chunk.start, chunk.start + chunk.paired)
+            target, served = projected_target(batch.teacher_logits(chunk), batch.nodes[rows], opts.projection,
+                                              opts.temperature, vocab_s)
+            return target.log_().mul_(opts.temperature), served
+
+        plan = batch.plans.pop(chunk.start, None)  # (log target, served), from a checkpointed chunk's first pass
+        if plan is None:
+            plan = make()
+            if checkpointed:  # the fused pass overwrites its teacher buffer: the recompute gets the kept original
+                batch.plans[chunk.start] = plan
+                plan = (plan[0].clone(), plan[1])
+        log_target, served = plan
+        weights = batch.weights(chunk) * served
+        return token_terms_sum(z, targets, log_target, weights, opts.kind, opts.temperature, opts.beta, opts.alpha,
+                               with_ce=batch.with_ce)
+
+    def describe(self, spec) -> str:
+        name = next(n for n, kind in PROJECTED_DIVERGENCES.items() if kind == spec.options.kind)
+        return f" ({name} to the projected teacher)"
+
+
+PROJECTED = ProjectedFamily()

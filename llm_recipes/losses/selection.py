@@ -32,7 +32,6 @@ from typing import Sequence, Tuple
 import torch
 
 from llm_recipes.losses.pairing import Pairing
-from llm_recipes.losses.uld import TeacherSorted, uld_plan
 
 TOKEN_SELECTIONS = ("none", "teacher_entropy", "student_entropy", "student_ce", "divergence")
 FEATURE_ATTRIBUTIONS = ("abs", "signed")
@@ -59,11 +58,6 @@ def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return torch.logsumexp(logits, dim=-1) - logits.gather(1, targets[:, None]).squeeze(1)
 
 
-def uld_rows(student_logits: torch.Tensor, teacher: TeacherSorted, temperature: float, top_k: int = 0) -> torch.Tensor:
-    """ULD's per-position distance (exact, or its top-k + tail variant), as in llm_recipes.losses.uld."""
-    return uld_plan(student_logits, teacher, temperature, top_k, with_signs=False).values
-
-
 def select_top(scores: torch.Tensor, sequence: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Bool mask [P]: the keep[b] highest-scoring rows of each sequence b (ties: the earlier row)."""
     order = torch.argsort(scores, descending=True, stable=True)
@@ -85,8 +79,8 @@ def select_pairs(pairing: Pairing, keep: torch.Tensor, kept: torch.Tensor) -> Pa
     student_rows = torch.cat([rows[:p][keep], rows[:p][~keep], rows[p:]])
     student_targets = torch.cat([targets[:p][keep], targets[:p][~keep], targets[p:]])
     nodes = pairing.nodes[keep] if pairing.nodes is not None else None
-    return Pairing(student_rows, student_targets, pairing.teacher_rows[keep], kept.to(pairing.pairs_per_sequence.device),
-                   int(keep.sum()), nodes)
+    return Pairing(student_rows, student_targets, pairing.teacher_rows[keep],
+                   kept.to(pairing.pairs_per_sequence.device), int(keep.sum()), nodes)
 
 
 # ---------------------------------------------------------------------------------- feature selection

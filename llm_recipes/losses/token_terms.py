@@ -26,8 +26,7 @@ import math
 
 import torch
 
-from llm_recipes.losses.kl import divergence_rows, scaled
-from llm_recipes.losses.table import DIVERGENCE_KINDS
+from llm_recipes.losses.divergences import DIVERGENCE_KINDS, divergence_rows, scaled
 
 
 def block_rows(width: int, device: torch.device) -> int:

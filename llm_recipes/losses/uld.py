@@ -17,11 +17,14 @@ value: its backward is those signs through the softmax Jacobian, q * (g - <q, g>
 engine keeps a chunk's plan from the forward to backward's recompute of the chunk, so neither side
 is sorted twice and the teacher is not recomputed (docs/losses.md, "Memory and time").
 """
+from dataclasses import dataclass, replace
 from typing import NamedTuple, Optional
 
 import torch
 
-from llm_recipes.losses.kl import scaled
+from llm_recipes.losses.divergences import scaled
+from llm_recipes.losses.cross_entropy import cross_entropy_sum
+from llm_recipes.losses.family import Family, non_negative_int, positive
 
 
 _BITS = {torch.float32: torch.int32, torch.float64: torch.int64}
@@ -138,3 +141,53 @@ def uld_sum(student_logits: torch.Tensor, plan: ULDPlan, weights: torch.Tensor, 
     logits the plan was made from); weights [n] fp32."""
     return _ULDSum.apply(student_logits, weights, plan.values, plan.signs, plan.columns, plan.tail_signs,
                          temperature)
+
+
+# ------------------------------------------------------------------------------------------- the family
+@dataclass(frozen=True)
+class ULDOptions:
+    student_temperature: float = 1.0
+    teacher_temperature: float = 1.0
+    top_k: int = 0  # 0 = exact (full sort)
+
+
+def uld_rows(student_logits: torch.Tensor, teacher: TeacherSorted, temperature: float, top_k: int = 0) -> torch.Tensor:
+    """ULD's per-position distance (exact, or its top-k + tail variant), without gradient."""
+    return uld_plan(student_logits, teacher, temperature, top_k, with_signs=False).values
+
+
+class ULDFamily(Family):
+    name = "ULD"
+    per_sequence = True
+    teacher_temperature_field = "teacher_temperature"
+    scores_positions = True
+
+    def options(self, loss, cfg, cache=None) -> ULDOptions:
+        """From a top-K teacher cache, ULD is top-K ULD (the K cached probabilities rank by rank, the rest one
+        bucket): exactly what the cache determines."""
+        positive("student_temperature", cfg.student_temperature)
+        positive("teacher_temperature", cfg.teacher_temperature)
+        non_negative_int("uld_top_k", cfg.uld_top_k)
+        opts = ULDOptions(float(cfg.student_temperature), float(cfg.teacher_temperature), int(cfg.uld_top_k))
+        if cache is not None and cache.topk < cache.vocab_size:
+            opts = replace(opts, top_k=min(opts.top_k or cache.topk, cache.topk))
+        return opts
+
+    def terms(self, batch, chunk, checkpointed, z, targets):
+        ce = cross_entropy_sum(z, targets) if batch.with_ce else z[:0].sum()
+        zs = z[: chunk.paired, : batch.student_vocab(z)]
+        opts = batch.options
+
+        def make_plan():
+            teacher = teacher_sorted(batch.teacher_logits(chunk), opts.teacher_temperature, opts.top_k)
+            return uld_plan(zs.detach(), teacher, opts.student_temperature, opts.top_k)
+
+        plan = batch.plan(chunk, checkpointed, make_plan)
+        return ce, uld_sum(zs, plan, batch.weights(chunk), opts.student_temperature)
+
+    def position_scores(self, options, student_logits, teacher_logits):
+        teacher = teacher_sorted(teacher_logits, options.teacher_temperature, options.top_k)
+        return uld_rows(student_logits, teacher, options.student_temperature, options.top_k)
+
+
+ULD = ULDFamily()
