@@ -78,7 +78,7 @@ def make_inputs(case: Case):
     of seq - answer tokens then `answer` answer tokens, the same positions for both models."""
     device, dtype = torch.device(case.device), getattr(torch, case.dtype)
     generator = torch.Generator().manual_seed(0)
-    same_vocab = case.loss not in ("uld", "multilevel_ot")
+    same_vocab = case.loss in table.DIVERGENCE_KINDS  # the KL family compares one vocabulary
     vocab_t = case.vocab_student if same_vocab else case.vocab_teacher
 
     def randn(*shape, scale=1.0):

@@ -89,12 +89,12 @@ def zipf_logits(rows: int, vocab: int, exponent: float, generator) -> torch.Tens
 
 def random_errors(vocab: int = 151_936, batch: int = 4, answer: int = 128) -> list[dict]:
     """Through the trainer's loss engine, as a cached run computes it: the live teacher's logits against the
-    cache's rows (`CachedHead`; ULD as top-K ULD, as `finetuning.loss_spec` sets it)."""
+    cache's rows (`CachedHead`; ULD as top-K ULD, as the ULD family's options make it from a cache)."""
     import dataclasses
 
     from configs import distillation_config
     from llm_recipes import teacher_cache
-    from llm_recipes.losses import LossSpec, distillation_terms
+    from llm_recipes.losses import LossSpec, distillation_terms, table
 
     generator = torch.Generator().manual_seed(0)
     rows = batch * answer
@@ -109,7 +109,7 @@ def random_errors(vocab: int = 151_936, batch: int = 4, answer: int = 128) -> li
     def term(loss, teacher_rows, head, top_k=0):
         config = dataclasses.replace(distillation_config(loss=loss, alignment="index"), uld_top_k=top_k)
         spec = LossSpec.from_config(config, name=loss, student_vocab_size=vocab, teacher_vocab_size=vocab,
-                                    same_tokenizer=loss != "uld" and loss != "multilevel_ot")
+                                    same_tokenizer=table.LOSSES[loss].same_tokenizer)
         s = shaped(student).requires_grad_(True)
         terms = distillation_terms(spec, s, labels, lambda r: r, teacher_rows, labels, head, with_ce=False)
         (grad,) = torch.autograd.grad(terms.distill_sum, s)

@@ -26,7 +26,6 @@ far larger than with real models (a 7B teacher's forward dwarfs its output layer
 the ratios here are upper bounds.
 """
 import argparse
-import dataclasses
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -118,19 +117,15 @@ def train_state(step: Step, group: Group, student, teacher, optimizer=None):
                     distillation=distillation_config(uld_top_k=step.uld_top_k, multilevel_ot_mode=step.mode,
                                                     alignment="index"))
     vocab_t = group.vocab_student if group.same_tokenizer else group.vocab_teacher
-    spec = LossSpec.from_config(run.distillation, name=loss, student_vocab_size=group.vocab_student,
-                                teacher_vocab_size=vocab_t, same_tokenizer=group.same_tokenizer,
-                                chunk_size=group.chunk_size)
-    factor = table.LOSSES[loss].distil_factor if loss in table.LOSSES else 0.0
     cache = None
-    if step.cache_k:  # what `setup` resolves for --distillation_config.teacher_cache (finetuning.loss_spec too)
+    if step.cache_k:  # what `setup` resolves for --distillation_config.teacher_cache
         from llm_recipes.teacher_cache import CacheMeta
 
         cache = CacheMeta("bench", "", vocab_t, step.cache_k, 1.0, "float16", False, None, True, {})
-        if spec.family == "uld":
-            spec = LossSpec.from_config(dataclasses.replace(run.distillation, uld_top_k=step.cache_k), name=loss,
-                                        student_vocab_size=group.vocab_student, teacher_vocab_size=vocab_t,
-                                        same_tokenizer=group.same_tokenizer, chunk_size=group.chunk_size)
+    spec = LossSpec.from_config(run.distillation, name=loss, student_vocab_size=group.vocab_student,
+                                teacher_vocab_size=vocab_t, same_tokenizer=group.same_tokenizer,
+                                chunk_size=group.chunk_size, cache=cache)
+    factor = table.LOSSES[loss].distil_factor if loss in table.LOSSES else 0.0
     goal = objective.build_objective(run, factor, spec, None, cache)
     goal = objective.Objective(**{**vars(goal), "uses_teacher": step.loss != "sft"})  # "none": teacher, no term
     optimizer = optimizer or build_optimizer(student, run.train)

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 from llm_distillation import generation, metrics
+from llm_distillation.datasets.catalog import task_names
 from llm_recipes import flags
 from llm_recipes.checkpoint import prepare_output_dir
 from llm_recipes.errors import UserError
@@ -38,7 +39,7 @@ class BenchmarkArgs:
     """Flags of `python -m llm_distillation.benchmark`."""
 
     model_name: str = option(help="checkpoint folder, hub id, or LoRA adapter folder (adapter_config.json)")
-    task: str = option(help="squad, qed, fairytaleqa, pubmedqa, dialogsum, dolly, generic, tiny_qa, people_qa")
+    task: str = option(help=", ".join(task_names()))
     output_dir: str = option(help="where scores.json and predictions.jsonl go")
     split: Optional[str] = option(None, "None: the task's evaluation split (squad/qed validation, the others test)")
     source: Optional[str] = option(None, "hub id or local path of the task's data; None: the task's default")

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Optional
 
 from llm_distillation import generation
+from llm_distillation.datasets.catalog import task_names
 from llm_recipes import flags
 from llm_recipes.checkpoint import prepare_output_dir
 from llm_recipes.errors import UserError
@@ -46,7 +47,7 @@ class GenerateArgs:
     """Flags of `python -m llm_distillation.generate`."""
 
     model_name: str = option(help="the teacher: hub id or local folder")
-    task: str = option(help="squad, qed, fairytaleqa, pubmedqa, dialogsum, dolly, generic, tiny_qa, people_qa")
+    task: str = option(help=", ".join(task_names()))
     output_dir: str = option(help="datasets folder + generated.jsonl + progress.jsonl (resumable)")
     split: str = option("train", "split of the task to answer")
     source: Optional[str] = option(None, "hub id or local path of the task's data; None: the task's default")

@@ -1,10 +1,11 @@
-"""Prompts as data: one template per task, few-shot counts per teacher family, one renderer.
+"""Prompts: one renderer for every task's template (the templates and shot counts are the task catalog's rows,
+llm_distillation.datasets.catalog).
 
 The published experiments (ULD, MultiLevelOT) prompt the teacher with a chat template and k examples
 (k depends on the task and the teacher family) and the student with a plain 0-shot prompt. Their code
 picked k and the title option with `if tokenizer.name_or_path == ...` branches in every loader; here they
-are rows of a table (`TEACHER_SHOTS`), matched by a lower-case substring of the model name, so a new
-teacher family is one line and any other model gets 0 shots.
+are rows of the catalog (`TaskData.teacher_shots`), matched by a lower-case substring of the model name, so a
+new teacher family is one line and any other model gets the task's `shots`.
 
 Plain prompt of a question task (the title line only where asked for)::
 
@@ -20,122 +21,39 @@ system turn (merged into the first user turn when the template has no system rol
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from llm_distillation.datasets.catalog import INSTRUCTION_PROMPT, PromptSpec, TeacherShots, task_data
 from llm_recipes.errors import UserError
 
 
-@dataclass(frozen=True)
-class PromptSpec:
-    """How one task turns a normalized example into a prompt."""
-
-    request: str  # the example's part of the prompt, `{field}` placeholders (str.format)
-    cue: str  # the line the answer follows in a plain prompt
-    system: str = ""  # instruction of the chat prompt's system turn
-    separator: str = " "  # between a plain prompt and its answer
-    title: bool = False  # whether the task has an optional `Title:` line
-    optional: tuple = ()  # (field, text) pairs: `text` is added only when the field is non-empty
-
-
-_QA = PromptSpec(
-    request="Context: {context}\nQuestion: {question}", cue="Answer:", title=True,
-    system=("You are an agent answering questions as part of a reading comprehension activity. You must read and "
-            "understand the context text step by step. Answers consist of 0 to 5 words, exclusively continuous "
-            "words taken from the contextual text provided."))
-
-_INSTRUCTION = PromptSpec(
-    request="Below is an instruction that describes a task{input_note}. Write a response that appropriately "
-            "completes the request.\n\n### Instruction:\n{instruction}\n{input_block}",
-    cue="### Response:\n", separator="",
-    optional=(("input", ("input_note", ", paired with an input that provides further context")),
-              ("input", ("input_block", "\n### Input:\n{input}\n"))))
-
-TASKS: dict[str, PromptSpec] = {
-    "squad": _QA,
-    "qed": _QA,
-    # the demo set: the QA prompt without the system turn, so the tiny demo models' short contexts hold it
-    "tiny_qa": PromptSpec(request=_QA.request, cue="Answer:", title=True),
-    # the real-pair demo's task (examples/real_pair/people_qa.py): some answers are computed, not copied
-    "people_qa": PromptSpec(
-        request=_QA.request, cue="Answer:",
-        system=("Read the facts about several people and answer the question. Some questions need two facts, or "
-                "a number worked out from the numbers stated. Answer with a name, a few words from the text, or a "
-                "number, and nothing else.")),
-    "fairytaleqa": PromptSpec(
-        request=_QA.request, cue="Answer:", title=True,
-        system=("You are an expert agent in reading comprehension (question answering). You must read and "
-                "understand the contextual text step by step, then answer the question. The answer must be brief, "
-                "between 0 and 15 words.")),
-    "pubmedqa": PromptSpec(
-        request="Medical paper: {context}\nQuestion: {question}", cue="Answer:",
-        system=("You are a medical expert reading a medical research paper. You must answer the question based "
-                "exclusively on the information given. The answer is the summary of the research paper's "
-                "conclusion. This conclusion should be as short as possible, straight to the point and without "
-                "re-explaining the experimental parts in detail.")),
-    "dialogsum": PromptSpec(
-        request="Dialogue: {dialogue}", cue="Summary:",
-        system=("You're an expert at summarizing dialogues. You have to read the dialogue between two people and "
-                "summarize it in no more than one sentence. The summary should be as short as possible, not "
-                "re-explaining the dialogue in detail and using the person's name when implicitly mentioned.")),
-    "dolly": _INSTRUCTION,
-    # generic: the normalized row says which schema it came from (see GENERIC_SPECS)
-    "generic": _INSTRUCTION,
-}
-
 # The generic task's other schemas (llm_distillation/datasets/tasks.py normalizes a user's data into one).
 GENERIC_SPECS: dict[str, PromptSpec] = {
-    "instruction": _INSTRUCTION,
+    "instruction": INSTRUCTION_PROMPT,
     "prompt": PromptSpec(request="{prompt}", cue="", separator=""),
     "text": PromptSpec(request="", cue="", separator=""),
     # messages: rendered by the chat template, or plainly as "role: content" lines (`_plain_messages`)
 }
 
 
-@dataclass(frozen=True)
-class TeacherShots:
-    """Few-shot setting of one teacher family on one task (ULD/MultiLevelOT published values)."""
-
-    pattern: str  # lower-case substring of the teacher's model name or path
-    shots: int
-    title: bool = False  # whether the teacher's prompt carries the `Title:` line
-
-
-TEACHER_SHOTS: dict[str, list[TeacherShots]] = {
-    "squad": [TeacherShots("llama-2", 1), TeacherShots("mistral", 3, title=True), TeacherShots("falcon", 4)],
-    "qed": [TeacherShots("llama-2", 5), TeacherShots("mistral", 5, title=True), TeacherShots("falcon", 3)],
-    "fairytaleqa": [TeacherShots("llama-2", 2), TeacherShots("mistral", 4), TeacherShots("falcon", 2)],
-    "pubmedqa": [TeacherShots("llama-2", 3), TeacherShots("mistral", 3), TeacherShots("falcon", 3)],
-    "dialogsum": [TeacherShots("llama-2", 3), TeacherShots("mistral", 2), TeacherShots("falcon", 2)],
-}
-
-
 def task_spec(task: str) -> PromptSpec:
-    if task not in TASKS:
-        raise UserError(f"unknown task {task!r}: the tasks are {', '.join(sorted(TASKS))}")
-    return TASKS[task]
+    return task_data(task).prompt
 
 
 def _teacher_row(task: str, model_name: Optional[str]) -> Optional[TeacherShots]:
-    task_spec(task)
     name = (model_name or "").lower()
-    return next((row for row in TEACHER_SHOTS.get(task, []) if row.pattern in name), None)
-
-
-# Shots for a teacher whose family has no row above (Qwen, Gemma, ...): the published Llama-2 setting, the
-# ULD paper's main teacher; none for the tasks the published runs did not prompt few-shot.
-DEFAULT_SHOTS = {"squad": 1, "qed": 5, "fairytaleqa": 2, "pubmedqa": 3, "dialogsum": 3, "people_qa": 3}
+    return next((row for row in task_data(task).teacher_shots if row.pattern in name), None)
 
 
 def few_shot_count(task: str, model_name: Optional[str], override: Optional[int] = None) -> int:
     """Shots of the teacher prompt: `override` (--dataset.few_shot) if given, else the table's row for the
-    teacher's family, else the task's default (DEFAULT_SHOTS; 0 for the others)."""
+    teacher's family, else the task's default (the catalog's `shots`)."""
     if override is not None:
         if isinstance(override, bool) or not isinstance(override, int) or override < 0:
             raise UserError(f"--dataset.few_shot must be a whole number >= 0, got {override!r}")
         return override
     row = _teacher_row(task, model_name)
-    return row.shots if row else DEFAULT_SHOTS.get(task, 0)
+    return row.shots if row else task_data(task).shots
 
 
 def prompt_uses_title(task: str, model_name: Optional[str]) -> bool:
@@ -263,5 +181,5 @@ def _first_answer(example: dict) -> str:
     return str(answers[0])
 
 
-__all__ = ["PromptSpec", "TASKS", "GENERIC_SPECS", "TeacherShots", "TEACHER_SHOTS", "task_spec", "few_shot_count",
-           "prompt_uses_title", "plain_prompt", "answer_separator", "has_chat_template", "build_prompt"]
+__all__ = ["GENERIC_SPECS", "task_spec", "few_shot_count", "prompt_uses_title", "plain_prompt", "answer_separator",
+           "has_chat_template", "build_prompt"]

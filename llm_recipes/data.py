@@ -396,9 +396,5 @@ def loader_over(batches: list, split: PairedSplit, student_pad_id: int, teacher_
         num_workers=num_workers, generator=torch.Generator().manual_seed(0))
 
 
-def sample_count(batch: dict) -> int:
-    return int(batch["student"]["input_ids"].shape[0])
-
-
 def move(batch: dict, device) -> dict:
     return {side: {k: v.to(device, non_blocking=True) for k, v in t.items()} for side, t in batch.items()}

@@ -7,6 +7,7 @@ import statistics
 
 import pytest
 
+from examples import harness
 from examples.tiny import demo
 
 SEEDS = [0, 1, 2, 3, 4]
@@ -27,17 +28,17 @@ def _details():
 
 
 def test_paired_difference_and_its_t_interval():
-    diff = demo.paired([44, 45, 49, 44, 47], [40, 42, 44, 41, 43])
+    diff = harness.paired([44, 45, 49, 44, 47], [40, 42, 44, 41, 43])
     diffs = [4, 3, 5, 3, 4]
     half = 2.776 * statistics.stdev(diffs) / math.sqrt(5)  # t(0.975, 4 dof)
     assert diff["mean"] == pytest.approx(3.8) and diff["diffs"] == diffs
     assert (diff["low"], diff["high"]) == pytest.approx((3.8 - half, 3.8 + half))
-    single = demo.paired([5.0], [3.0])
+    single = harness.paired([5.0], [3.0])
     assert single["mean"] == 2.0 and single["low"] is None
 
 
 def test_table_pairs_rows_with_their_own_sft_and_shares_the_kl_gain():
-    lines = {line["name"]: line for line in demo.regime_table(_results()["tables"][0])}
+    lines = {line["name"]: line for line in harness.regime_table(_results()["tables"][0])}
     kl_gain = statistics.mean([58, 59, 57, 60, 58]) - statistics.mean([50, 52, 49, 51, 50])
     assert lines["SFT"]["diff"] is None and lines["SFT (same tokenizer)"]["diff"] is None
     assert lines["projected"]["diff"]["mean"] == pytest.approx(3.8)
@@ -47,7 +48,7 @@ def test_table_pairs_rows_with_their_own_sft_and_shares_the_kl_gain():
 
 
 def test_markdown_and_files(tmp_path):
-    text = demo.write_report(_results(), _details(), tmp_path)
+    text = harness.write_report(_results(), _details(), tmp_path)
     assert (tmp_path / "results.md").read_text() == text
     assert "| projected | different | 0.002 | 45.8 | +3.8 [" in text and "| 48% |" in text
     assert "5 seed(s)" in text

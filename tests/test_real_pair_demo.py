@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from examples.real_pair import demo, smaller_student
-from examples.tiny import demo as tiny_demo
+from examples import harness
 from llm_recipes.errors import UserError
 
 
@@ -99,9 +99,9 @@ def test_the_report_has_no_share_column_without_same_tokenizer_rows(tmp_path):
              "f1": f1[row.name]} for row in demo.ROWS]
     results = {"seeds": [0, 1, 2], "tables": [{"students": "pretrained", "rows": rows}]}
     details = {"rates": {"pretrained": {row.name: {"lr": 3e-4} for row in demo.ROWS}}}
-    lines = {line["name"]: line for line in tiny_demo.regime_table(results["tables"][0])}
+    lines = {line["name"]: line for line in harness.regime_table(results["tables"][0])}
     assert lines["projected"]["diff"]["diffs"] == [3.0, 2.0, 3.0] and lines["projected"]["share_of_kl_gain"] is None
-    text = tiny_demo.write_report(results, details, tmp_path)
+    text = harness.write_report(results, details, tmp_path)
     assert "| projected | different | 0.0003 | 44.7 | +2.7 [" in text and "share" not in text
     assert json.loads((tmp_path / "results.json").read_text())["tables"][0]["students"] == "pretrained"
 
@@ -127,7 +127,7 @@ def test_scoring_passes_each_benchmark_flag_once(tmp_path, monkeypatch):
         (tmp_path / "scores.json").write_text(json.dumps({"scores": {"f1": 12.5}}))
         return 0.0
 
-    monkeypatch.setattr(tiny_demo, "run", fake_run)
+    monkeypatch.setattr(harness, "run", fake_run)
     f1 = demo.benchmark(demo.Setup(tmp_path, tmp_path, tmp_path, tmp_path, tmp_path, tmp_path, tmp_path, False, 3, 2),
                         tmp_path / "model", "test", tmp_path)
     command = commands[0]

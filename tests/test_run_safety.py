@@ -4,6 +4,7 @@ A folder holding a run, every bad input reported before a model loads, bad data 
 a real SIGTERM / SIGINT (checkpoint, exit 128 + signal, bit-identical resume, each metrics step once),
 a real write error (a file size limit set on the process: the OS refuses the write), and a real NaN
 (a teacher with a NaN weight)."""
+import dataclasses
 import hashlib
 import json
 import os
@@ -116,6 +117,26 @@ def test_every_input_problem_is_reported_at_once_before_any_model_loads(tiny, tm
     assert len(lines) >= 3, lines
     assert "holds a previous run" in text and "missing_loader.py" in text and "no_teacher" in text
     assert "tensorboard" in text.lower()
+
+
+@pytest.mark.parametrize("source, message", [
+    ("missing_folder", "data source {tmp}/missing_folder does not exist"),
+    (None, "the people_qa data is not at {tmp}/people_qa: write it with python -m examples.real_pair.people_qa"),
+])
+def test_a_missing_data_source_is_refused_before_anything_is_written(tiny, tmp_path, capsys, monkeypatch, source,
+                                                                      message):
+    """A task's data that is not there stops the run in its input checks: no output folder, no projection map."""
+    from llm_distillation.datasets import tasks
+
+    monkeypatch.setitem(tasks.TASK_DATA, "people_qa", dataclasses.replace(
+        tasks.TASK_DATA["people_qa"], source=str(tmp_path / "people_qa")))
+    flags = {"distillation": True, "output_dir": str(tmp_path / "out"),
+             "dataset.file": str(REPO / "llm_distillation/datasets/loader/people_qa.py")}
+    if source:
+        flags["dataset.source"] = str(tmp_path / source)
+    (line,) = errors(capsys, flags)
+    assert message.format(tmp=tmp_path) in line
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_tokenizer_longer_than_its_models_embedding_is_refused_up_front(tiny, tmp_path, capsys):

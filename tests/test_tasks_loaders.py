@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 from conftest import base_flags, qa_rows
 from configs import dataset
 from llm_distillation import prompts
+from llm_distillation.datasets.catalog import task_data
 from llm_distillation.datasets import sources, tasks
 from llm_recipes import data
 from llm_recipes.errors import UserError
@@ -73,7 +74,7 @@ def assert_row(row, tokenizer, prompt: str, answer: str, role: str, separator: s
     assert row["attention_mask"] == [1] * len(row["input_ids"])
 
 
-QA_SYSTEM = prompts.TASKS["squad"].system
+QA_SYSTEM = task_data("squad").prompt.system
 
 # (task, source, split, id of the checked example, its student prompt, its first reference)
 CASES = [
@@ -108,7 +109,7 @@ def test_task_loader_on_its_real_schema(toks, task, folder, split, example_id, p
     assert examples[index]["answers"][0] == answer
     assert prompts.build_prompt(task, examples[index], toks["student"]) == prompt
     assert_row(student[index], toks["student"], prompt, answer, "student", " ")
-    chat = (f"<s>system: {prompts.TASKS[task].system}\n<s>user: {prompt.rsplit(chr(10), 1)[0]}\n<s>assistant:")
+    chat = (f"<s>system: {task_data(task).prompt.system}\n<s>user: {prompt.rsplit(chr(10), 1)[0]}\n<s>assistant:")
     assert_row(teacher[index], toks["teacher"], chat, answer, "teacher", "")
     for split_name in ("train", "validation"):  # what the trainer asks for
         s, t = sides(task, toks, split_name, teacher_name="tiny/teacher", source=source, few_shot=0)
@@ -359,7 +360,7 @@ def test_sources(tmp_path):
     (tmp_path / "nothing.jsonl").write_text("\n")
     with pytest.raises(UserError, match=r"nothing.jsonl: no examples"):
         sources.load_splits(str(tmp_path / "nothing.jsonl"))
-    assert tasks.TINY_QA_DATA == REPO / "assets" / "tiny" / "data"
+    assert tasks.task_data("tiny_qa").source == str(REPO / "assets" / "tiny" / "data")
 
 
 def test_tokenization_conventions(toks):

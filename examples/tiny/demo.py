@@ -31,21 +31,16 @@ docs/demo/results.json), details.json (learning rates, validation scores, times)
 """
 from __future__ import annotations
 
-import json
-import math
-import os
-import statistics
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from configs.paths import REPO_ROOT, TINY_ASSETS, TINY_QA_DATA, TINY_QA_LOADER, TINY_TEACHER
+from configs.paths import TINY_ASSETS, TINY_QA_DATA, TINY_QA_LOADER, TINY_TEACHER
+from examples.harness import (STARTED, Row, command_flags, finetune, in_parallel, read_metrics, run, score, step,
+                              write_report)
 from llm_recipes import flags
-from llm_recipes.checkpoint import holds_a_run, saved_checkpoints
 from llm_recipes.errors import UserError
 from llm_recipes.flags import option
 
@@ -55,23 +50,6 @@ LR_GRID = (1e-3, 2e-3, 5e-3)
 STUDENT_TRAINING = {"num_epochs": 3, "batch_size_training": 16, "val_batch_size": 32, "scheduler": "cosine",
                     "warmup_steps": 50, "weight_decay": 0.0, "save_step": 0, "save_optimizer": False}
 QUICK = {"train": 64, "validation": 16, "test_large": 32, "epochs": 1, "lr_grid": (2e-3,), "pretrain": 64}
-
-
-@dataclass(frozen=True)
-class Row:
-    name: str
-    student: str  # "student" (its own tokenizer) or "student_same" (the teacher's tokenizer)
-    loss: str  # the loss table's name, "none" for SFT
-    alignment: Optional[str]  # "text" | "index" | None (one tokenizer, or no logit term)
-    flags: dict = field(default_factory=dict)
-
-    @property
-    def tokenizers(self) -> str:
-        return "same" if self.student == "student_same" else "different"
-
-    @property
-    def slug(self) -> str:
-        return "".join(c if c.isalnum() else "-" for c in self.name.lower()).strip("-").replace("--", "-")
 
 
 ROWS = (
@@ -90,52 +68,6 @@ ROWS = (
     Row("SFT (same tokenizer)", "student_same", "none", None, {"distillation_config.distil_factor": 0}),
     Row("KL (same tokenizer)", "student_same", "kl", None, {"distillation_config.loss": "kl"}),
 )
-
-
-# ------------------------------------------------------------------------------------ running commands
-def _flags(values: dict) -> list[str]:
-    out = []
-    for name, value in values.items():
-        out += [f"--{name}", str(value)]
-    return out
-
-
-def run(command: list[str], log: Path) -> float:
-    """Run a project command line on one intra-op thread (these models' matrices gain nothing from a
-    second: measured 4x slower on a busy 2-core machine), its output to `log`; return its wall time."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    log.parent.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    with open(log, "w") as handle:
-        done = subprocess.run(command, cwd=REPO_ROOT, stdout=handle, stderr=subprocess.STDOUT, env=env)
-    if done.returncode != 0:
-        tail = log.read_text().strip().splitlines()[-5:]
-        raise SystemExit(f"benchmark step failed ({' '.join(command[:4])} ...), see {log}:\n" + "\n".join(tail))
-    return time.time() - start
-
-
-def score(model: Path, data: Path, split: str, out: Path, task: str = "tiny_qa", options: Optional[dict] = None
-          ) -> float:
-    """F1 (x100) of a model's greedy 0-shot answers on a split of the task's gold answers (cached in `out`);
-    `options`: benchmark flags that replace or add to the defaults below."""
-    result = out / "scores.json"
-    if not result.exists():
-        values = {"model_name": model, "task": task, "source": data, "split": split, "output_dir": out,
-                  "max_new_tokens": 16, "batch_size": 50, "progress": False, **(options or {})}
-        run([sys.executable, "-m", "llm_distillation.benchmark", *_flags(values)], out / "log.txt")
-    return json.loads(result.read_text())["scores"]["f1"]
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def in_parallel(jobs: int, calls: list) -> list:
-    """Run the zero-argument callables `calls`, `jobs` at a time (each runs its own subprocesses)."""
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        return list(pool.map(lambda call: call(), calls))
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -186,7 +118,7 @@ def student_init(setup: Setup, student: str, regime: str, seed: int) -> Path:
         values = assets.pretraining_flags(str(untrained), str(setup.pretrain), str(run_dir), seed=seed)
         if setup.quick:
             values["num_epochs"] = 1
-        run([sys.executable, "finetuning.py", *_flags(values)], run_dir / "log.txt")
+        run([sys.executable, "finetuning.py", *command_flags(values)], run_dir / "log.txt")
     return run_dir / "best"
 
 
@@ -206,9 +138,8 @@ def prepare(args) -> Setup:
             init = out / "inits" / "teacher"
             assets.save_untrained("teacher", AutoTokenizer.from_pretrained(TINY_TEACHER), init)
             teacher_data = assets.write_teacher_data(out / "teacher-data")
-            run([sys.executable, "finetuning.py", *_flags(assets.teacher_training_flags(init, teacher_data, run_dir,
-                                                                                       TINY_QA_LOADER))],
-                run_dir / "log.txt")
+            values = assets.teacher_training_flags(init, teacher_data, run_dir, TINY_QA_LOADER)
+            run([sys.executable, "finetuning.py", *command_flags(values)], run_dir / "log.txt")
         teacher = run_dir / "best"
     answers = out / "answers"
     if not (answers / "summary.json").exists():
@@ -246,16 +177,6 @@ def train_row(setup: Setup, row: Row, regime: str, seed: int, lr: float) -> Path
     return run_dir
 
 
-def finetune(values: dict, run_dir: Path, log: Path) -> None:
-    """`finetuning.py` with these flags into run_dir; a run of an earlier demo stopped there continues
-    from its last checkpoint, or starts over when it saved none."""
-    values = {**values, "output_dir": run_dir}
-    if holds_a_run(str(run_dir)):
-        has_checkpoint = bool(saved_checkpoints(run_dir))
-        values["resume_from" if has_checkpoint else "overwrite_output_dir"] = run_dir if has_checkpoint else True
-    run([sys.executable, "finetuning.py", *_flags(values)], log)
-
-
 def select_rate(setup: Setup, row: Row, regime: str) -> dict:
     """Validation F1 (seed 0) of every rate of the grid; the best one."""
     scores = {}
@@ -272,117 +193,7 @@ def final_run(setup: Setup, row: Row, regime: str, seed: int, lr: float) -> dict
             "peak_memory_gb": max((r["peak_memory_gb"] for r in curve if "peak_memory_gb" in r), default=None)}
 
 
-# ------------------------------------------------------------------------------------------- statistics
-T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        11: 2.201, 12: 2.179, 14: 2.145, 19: 2.093, 29: 2.045}  # two-sided 95% Student's t by degrees of freedom
-
-
-def t_quantile(dof: int) -> float:
-    if dof in T_95:
-        return T_95[dof]
-    known = max(k for k in T_95 if k <= dof) if dof < 29 else 29
-    return T_95[known] if dof < 29 else 1.96 + 2.4 / dof  # close to the table above 29
-
-
-def paired(values: list[float], baseline: list[float]) -> dict:
-    """Mean of the per-seed differences and its 95% interval (Student's t; none with a single seed)."""
-    diffs = [a - b for a, b in zip(values, baseline)]
-    mean = statistics.mean(diffs)
-    if len(diffs) < 2:
-        return {"mean": mean, "low": None, "high": None, "diffs": diffs}
-    half = t_quantile(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return {"mean": mean, "low": mean - half, "high": mean + half, "diffs": diffs}
-
-
-def regime_table(regime: dict) -> list[dict]:
-    """Per row: mean F1, paired difference to its SFT, share of the same-tokenizer KL gain."""
-    rows = {row["name"]: row for row in regime["rows"]}
-    sft = {"different": rows["SFT"]["f1"], "same": rows.get("SFT (same tokenizer)", {}).get("f1")}
-    kl_gain = None  # only where the table has the same-tokenizer rows (the real pair has no such student)
-    if sft["same"] is not None and "KL (same tokenizer)" in rows:
-        kl_gain = statistics.mean(rows["KL (same tokenizer)"]["f1"]) - statistics.mean(sft["same"])
-    lines = []
-    for row in regime["rows"]:
-        diff = paired(row["f1"], sft[row["tokenizers"]]) if row["loss"] != "none" else None
-        share = diff["mean"] / kl_gain if diff is not None and row["tokenizers"] == "different" and kl_gain else None
-        lines.append({**row, "mean": statistics.mean(row["f1"]), "diff": diff, "share_of_kl_gain": share})
-    return lines
-
-
-def _cell(value, digits=1, signed=False) -> str:
-    return "—" if value is None else f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
-
-
-def markdown(results: dict, details: dict) -> str:
-    out = []
-    for table in results["tables"]:
-        regime = table["students"]
-        lines = regime_table(table)
-        with_share = any(line["name"] == "KL (same tokenizer)" for line in lines)  # none in the real pair's table
-        out += [f"### {regime} students", "",
-                "| row | tokenizers | lr | test F1 (mean of seeds) | paired difference to its SFT [95% interval] |" +
-                (" share of the same-tokenizer KL gain |" if with_share else ""),
-                "| --- | --- | ---: | ---: | --- |" + (" ---: |" if with_share else "")]
-        for line in lines:
-            lr = details["rates"][regime][line["name"]]["lr"]
-            diff = line["diff"]
-            cell = "—" if diff is None else f"{_cell(diff['mean'], signed=True)} [{_cell(diff['low'], signed=True)}, " \
-                                            f"{_cell(diff['high'], signed=True)}]"
-            share = "—" if line["share_of_kl_gain"] is None else f"{line['share_of_kl_gain']:.0%}"
-            out.append(f"| {line['name']} | {line['tokenizers']} | {lr:g} | {line['mean']:.1f} | {cell} |" +
-                       (f" {share} |" if with_share else ""))
-        out.append("")
-    seeds = len(results["seeds"])
-    out.append(f"Test F1 x100 on the 1,000-example held-out split, {seeds} seed(s) (0..{seeds - 1}); differences are "
-               "paired by seed (same initial weights and data order); intervals: Student's t over the per-seed "
-               "differences; learning rates picked on the validation split (seed 0).")
-    return "\n".join(out) + "\n"
-
-
-def plot(results: dict, path: Path) -> None:
-    """The paired differences to SFT (mean and 95% interval), one panel per regime, seeds as dots."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(results["tables"]), figsize=(6.5 * len(results["tables"]), 4.8), squeeze=False)
-    for ax, table in zip(axes[0], results["tables"]):
-        lines = [line for line in regime_table(table) if line["diff"] is not None]
-        for i, line in enumerate(lines):
-            diff, color = line["diff"], "tab:blue" if line["tokenizers"] == "different" else "tab:gray"
-            if diff["low"] is not None:
-                ax.errorbar(diff["mean"], i, xerr=[[diff["mean"] - diff["low"]], [diff["high"] - diff["mean"]]],
-                            fmt="o", color=color, capsize=4)
-            else:
-                ax.plot(diff["mean"], i, "o", color=color)
-            ax.plot(diff["diffs"], [i] * len(diff["diffs"]), ".", color=color, alpha=0.4)
-        ax.axvline(0, color="black", linewidth=0.8)
-        ax.set_yticks(range(len(lines)), [line["name"] for line in lines], fontsize=8)
-        ax.invert_yaxis()
-        ax.set(title=f"{table['students']} students: F1 minus SFT, by seed", xlabel="test F1 difference (95% interval)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def write_report(results: dict, details: dict, out: Path) -> str:
-    text = markdown(results, details)
-    (out / "results.md").write_text(text)
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "details.json").write_text(json.dumps(details, indent=1, default=str) + "\n")
-    plot(results, out / "results.png")
-    return text
-
-
 # ------------------------------------------------------------------------------------------------ main
-STARTED = time.time()
-
-
-def step(text: str) -> None:
-    print(f"[{(time.time() - STARTED) / 60:5.1f} min] {text}", flush=True)
-
-
 @dataclass(frozen=True)
 class DemoArgs:
     """Flags of `python -m examples.tiny.demo`."""

@@ -29,13 +29,14 @@ from typing import Optional
 
 import torch
 
+from examples import harness
 from examples.tiny import demo
 from llm_recipes import flags
 from llm_recipes.errors import UserError
 from llm_recipes.flags import option
 
 ULD_ROWS = tuple(
-    demo.Row(f"ULD {alignment} {factor:g}" + (" T=2" if temperature != 1 else ""), "student", "uld", alignment,
+    harness.Row(f"ULD {alignment} {factor:g}" + (" T=2" if temperature != 1 else ""), "student", "uld", alignment,
              {"distillation_config.loss": "uld", "distillation_config.alignment": alignment,
               "distillation_config.distil_factor": factor,
               **({"distillation_config.student_temperature": temperature,
@@ -116,10 +117,10 @@ def first_words(predictions: Path) -> tuple[str, float]:
     return word, count / len(words)
 
 
-def sweep_row(setup: demo.Setup, row: demo.Row, regime: str, lr: float) -> dict:
+def sweep_row(setup: demo.Setup, row: harness.Row, regime: str, lr: float) -> dict:
     run_dir = demo.train_row(setup, row, regime, 0, lr)
-    f1 = demo.score(run_dir / "best", setup.data, "validation", run_dir / "validation")
-    metrics = demo.read_metrics(run_dir)
+    f1 = harness.score(run_dir / "best", setup.data, "validation", run_dir / "validation")
+    metrics = harness.read_metrics(run_dir)
     evals = [r for r in metrics if r["type"] == "eval"]
     word, share = first_words(run_dir / "validation" / "predictions.jsonl")
     return {"name": row.name, "validation_f1": f1, "train_ce": last_epoch_means(metrics, "ce"),
@@ -201,21 +202,21 @@ def run_study(args: StudyArgs) -> dict:
     rates = json.loads(details.read_text())["rates"] if details.exists() else {}
     lr = {r: args.lr or rates.get(r, {}).get("SFT", {}).get("lr", 2e-3) for r in regimes}
     examples = [dict(e) for e in tasks.load_examples("tiny_qa", "validation", source=str(setup.data))]
-    demo.step("the gradient at the first answer position (validation questions)")
+    harness.step("the gradient at the first answer position (validation questions)")
     gradient = {r: gradient_shares(demo.student_init(setup, "student", r, 0), setup.teacher, examples)
                 for r in regimes}
-    demo.step(f"the sweep: {len(ULD_ROWS) + len(REUSED)} rows per regime (seed 0)")
+    harness.step(f"the sweep: {len(ULD_ROWS) + len(REUSED)} rows per regime (seed 0)")
     keys = [(r, row) for r in regimes for row in (*REUSED, *ULD_ROWS)]
-    found = demo.in_parallel(args.jobs, [lambda r=r, row=row: sweep_row(setup, row, r, lr[r]) for r, row in keys])
+    found = harness.in_parallel(args.jobs, [lambda r=r, row=row: sweep_row(setup, row, r, lr[r]) for r, row in keys])
     sweep = {r: [f for (regime, _), f in zip(keys, found) if regime == r] for r in regimes}
     results = {"lr": lr, "gradient": gradient, "sweep": sweep}
-    curves = {r: {row["name"]: demo.read_metrics(Path(row["run"])) for row in sweep[r]} for r in regimes}
+    curves = {r: {row["name"]: harness.read_metrics(Path(row["run"])) for row in sweep[r]} for r in regimes}
     plot_curves(curves, out / "uld_curves.png")
     text = markdown(results)
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     print(text)
-    demo.step(f"done: {out / 'results.md'}, {out / 'uld_curves.png'}")
+    harness.step(f"done: {out / 'results.md'}, {out / 'uld_curves.png'}")
     return results
 
 

@@ -39,9 +39,13 @@ def load_splits(source: str, *, hub_config: Optional[str] = None) -> dict:
     if os.path.isfile(source):
         return {_split_of(source): _read_file(source)}
     if _looks_like_path(source):
-        raise UserError(f"data source {source} does not exist: pass --dataset.source an existing file or folder "
-                        "(or a Hub dataset id)")
+        raise _missing(source)
     return _hub(source, hub_config)
+
+
+def _missing(source: str) -> UserError:
+    return UserError(f"data source {source} does not exist: pass --dataset.source an existing file or folder "
+                     "(or a Hub dataset id)")
 
 
 def _looks_like_path(source: str) -> bool:
@@ -132,7 +136,7 @@ def first_row(source: str) -> Optional[dict]:
     check reads before any data set is loaded."""
     source = os.path.expanduser(str(source))
     if os.path.isdir(source):
-        if os.path.isfile(os.path.join(source, "dataset_dict.json")) or os.path.isfile(os.path.join(source, "state.json")):
+        if any(os.path.isfile(os.path.join(source, name)) for name in ("dataset_dict.json", "state.json")):
             return None
         files = sorted(os.path.join(source, f) for f in os.listdir(source)
                        if os.path.splitext(f)[1].lower() in FILE_FORMATS)
@@ -140,7 +144,9 @@ def first_row(source: str) -> Optional[dict]:
             _folder(source)  # its own one-line error
         rows = [first_row(f) for f in files]
         return next((row for row in rows if row is not None), None)
-    if not os.path.isfile(source):
+    if not os.path.exists(source) and _looks_like_path(source):
+        raise _missing(source)
+    if not os.path.isfile(source):  # a Hub id: checked when it is loaded
         return None
     if os.path.getsize(source) == 0:
         raise UserError(f"{source}: no examples")

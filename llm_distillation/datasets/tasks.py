@@ -23,12 +23,11 @@ from __future__ import annotations
 import itertools
 import os
 import random
-from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from configs.paths import TINY_QA_DATA
+from llm_distillation.datasets.catalog import TASK_DATA, TaskData, default_eval_split, task_data  # noqa: F401
 from llm_distillation.datasets.sources import load_splits
 from llm_distillation.prompts import (answer_separator, build_prompt, few_shot_count, has_chat_template,
                                       prompt_uses_title)
@@ -38,74 +37,6 @@ from llm_recipes.losses.pairing import IGNORE_INDEX
 CARVE_SEED = 42  # the held-out splits cut off `train` must not move with --dataset.seed
 VALIDATION_NAMES = ("valid", "dev")  # source split names that serve as `validation`
 
-
-@dataclass(frozen=True)
-class TaskData:
-    """Where a task's examples come from and how its source columns map onto a normalized example."""
-
-    source: str  # default --dataset.source (Hub id or path)
-    fields: dict  # normalized field -> source column candidates, first present wins
-    answers: tuple  # column groups, first group whose first column is present wins; its columns are concatenated
-    eval_split: str = "validation"  # the split the published results are measured on
-    hub_config: Optional[str] = None  # Hub configuration of the default source
-    id: tuple = ("id",)  # id column candidates; none present: "<split>-<row>"
-    optional: tuple = ("title",)  # fields that may be absent from the source ("" then)
-    generated_column: str = "answers_generated"  # the teacher's answers (--dataset.generated_by default)
-    carve: dict = field(default_factory=lambda: {"validation": 0.1})  # split -> size cut off train when missing
-    carve_head: bool = False  # cut the first rows instead of a seeded random draw (MiniLLM's Dolly dev set)
-    split_aliases: dict = field(default_factory=dict)  # source split -> the split it serves as
-    merge_on: Optional[str] = None  # rows with the same value of this field are one example, all answers kept
-    notes: str = ""
-    build_hint: str = ""  # how to make the default source when it is generated, not downloaded
-
-
-_SQUAD_FIELDS = {"title": ("title",), "context": ("context",), "question": ("question",)}
-
-TASK_DATA: dict[str, TaskData] = {
-    # SQuAD v1.1: answers = {"text": [...], "answer_start": [...]}
-    "squad": TaskData(source="rajpurkar/squad", fields=_SQUAD_FIELDS, answers=(("answers",),)),
-    # QED (Hub): example_id, title_text, question, paragraph_text, original_nq_answers = [{start, end, string}]
-    "qed": TaskData(
-        source="google-research-datasets/qed", id=("id", "example_id"),
-        answers=(("answers",), ("original_nq_answers",)),
-        fields={"title": ("title", "title_text"), "context": ("context", "paragraph_text"),
-                "question": ("question", "question_text")}),
-    # FairytaleQA: WorkInTheDark (story_name, story_section, question, answer1, answer2) or the GEM copy
-    # (story_name, content, question, answer, gem_id)
-    "fairytaleqa": TaskData(
-        source="WorkInTheDark/FairytaleQA", eval_split="test", id=("id", "gem_id"),
-        fields={"title": ("title", "story_name"), "context": ("context", "story_section", "content"),
-                "question": ("question",)},
-        answers=(("answers",), ("answer1", "answer2"), ("answer",)), carve={"test": 0.1, "validation": 0.1}),
-    # PubMedQA pqa_labeled (1000 rows, one `train` split): pubid, question, context = {contexts: [...], ...},
-    # long_answer, final_decision. The reference is the long answer (scored with ROUGE); half (500) is the test set.
-    "pubmedqa": TaskData(
-        source="qiaojin/PubMedQA", hub_config="pqa_labeled", eval_split="test", id=("id", "pubid"), optional=(),
-        fields={"context": ("context",), "question": ("question",)}, answers=(("answers",), ("long_answer",)),
-        carve={"test": 0.5, "validation": 0.1}),
-    # DialogSum: id, dialogue, summary, topic. Its test split has 3 summaries per dialogue (1500 rows,
-    # ids test_<n>_<k>): merged into 500 examples with 3 references.
-    "dialogsum": TaskData(
-        source="knkarthick/dialogsum", eval_split="test", optional=(), fields={"dialogue": ("dialogue",)},
-        answers=(("answers",), ("summary",)), generated_column="summary_generated",
-        carve={"test": 0.1, "validation": 0.1}, merge_on="dialogue"),
-    # Dolly: databricks (instruction, context, response, category; one `train` split) or MiniLLM's copy
-    # (raw.jsonl + valid.jsonl with instruction, input, output): MiniLLM's dev set is raw[:1000], its
-    # test set valid.jsonl (500). From the databricks file the same sizes are cut off its head.
-    "dolly": TaskData(
-        source="databricks/databricks-dolly-15k", eval_split="test", optional=("input",),
-        fields={"instruction": ("instruction",), "input": ("input", "context")},
-        answers=(("answers",), ("output",), ("response",)), carve={"test": 500, "validation": 1000},
-        carve_head=True, split_aliases={"raw": "train", "valid": "test"}),
-    # tiny_qa: the synthetic demo set shipped in assets/tiny/data (SQuAD's schema)
-    "tiny_qa": TaskData(source=str(TINY_QA_DATA), fields=_SQUAD_FIELDS, answers=(("answers",),), eval_split="test",
-                        carve={"test": 0.1, "validation": 0.1}),
-    # people_qa: the real-pair demo's synthetic task (two hops, arithmetic on stated numbers), written by
-    # `python -m examples.real_pair.people_qa` outside the repository (SQuAD's schema plus a `kind` column)
-    "people_qa": TaskData(source="~/.cache/llm-distill/people_qa", fields=_SQUAD_FIELDS, answers=(("answers",),),
-                          eval_split="test", carve={"test": 0.1, "validation": 0.1},
-                          build_hint="write it with python -m examples.real_pair.people_qa"),
-}
 
 # The generic task: a user's own data in one of these schemas (checked in this order).
 GENERIC_SCHEMAS: dict[str, dict] = {
@@ -118,34 +49,25 @@ GENERIC_SCHEMAS: dict[str, dict] = {
     "completion": {"needs": ("prompt", "completion"), "fields": {"prompt": "prompt"}, "answer": "completion"},
     "text": {"needs": ("text",), "fields": {"text": "text"}, "answer": "text"},
 }
-GENERIC = TaskData(source="", fields={}, answers=(), carve={"validation": 0.1})
-
-
-def task_data(task: str) -> TaskData:
-    if task == "generic":
-        return GENERIC
-    if task not in TASK_DATA:
-        raise UserError(f"unknown task {task!r}: the tasks are {', '.join(sorted(list(TASK_DATA) + ['generic']))}")
-    return TASK_DATA[task]
-
-
-def default_eval_split(task: str) -> str:
-    """The split a task's published results are measured on (SQuAD/QED validation, the others test)."""
-    return task_data(task).eval_split
 
 
 # ------------------------------------------------------------------------------------------- splits
 def _source_splits(task: str, data: TaskData, source: str) -> dict:
     """The source's splits under the names the task uses (aliases applied)."""
     hub_config = data.hub_config if source == data.source else None
-    if source == data.source and data.build_hint and not os.path.exists(os.path.expanduser(source)):
-        raise UserError(f"the {task} data is not at {source}: {data.build_hint}, or pass --dataset.source")
+    _check_built(task, data, source)
     splits = load_splits(source, hub_config=hub_config)
     named = {}
     for name, dataset in splits.items():
         target = data.split_aliases.get(name) or ("validation" if name in VALIDATION_NAMES else name)
         named[target if target not in splits else name] = dataset
     return named
+
+
+def _check_built(task: str, data: TaskData, source: str) -> None:
+    """A task whose default data is generated, not downloaded, says how to make it when it is missing."""
+    if source == data.source and data.build_hint and not os.path.exists(os.path.expanduser(source)):
+        raise UserError(f"the {task} data is not at {source}: {data.build_hint}, or pass --dataset.source")
 
 
 def _carve_size(size, pool: int, name: str, source: str) -> int:
@@ -173,15 +95,6 @@ def _pick_split(task: str, data: TaskData, splits: dict, split: str, source: str
         cut[name], order = sorted(order[:count]), order[count:]
     rows = cut.get(split, sorted(order))
     return splits["train"].select(rows), rows, "train"
-
-
-def resolve_split(task: str, split: str, source: Optional[str] = None):
-    """(raw rows of `split`, their row numbers in the source split they come from, that split's name)."""
-    data = task_data(task)
-    source = source or data.source
-    if not source:
-        raise UserError(f"the {task} task has no default data: pass --dataset.source (a file, a folder, or a Hub id)")
-    return _pick_split(task, data, _source_splits(task, data, source), split, source)
 
 
 # ------------------------------------------------------------------------------------- normalization
@@ -319,6 +232,7 @@ def check_source(task: str, source: Optional[str], answer_column: Optional[str] 
     source = source or data.source
     if not source:
         raise UserError(f"the {task} task has no default data: pass --dataset.source (a file, a folder, or a Hub id)")
+    _check_built(task, data, source)
     row = first_row(source)
     if row is None:
         return
