@@ -42,7 +42,8 @@ def prepare_output_dir(path: str) -> Path:
         probe.write_text("ok")
         probe.unlink()
     except OSError as error:
-        raise UserError(f"cannot write to --output_dir {path}: {error.strerror or error}; choose a writable folder") from None
+        raise UserError(f"cannot write to --output_dir {path}: {error.strerror or error}; "
+                        "choose a writable folder") from None
     return output
 
 

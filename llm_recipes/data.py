@@ -57,7 +57,8 @@ def import_loader(path: str):
 
 
 def _where(error: BaseException, path: str) -> str:
-    frames = [f for f in traceback.extract_tb(error.__traceback__) if os.path.abspath(f.filename) == os.path.abspath(path)]
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if os.path.abspath(f.filename) == os.path.abspath(path)]
     if isinstance(error, SyntaxError):
         return f"SyntaxError line {error.lineno}: {error.msg}"
     line = f" (line {frames[-1].lineno})" if frames else ""
@@ -196,9 +197,14 @@ def _answer(labels: list[int]) -> tuple[list[int], list[int]]:
     return positions, [labels[i] for i in positions]
 
 
-def _align_example(student_labels, teacher_labels, student_tokenizer, teacher_tokenizer, projection, counts, shapes):
-    """(alignment_group per student label, per teacher label, projection_node per student label)."""
+def align_example(student_labels, teacher_labels, student_tokenizer, teacher_tokenizer, projection=None,
+                  counts: Optional[Counter] = None, shapes: Optional[Counter] = None):
+    """(alignment_group per student label, per teacher label, projection_node per student label) of one example's
+    label rows (lists); `counts` / `shapes` collect the figures (unaligned examples, served tokens, group shapes)."""
     from llm_recipes import alignment
+
+    counts = Counter() if counts is None else counts
+    shapes = Counter() if shapes is None else shapes
 
     s_pos, s_ids = _answer(student_labels)
     t_pos, t_ids = _answer(teacher_labels)
@@ -233,8 +239,8 @@ def attach_alignment(split: PairedSplit, student_tokenizer, teacher_tokenizer, p
     pairs = zip(split.student["labels"], split.teacher["labels"])
     for s_labels, t_labels in tqdm(pairs, total=len(split), desc="aligning answers", leave=False,
                                    disable=len(split) < 5000):
-        for column, values in zip(columns, _align_example(s_labels, t_labels, student_tokenizer, teacher_tokenizer,
-                                                          projection, counts, shapes)):
+        for column, values in zip(columns, align_example(s_labels, t_labels, student_tokenizer, teacher_tokenizer,
+                                                         projection, counts, shapes)):
             column.append(values)
     student = split.student.add_column("alignment_group", columns[0])
     teacher = split.teacher.add_column("alignment_group", columns[1])
@@ -270,6 +276,19 @@ def attach_teacher_cache(split: PairedSplit, folder: str, name: str, teacher_tok
                             "again with the same --dataset.* flags (python -m llm_distillation.cache_teacher)")
         found.append(where)
     return dataclasses.replace(split, cache=cache, cache_rows=found)
+
+
+def text_alignment(student_labels: torch.Tensor, teacher_labels: torch.Tensor, student_tokenizer, teacher_tokenizer,
+                   projection=None, counts: Optional[Counter] = None) -> dict:
+    """The text-alignment ids of a batch of label rows [B, S] / [B, S'] as the loss engine takes them (see
+    `batch_alignment`), computed now: for answers that were not in the data set (the public loss functions,
+    answers sampled during training)."""
+    rows = [align_example(s, t, student_tokenizer, teacher_tokenizer, projection, counts)
+            for s, t in zip(student_labels.tolist(), teacher_labels.tolist())]
+    columns = [torch.tensor([row[i] for row in rows], dtype=torch.long, device=student_labels.device)
+               for i in range(3)]
+    return {"student_groups": columns[0], "teacher_groups": columns[1].to(teacher_labels.device),
+            "student_nodes": columns[2] if projection is not None else None}
 
 
 def one_to_one_share(batch: dict) -> float:

@@ -57,7 +57,8 @@ def parse_layer_map(text, flag: str) -> list[tuple[int, int]]:
 
 def proportional_map(student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
     """Student block i = 1..L_s -> teacher floor(i * L_t / L_s + 1/2) (round half up, integer-exact)."""
-    return [(i, (2 * i * teacher_layers + student_layers) // (2 * student_layers)) for i in range(1, student_layers + 1)]
+    return [(i, (2 * i * teacher_layers + student_layers) // (2 * student_layers))
+            for i in range(1, student_layers + 1)]
 
 
 def resolve_layer_map(text, student_layers: int, teacher_layers: int, flag: str,
@@ -103,7 +104,8 @@ class LayerPlan:
             parts.append("hidden-state layers (student:teacher) " + ",".join(f"{s}:{t}" for s, t in self.hidden_pairs))
         if self.feature_pairs:
             parts.append("feature-selection layers " + ",".join(
-                f"{s}:{t} (keeps {self.student_sizes[s]} of {self.teacher_sizes[t]} units)" for s, t in self.feature_pairs))
+                f"{s}:{t} (keeps {self.student_sizes[s]} of {self.teacher_sizes[t]} units)"
+                for s, t in self.feature_pairs))
         return "; ".join(parts)
 
 

@@ -41,8 +41,8 @@ def batch_of(pair, answers, seed=0, encoder_decoder=False):
         s_labels = ([] if encoder_decoder else [IGNORE_INDEX] * rng.randint(1, 4)) + s_ids
         t_labels = [IGNORE_INDEX] * rng.randint(1, 5) + t_ids
         counts, shapes = Counter(), Counter()
-        s_groups, t_groups, nodes = data._align_example(s_labels, t_labels, pair["student"], pair["teacher"],
-                                                        pair["map"], counts, shapes)
+        s_groups, t_groups, nodes = data.align_example(s_labels, t_labels, pair["student"], pair["teacher"],
+                                                       pair["map"], counts, shapes)
         for key, value in zip(("student", "teacher", "s_groups", "t_groups", "nodes"),
                               (s_labels, t_labels, s_groups, t_groups, nodes)):
             rows[key].append(value)
@@ -239,3 +239,31 @@ def test_hidden_states_pair_by_text_across_tokenizers(tmp_path):
 def test_refusals(tmp_path, flags, message):
     with pytest.raises(UserError, match=message):
         train(parse_flags({"distillation": True, "output_dir": str(tmp_path), **flags}))
+
+
+# ---------------------------------------------------------------------------------------- the public API
+@pytest.mark.parametrize("loss", ["projected", "hybrid"])
+def test_public_text_losses_equal_the_trainers_chunked_path(pair, loss):
+    """projected_loss / hybrid_loss align the answers their label ids spell and give exactly the trainer's value
+    and gradient (its data pipeline's alignment columns, its chunked engine)."""
+    from llm_recipes.losses import hybrid_loss, projected_loss
+
+    b = batch_of(pair, ANSWERS, seed=3)
+    zs = logits_like(b["student"], len(pair["student"]), 5).float()
+    zt = logits_like(b["teacher"], len(pair["teacher"]), 6).float()
+    spec = spec_for(pair, loss, chunk=4, temperature=2.0, jsd_beta=0.3)
+    expected, g_expected = value_and_grad(
+        lambda z: engine_value(spec, z, b["student"], zt, b["teacher"], alignment_of(b))[1], zs)
+    tokenizers = (pair["student"], pair["teacher"])
+    if loss == "projected":
+        def public(z):  # the pair's map from the on-disk cache (built on first use)
+            return projected_loss(z, b["student"], zt, b["teacher"], tokenizers=tokenizers, temperature=2.0, beta=0.3,
+                                  chunk_size=4)
+    else:
+        def public(z):
+            return hybrid_loss(z, b["student"], zt, b["teacher"], tokenizers=tokenizers, temperature=2.0, beta=0.3,
+                               chunk_size=4)
+    value, grad = value_and_grad(public, zs)
+    assert float(expected) > 0 and torch.equal(value, expected) and torch.equal(grad, g_expected)
+    with pytest.raises(UserError, match="student and teacher batches differ in size"):
+        projected_loss(zs[:2], b["student"][:2], zt, b["teacher"], tokenizers=tokenizers)

@@ -1,9 +1,11 @@
-"""Public loss functions on full logits (stable API, documented in docs/losses.md and the README).
+"""Public loss functions on full logits (stable API, documented in docs/losses.md and the README): one per family.
 
 Each returns the distillation term as a 0-d fp32 tensor: distill_sum / distill_count of the
 trainer's engine (per-sequence mean then batch mean for ULD / MultiLevelOT, mean over answer tokens
-for the KL family), 0 when nothing is paired. They run the same chunked code as the trainer, with
-the logits as "hidden states" and the identity as output layer, so both always agree.
+for the KL family, the projected teacher and the hybrid), 0 when nothing is paired. They run the same
+chunked code as the trainer, with the logits as "hidden states" and the identity as output layer, so
+both always agree. `projected_loss` and `hybrid_loss` pair the answers by text: they take the two
+tokenizers and align the answers the label ids spell (llm_recipes.alignment), as the data pipeline does.
 """
 from typing import Optional
 
@@ -195,3 +197,87 @@ def kl_loss(
     )
     return _mean(distillation_terms(spec, student_logits, labels, _identity, teacher_logits, labels, _identity,
                                     with_ce=False))
+
+
+def _text_spec(name: str, tokenizers: tuple, config: dict, encoder_decoder: bool, chunk_size: int, artifacts):
+    from configs.distillation import distillation_config
+
+    _check_chunk_size(chunk_size)
+    student, teacher = tokenizers
+    return LossSpec.from_config(distillation_config(loss=name, **config), name=name, student_vocab_size=len(student),
+                                teacher_vocab_size=len(teacher), same_tokenizer=False,
+                                student_encoder_decoder=encoder_decoder, teacher_encoder_decoder=encoder_decoder,
+                                chunk_size=chunk_size, artifacts=artifacts)
+
+
+def _by_text(spec, student_logits, student_labels, teacher_logits, teacher_labels, tokenizers, projection_map=None):
+    from llm_recipes.data import text_alignment
+
+    _check_logits("student_logits", student_logits, student_labels)
+    _check_logits("teacher_logits", teacher_logits, teacher_labels)
+    if student_labels.shape[0] != teacher_labels.shape[0]:
+        raise UserError(f"student and teacher batches differ in size ({student_labels.shape[0]} vs "
+                        f"{teacher_labels.shape[0]})")
+    alignment = text_alignment(student_labels, teacher_labels, *tokenizers, projection_map)
+    return _mean(distillation_terms(spec, student_logits, student_labels, _identity, teacher_logits, teacher_labels,
+                                    _identity, with_ce=False, alignment=alignment))
+
+
+def projected_loss(
+    student_logits: torch.Tensor,
+    student_labels: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    teacher_labels: torch.Tensor,
+    *,
+    tokenizers: tuple,
+    divergence: str = "kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew: float = 0.1,
+    encoder_decoder: bool = False,
+    projection_map=None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """The projected teacher: at every student answer token the projection serves, T^2 x `divergence` (kl, jsd,
+    skew_kl, skew_reverse_kl, tvd) between the teacher's distribution carried onto the student's vocabulary and
+    the student's, mean over those tokens. `tokenizers=(student_tokenizer, teacher_tokenizer)`; answers are the
+    label ids (-100 elsewhere) and are paired by the text they spell. `projection_map`: the pair's map (default:
+    built once and cached on disk per tokenizer pair, llm_recipes.alignment.load_or_build_map)."""
+    from llm_recipes import alignment
+    from llm_recipes.losses.family import PairArtifacts
+
+    student, teacher = tokenizers
+    pmap = projection_map if projection_map is not None else alignment.load_or_build_map(teacher, student)[0]
+    spec = _text_spec("projected", tokenizers, {"projected_divergence": divergence, "temperature": temperature,
+                                                "jsd_beta": beta, "skew_alpha": skew},
+                      encoder_decoder, chunk_size, PairArtifacts(projection_map=pmap))
+    return _by_text(spec, student_logits, student_labels, teacher_logits, teacher_labels, tokenizers, pmap)
+
+
+def hybrid_loss(
+    student_logits: torch.Tensor,
+    student_labels: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    teacher_labels: torch.Tensor,
+    *,
+    tokenizers: tuple,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    matched_weight: Optional[float] = None,
+    unmatched_weight: Optional[float] = None,
+    encoder_decoder: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """TRL GOLD's hybrid: JSD_beta on the tokens both vocabularies share plus ULD on the others, at every pair of
+    text-aligned rows, mean over those pairs (weights: GOLD's default when None; docs/losses.md).
+    `tokenizers=(student_tokenizer, teacher_tokenizer)`; answers are paired by the text their label ids spell."""
+    from llm_recipes import alignment
+    from llm_recipes.losses.family import PairArtifacts
+
+    student, teacher = tokenizers
+    spec = _text_spec("hybrid", tokenizers, {"temperature": temperature, "jsd_beta": beta,
+                                             "hybrid_matched_weight": matched_weight,
+                                             "hybrid_unmatched_weight": unmatched_weight},
+                      encoder_decoder, chunk_size, PairArtifacts(shared_tokens=alignment.shared_token_pairs(teacher,
+                                                                                                            student)))
+    return _by_text(spec, student_logits, student_labels, teacher_logits, teacher_labels, tokenizers)
