@@ -17,6 +17,7 @@ from llm_recipes.finetuning import train
 from llm_recipes.losses import LossSpec, count_units, distillation_terms, reference
 from llm_recipes.losses.pairing import IGNORE_INDEX, pair_by_groups
 from llm_recipes.losses.family import PairArtifacts
+from llm_recipes.losses.label_alignment import align_example
 
 RTOL = 1e-6
 ANSWERS = ["pale green parrot", "May", "Velmora", "night nurse", "Ostrava Nova", "sky blue sea turtle", "Zeno"]
@@ -41,7 +42,7 @@ def batch_of(pair, answers, seed=0, encoder_decoder=False):
         s_labels = ([] if encoder_decoder else [IGNORE_INDEX] * rng.randint(1, 4)) + s_ids
         t_labels = [IGNORE_INDEX] * rng.randint(1, 5) + t_ids
         counts, shapes = Counter(), Counter()
-        s_groups, t_groups, nodes = data.align_example(s_labels, t_labels, pair["student"], pair["teacher"],
+        s_groups, t_groups, nodes = align_example(s_labels, t_labels, pair["student"], pair["teacher"],
                                                        pair["map"], counts, shapes)
         for key, value in zip(("student", "teacher", "s_groups", "t_groups", "nodes"),
                               (s_labels, t_labels, s_groups, t_groups, nodes)):

@@ -211,7 +211,7 @@ def _text_spec(name: str, tokenizers: tuple, config: dict, encoder_decoder: bool
 
 
 def _by_text(spec, student_logits, student_labels, teacher_logits, teacher_labels, tokenizers, projection_map=None):
-    from llm_recipes.data import text_alignment
+    from llm_recipes.losses.label_alignment import text_alignment
 
     _check_logits("student_logits", student_logits, student_labels)
     _check_logits("teacher_logits", teacher_logits, teacher_labels)
