@@ -538,19 +538,9 @@ def projection_positions(teacher_groups: Sequence[int], student_groups: Sequence
             current, prefix = g, []
         t0 = first_teacher[g]
         s_k = int(student_ids[k])
-        node, reason = -1, None
-        if student_spans[k][1] > teacher_spans[t0][1]:
-            reason = "beyond_first_teacher_token"
-        else:
-            node = pmap.node_of(prefix, start_view if g == 0 else VIEW_INNER)
-            if node < 0:
-                reason = "prefix_not_in_trie"
-            elif teacher_ids is not None:
-                seq = pmap.sigma(int(teacher_ids[t0]), start_view if g == 0 else VIEW_INNER)
-                consistent = seq[:len(prefix) + 1] == tuple(prefix) + (s_k,)
-                counts["consistent" if consistent else "inconsistent"] += 1
-                if strict and not consistent:
-                    reason = "inconsistent"
+        node, reason = _served_node(pmap, prefix, s_k, student_spans[k], teacher_spans[t0],
+                                    start_view if g == 0 else VIEW_INNER,
+                                    int(teacher_ids[t0]) if teacher_ids is not None else None, strict, counts)
         prefix.append(s_k)
         if reason is None:
             counts["served"] += 1
@@ -561,6 +551,24 @@ def projection_positions(teacher_groups: Sequence[int], student_groups: Sequence
             out_t.append(-1)
             out_n.append(-1)
     return out_t, out_n
+
+
+def _served_node(pmap: ProjectionMap, prefix: list[int], s_k: int, student_span: tuple[int, int],
+                 teacher_span: tuple[int, int], view: int, teacher_id: Optional[int], strict: bool,
+                 counts: Counter) -> tuple[int, Optional[str]]:
+    """(trie node, None) where the projection serves the student token s_k after `prefix` in its group, else
+    (-1, the reason); see `projection_positions`."""
+    if student_span[1] > teacher_span[1]:
+        return -1, "beyond_first_teacher_token"
+    node = pmap.node_of(prefix, view)
+    if node < 0:
+        return -1, "prefix_not_in_trie"
+    if teacher_id is not None:
+        consistent = pmap.sigma(teacher_id, view)[:len(prefix) + 1] == tuple(prefix) + (s_k,)
+        counts["consistent" if consistent else "inconsistent"] += 1
+        if strict and not consistent:
+            return -1, "inconsistent"
+    return node, None
 
 
 def shared_token_pairs(teacher_tokenizer, student_tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
