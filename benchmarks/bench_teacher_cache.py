@@ -90,7 +90,6 @@ def zipf_logits(rows: int, vocab: int, exponent: float, generator) -> torch.Tens
 def random_errors(vocab: int = 151_936, batch: int = 4, answer: int = 128) -> list[dict]:
     """Through the trainer's loss engine, as a cached run computes it: the live teacher's logits against the
     cache's rows (`CachedHead`; ULD as top-K ULD, as the ULD family's options make it from a cache)."""
-    import dataclasses
 
     from configs import distillation_config
     from llm_recipes import teacher_cache
@@ -106,10 +105,10 @@ def random_errors(vocab: int = 151_936, batch: int = 4, answer: int = 128) -> li
     def shaped(x):  # rows -> [B, answer + 1, width]: position t predicts label t + 1
         return torch.cat([x.reshape(batch, answer, x.shape[-1]), torch.zeros(batch, 1, x.shape[-1])], 1)
 
-    def term(loss, teacher_rows, head, top_k=0):
-        config = dataclasses.replace(distillation_config(loss=loss, alignment="index"), uld_top_k=top_k)
-        spec = LossSpec.from_config(config, name=loss, student_vocab_size=vocab, teacher_vocab_size=vocab,
-                                    same_tokenizer=table.LOSSES[loss].same_tokenizer)
+    def term(loss, teacher_rows, head, cache=None):  # from a cache, the family sets what it can compute (top-K ULD)
+        spec = LossSpec.from_config(distillation_config(loss=loss, alignment="index"), name=loss,
+                                    student_vocab_size=vocab, teacher_vocab_size=vocab,
+                                    same_tokenizer=table.LOSSES[loss].same_tokenizer, cache=cache)
         s = shaped(student).requires_grad_(True)
         terms = distillation_terms(spec, s, labels, lambda r: r, teacher_rows, labels, head, with_ce=False)
         (grad,) = torch.autograd.grad(terms.distill_sum, s)
@@ -122,7 +121,8 @@ def random_errors(vocab: int = 151_936, batch: int = 4, answer: int = 128) -> li
         for k in KS:
             ids, logprobs, tail = teacher_cache.summarize_rows(teacher, k, 1.0, torch.float16)
             packed = shaped(torch.cat([ids.float(), logprobs.float(), tail[:, None]], 1))
-            value, grad = term(loss, packed, teacher_cache.CachedHead(vocab, k, 1.0), top_k=k if loss == "uld" else 0)
+            meta = teacher_cache.CacheMeta("bench", "", vocab, k, 1.0, "float16", False, None, True, {})
+            value, grad = term(loss, packed, teacher_cache.CachedHead(vocab, k, 1.0), cache=meta)
             row[k] = abs(value - exact) / abs(exact)
             row[f"grad {k}"] = float((grad - grad_exact).norm() / grad_exact.norm())
         out.append(row)
