@@ -8,8 +8,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# Per-pair artifacts (projection maps) built by the tests go to a folder of this session, not the user's cache
-os.environ["LLM_DISTILL_CACHE"] = __import__("tempfile").mkdtemp(prefix="llm-distill-test-cache-")
 
 import json  # noqa: E402
 import random  # noqa: E402
