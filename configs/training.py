@@ -26,6 +26,9 @@ class train_config:
     # multi-process (see fsdp_config for the sharding details)
     enable_fsdp: bool = option(False, "shard the student with FSDP2 under torchrun (DDP otherwise)",
                                group="distributed")
+    dist_timeout_minutes: float = option(
+        30.0, "how long a collective waits for the slowest process before the job fails (NCCL / gloo)",
+        group="distributed")
 
     # data
     batch_size_training: int = option(4, "examples per micro-batch per process", group="training")

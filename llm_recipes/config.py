@@ -137,6 +137,8 @@ def _validate_ranges(run: RunConfig) -> None:
             raise UserError(f"--{name} must be 0 or more, got {getattr(t, name)}")
     if t.lr <= 0:
         raise UserError(f"--lr must be positive, got {t.lr}")
+    if not t.dist_timeout_minutes > 0:
+        raise UserError(f"--dist_timeout_minutes must be positive, got {t.dist_timeout_minutes}")
     if not 0 <= t.warmup_ratio < 1:
         raise UserError(f"--warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
     if t.context_length is not None and t.context_length < 2:

@@ -357,13 +357,16 @@ def _rows(data, indices: list[int]) -> list[dict]:
 
 
 def loader_over(batches: list, split: PairedSplit, student_pad_id: int, teacher_pad_id: Optional[int],
-                num_workers: int) -> torch.utils.data.DataLoader:
-    """A DataLoader whose every item is one already-chosen batch of indices (collated in workers)."""
+                num_workers: int, device: Optional[torch.device] = None) -> torch.utils.data.DataLoader:
+    """A DataLoader whose every item is one already-chosen batch of indices (collated in workers). For a CUDA
+    `device` the batches (the teacher cache's rows included) come in pinned memory, so that `move` copies them
+    to the GPU without blocking."""
     # Its own generator: creating a DataLoader iterator draws a seed, which must not come from the global
     # RNG (dropout's), or resuming would shift the random stream.
     return torch.utils.data.DataLoader(
         PairedBatches(split, student_pad_id, teacher_pad_id), sampler=batches, batch_size=None,
-        num_workers=num_workers, generator=torch.Generator().manual_seed(0))
+        num_workers=num_workers, generator=torch.Generator().manual_seed(0),
+        pin_memory=device is not None and device.type == "cuda")
 
 
 def move(batch: dict, device) -> dict:

@@ -19,6 +19,7 @@ its root, so `release` frees it after each micro-batch's backward (and both mode
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -58,8 +59,10 @@ class DistInfo:
         return self.world_size > 1
 
 
-def setup(fsdp: bool = False) -> DistInfo:
-    """Join torchrun's process group if there is one (or a one-process group for FSDP); pick the device."""
+def setup(fsdp: bool = False, timeout_minutes: Optional[float] = None) -> DistInfo:
+    """Join torchrun's process group if there is one (or a one-process group for FSDP); pick the device.
+    `timeout_minutes`: how long a collective may wait for the slowest process (NCCL's watchdog otherwise kills
+    a job whose rank 0 builds a projection map or a cache index for longer than torch's default 10 minutes)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -69,11 +72,12 @@ def setup(fsdp: bool = False) -> DistInfo:
     else:
         device = torch.device("cpu")
     backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(minutes=timeout_minutes) if timeout_minutes else None
     if not dist.is_initialized():
         if world_size > 1:
-            dist.init_process_group(backend=backend)
+            dist.init_process_group(backend=backend, timeout=timeout)
         elif fsdp:
-            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 

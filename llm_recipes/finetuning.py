@@ -248,7 +248,8 @@ def setup(run: RunConfig) -> TrainState:
     """Models, data, loss, optimizer and progress of a run (restored from --resume_from when given)."""
     t = run.train
     quiet_libraries()
-    info = distributed.setup(fsdp=t.enable_fsdp or run.distillation.enable_fsdp)
+    info = distributed.setup(fsdp=t.enable_fsdp or run.distillation.enable_fsdp,
+                             timeout_minutes=t.dist_timeout_minutes)
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     checked = preflight.check_run(run)  # every input, before any model or data set is loaded
@@ -454,7 +455,7 @@ def evaluate(state: TrainState) -> dict:
     batches = data.eval_batches(len(state.val_split), t.val_batch_size, info.world_size, info.rank)
     if t.max_eval_step:
         batches = batches[: t.max_eval_step]
-    loader = data.loader_over(batches, state.val_split, *state.pad_ids, t.num_workers_dataloader)
+    loader = data.loader_over(batches, state.val_split, *state.pad_ids, t.num_workers_dataloader, info.device)
     names = objective_.active
     sums = [0.0] * (2 * len(names))
     for batch in tqdm(loader, desc="eval", leave=False, disable=not info.is_main):
@@ -554,7 +555,8 @@ def epoch_micro_batches(state: TrainState, epoch: int):
     micro_batches = list(data.train_micro_batches(
         len(state.train_split), epoch, t.seed, t.batch_size_training, t.gradient_accumulation_steps,
         state.info.world_size, state.info.rank, start_step=state.progress.step_in_epoch))
-    return iter(data.loader_over(micro_batches, state.train_split, *state.pad_ids, t.num_workers_dataloader))
+    return iter(data.loader_over(micro_batches, state.train_split, *state.pad_ids, t.num_workers_dataloader,
+                                 state.info.device))
 
 
 def train(run: RunConfig) -> dict:

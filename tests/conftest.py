@@ -21,6 +21,9 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
+# The device of the tests marked `device` (the losses against their float64 references, the engine, the cached
+# terms): cpu here; the GPU check (benchmarks/gpu_check.py) runs them with LLM_DISTILL_TEST_DEVICE=cuda.
+DEVICE = torch.device(os.environ.get("LLM_DISTILL_TEST_DEVICE", "cpu"))
 
 NAMES = ["ada", "bo", "cy", "dee", "eli", "fay", "gus", "hal"]
 CITIES = ["oslo", "rome", "lima", "new york", "bern", "rio de janeiro"]  # ragged answer lengths

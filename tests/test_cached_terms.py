@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from conftest import DEVICE
 from llm_recipes import teacher_cache
 from llm_recipes.losses import token_terms
 from llm_recipes.losses.cached_terms import cached_forward_kl_sum
@@ -30,9 +31,9 @@ def reference(z: torch.Tensor, targets: torch.Tensor, packed: torch.Tensor, k: i
         log_total = torch.logsumexp(torch.cat([log_p, log_p_tail[None]]), dim=0)  # stored rows sum to 1 +- rounding
         log_p, log_p_tail = log_p - log_total, log_p_tail - log_total
         log_q_k = log_q[r, ids]
-        keep = torch.ones(z.shape[1], dtype=torch.bool)
+        keep = torch.ones(z.shape[1], dtype=torch.bool, device=z.device)
         keep[ids] = False
-        log_q_tail = torch.logsumexp(log_q[r, keep], dim=0) if keep.any() else torch.tensor(-math.inf)
+        log_q_tail = torch.logsumexp(log_q[r, keep], dim=0) if keep.any() else z.new_tensor(-math.inf)
         value = (log_p.exp() * (log_p - log_q_k)).sum()
         if log_p_tail > -math.inf:
             value = value + log_p_tail.exp() * (log_p_tail - log_q_tail)
@@ -40,6 +41,7 @@ def reference(z: torch.Tensor, targets: torch.Tensor, packed: torch.Tensor, k: i
     return ce, distill
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("k", [1, K, V])
 @pytest.mark.parametrize("block", [2, 1000])
 def test_values_and_gradients_match_the_float64_reference(k, block, monkeypatch):
@@ -53,6 +55,7 @@ def test_values_and_gradients_match_the_float64_reference(k, block, monkeypatch)
     packed = cache_rows(teacher, k).double()
     targets = torch.randint(0, V, (n,), generator=g)
     weights = torch.rand(paired, generator=g, dtype=torch.float64)
+    z, packed, targets, weights = (t.to(DEVICE) for t in (z, packed, targets, weights))
 
     ours_z = z.clone().requires_grad_()
     ce, distill = cached_forward_kl_sum(ours_z.clone(), targets, packed, k, weights)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from conftest import DEVICE
 from configs.distillation import distillation_config
 from configs.paths import TINY_ASSETS
 from llm_recipes import alignment, data
@@ -54,7 +55,7 @@ def batch_of(pair, answers, seed=0, encoder_decoder=False):
 
 def logits_like(labels, vocab, seed, scale=3.0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*labels.shape, vocab, generator=g, dtype=torch.float64) * scale)
+    return (torch.randn(*labels.shape, vocab, generator=g, dtype=torch.float64) * scale).to(DEVICE)
 
 
 def spec_for(pair, name, chunk=1024, **config):
@@ -106,6 +107,7 @@ def test_pairing_by_groups_matches_the_reference(pair, with_nodes):
         assert found.num_paired == sum(len(set(g for g in row if g >= 0)) for row in b["s_groups"].tolist())
 
 
+@pytest.mark.device
 # ---------------------------------------------------------------------------------------- projected
 @pytest.mark.parametrize("divergence", ["kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
@@ -142,6 +144,7 @@ def test_projected_target_gives_the_actual_next_token_most_of_the_mass(pair):
             total += 1
     assert total > 10 and hits == total
 
+@pytest.mark.device
 
 def test_projected_bf16_and_no_paired_rows(pair):
     b = batch_of(pair, ANSWERS[:3], seed=5)
@@ -157,6 +160,7 @@ def test_projected_bf16_and_no_paired_rows(pair):
     assert terms.distill_count == 0 and float(value.detach()) == 0.0 and terms.ce_count > 0
 
 
+@pytest.mark.device
 # ------------------------------------------------------------------------------------------- hybrid
 @pytest.mark.parametrize("weights", [(None, None), (1.0, 0.5)])
 @pytest.mark.parametrize("chunk", [2, 1024])
@@ -173,6 +177,7 @@ def test_hybrid_matches_the_reference(pair, weights, chunk):
     assert_close(g, g_ref, rtol=1e-5)
 
 
+@pytest.mark.device
 # --------------------------------------------------------------------------- ULD / MultiLevelOT by text
 @pytest.mark.parametrize("loss", ["uld", "multilevel_ot"])
 def test_uld_and_multilevel_ot_by_text_match_the_reference(pair, loss):
@@ -242,6 +247,7 @@ def test_refusals(tmp_path, flags, message):
         train(parse_flags({"distillation": True, "output_dir": str(tmp_path), **flags}))
 
 
+@pytest.mark.device
 # ---------------------------------------------------------------------------------------- the public API
 @pytest.mark.parametrize("loss", ["projected", "hybrid"])
 def test_public_text_losses_equal_the_trainers_chunked_path(pair, loss):

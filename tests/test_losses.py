@@ -8,6 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from configs.distillation import distillation_config
+from conftest import DEVICE
 from llm_recipes.errors import UserError
 from llm_recipes.losses import (
     LossSpec,
@@ -76,7 +77,7 @@ def make_labels(answer_lengths, seq_len, vocab, seed, prompt=None):
 
 def logits(batch, seq, vocab, seed, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    return (3 * torch.randn(batch, seq, vocab, generator=g)).to(dtype).requires_grad_()
+    return (3 * torch.randn(batch, seq, vocab, generator=g)).to(device=DEVICE, dtype=dtype).requires_grad_()
 
 
 def assert_close(actual, expected, rtol=RTOL):
@@ -108,6 +109,7 @@ def cross_batch():
 
 # ----------------------------------------------------------------------------- ULD
 
+@pytest.mark.device
 @pytest.mark.parametrize("skip_eos", [True, False])
 @pytest.mark.parametrize("temps", [(1.0, 1.0), (2.0, 0.5)])
 def test_uld_matches_reference(cross_batch, skip_eos, temps):
@@ -120,6 +122,7 @@ def test_uld_matches_reference(cross_batch, skip_eos, temps):
     assert_close(ours, ref)
     assert_close(g_ours, g_ref)
 
+@pytest.mark.device
 
 def test_uld_teacher_vocab_smaller_than_student():
     sl, tl = make_labels([3, 2], 8, 40, 5), make_labels([2, 4], 9, 17, 6)
@@ -130,6 +133,7 @@ def test_uld_teacher_vocab_smaller_than_student():
     assert_close(ours, ref)
     assert_close(g, g_ref)
 
+@pytest.mark.device
 
 def test_uld_bf16_inputs(cross_batch):
     zs, sl, zt, tl = cross_batch
@@ -143,6 +147,7 @@ def test_uld_bf16_inputs(cross_batch):
     assert g.dtype == torch.bfloat16  # the gradient has the input's dtype: compare at bf16 precision
     assert_close(g, g_ref, rtol=2**-8)
 
+@pytest.mark.device
 
 def test_uld_encoder_decoder_has_no_shift():
     sl, tl = make_labels([3, 1], 6, 11, 9, prompt=[0, 2]), make_labels([4, 2], 7, 13, 10, prompt=[0, 1])
@@ -156,6 +161,7 @@ def test_uld_encoder_decoder_has_no_shift():
     assert not torch.isclose(ours.double(), causal, rtol=1e-3)  # the shift matters here
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("k", [1, 4, 17, 40])
 def test_uld_top_k_matches_its_definition_and_bounds_exact(cross_batch, k):
     zs, sl, zt, tl = cross_batch
@@ -200,6 +206,7 @@ def test_uld_normalisation_is_mean_of_sequence_means():
 
 # ----------------------------------------------------------------------------- KL family
 
+@pytest.mark.device
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_kl_family_matches_reference(kind, temperature):
@@ -213,6 +220,7 @@ def test_kl_family_matches_reference(kind, temperature):
     assert_close(g, g_ref)
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("kind", ["forward", "jsd", "tvd"])
 def test_kl_bf16_and_encoder_decoder(kind):
     labels = make_labels([3, 2, 1], 7, 19, seed=3, prompt=[0, 4, 6])
@@ -301,6 +309,7 @@ MLOT_CASES = {
 }
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("case", sorted(MLOT_CASES))
 def test_multilevel_ot_matches_reference(cross_batch, case):
     zs, sl, zt, tl = cross_batch
@@ -314,6 +323,7 @@ def test_multilevel_ot_matches_reference(cross_batch, case):
     assert_close(ours, ref)
     assert_close(g, g_ref)
 
+@pytest.mark.device
 
 def test_multilevel_ot_top_k_capped_by_vocabulary_and_bf16():
     sl, tl = make_labels([3, 1], 7, 9, 1), make_labels([2, 3], 8, 12, 2)
@@ -367,10 +377,10 @@ def engine_case(name, chunk, student_vocab=VS, teacher_vocab=VT, student_pad=3, 
     spec = LossSpec.from_config(config, name=name, student_vocab_size=student_vocab, teacher_vocab_size=teacher_vocab,
                                 same_tokenizer=same, student_encoder_decoder=s_ed, teacher_encoder_decoder=t_ed,
                                 chunk_size=chunk)
-    hidden = torch.randn(4, S_LEN, H, generator=g).to(dtype).requires_grad_()
-    w_s = (torch.randn(student_vocab + student_pad, H, generator=g)).requires_grad_()
-    t_hidden = torch.randn(4, T_LEN, HT, generator=g).to(dtype)
-    w_t = torch.randn(teacher_vocab + teacher_pad, HT, generator=g)
+    hidden = torch.randn(4, S_LEN, H, generator=g).to(device=DEVICE, dtype=dtype).requires_grad_()
+    w_s = torch.randn(student_vocab + student_pad, H, generator=g).to(DEVICE).requires_grad_()
+    t_hidden = torch.randn(4, T_LEN, HT, generator=g).to(device=DEVICE, dtype=dtype)
+    w_t = torch.randn(teacher_vocab + teacher_pad, HT, generator=g).to(DEVICE)
     s_labels = make_labels(S_ANS, S_LEN, student_vocab, seed + 1)
     t_labels = s_labels.clone() if same and T_LEN == S_LEN else make_labels(T_ANS, T_LEN, teacher_vocab, seed + 2)
     return spec, hidden, w_s, t_hidden, w_t, s_labels, t_labels
@@ -412,12 +422,14 @@ def check_engine(case, ref_distill, chunk, expected_count):
     assert_close(g_w, r_w, rtol if hidden.dtype == torch.float32 else 2e-2)
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("chunk", [1, 3, 1000])
 def test_engine_uld(chunk):
     case = engine_case("uld", chunk)
     _, _, _, _, _, sl, tl = case
     check_engine(case, lambda z, zt: ref_uld(z, sl, zt, tl), chunk, expected_count=2)
 
+@pytest.mark.device
 
 def test_engine_uld_top_k_and_temperatures():
     case = engine_case("uld", 4, uld_top_k=5, student_temperature=2.0)
@@ -429,6 +441,7 @@ def test_engine_uld_top_k_and_temperatures():
     check_engine(case, ref, 4, expected_count=2)
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("mode,chunk", [("fast", 1), ("fast", 5), ("greedy", 3), ("greedy", 1000)])
 def test_engine_multilevel_ot(mode, chunk):
     case = engine_case("multilevel_ot", chunk, multilevel_ot_mode=mode, top_k=7)
@@ -438,6 +451,7 @@ def test_engine_multilevel_ot(mode, chunk):
     check_engine(case, lambda z, zt: ref_multilevel_ot(z, sl, zt, tl, mode=mode, top_k=7), max(chunk, longest), 2)
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("loss", ["kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"])
 @pytest.mark.parametrize("chunk", [1, 4])
 def test_engine_same_tokenizer_family_with_padding_rows(loss, chunk):
@@ -445,7 +459,7 @@ def test_engine_same_tokenizer_family_with_padding_rows(loss, chunk):
     case = engine_case(loss, chunk, student_vocab=VS, teacher_vocab=VS, student_pad=3, teacher_pad=9, same=True,
                        temperature=2.0, jsd_beta=0.3, skew_alpha=0.2)
     spec, hidden, w_s, t_hidden, _, sl, _ = case
-    t_hidden = torch.randn(4, S_LEN, HT)  # teacher sees the same tokens
+    t_hidden = torch.randn(4, S_LEN, HT, device=DEVICE)  # teacher sees the same tokens
     w_t = case[4]
     case = (spec, hidden, w_s, t_hidden, w_t, sl, sl)
     kind = {v: k for k, v in KIND_TO_LOSS.items()}[loss]
@@ -554,6 +568,7 @@ def test_engine_encoder_decoder_student_causal_teacher():
     assert_close(g_h, r_h)
     assert_close(g_w, r_w)
 
+@pytest.mark.device
 
 def test_engine_bf16_hidden():
     """A bf16 model: values equal the reference on the same bf16 logits, upcast. (Gradients in bf16
@@ -589,6 +604,7 @@ def test_engine_sft_only_and_answer_free_batch():
     (terms.ce_sum + terms.distill_sum).backward()  # still differentiable, reaches the head
     assert terms.ce_count == terms.distill_count == 0 and w.grad is not None and w.grad.abs().sum() == 0
 
+@pytest.mark.device
 
 def test_engine_eval_under_no_grad_matches_training_values():
     case = engine_case("multilevel_ot", 4, multilevel_ot_mode="greedy", top_k=5)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import base_flags
+from conftest import DEVICE, base_flags
 from configs.datasets import dataset
 from llm_distillation import cache_teacher
 from llm_recipes import teacher_cache
@@ -203,6 +203,7 @@ def test_generate_caches_the_teachers_own_answers(tmp_path):
     assert result["state"]["global_step"] == 2 and math.isfinite(result["eval"]["eval_distill"])
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("loss", ["kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"])
 def test_a_cached_divergence_is_the_divergence_of_the_top_k_plus_one_bucket(loss):
     """Through the loss engine: from a top-K cache, every KL-family divergence equals (value and gradient)
@@ -214,17 +215,17 @@ def test_a_cached_divergence_is_the_divergence_of_the_top_k_plus_one_bucket(loss
 
     torch.manual_seed(0)
     n, vocab, k, temperature = 6, 40, 5, 2.0
-    teacher = torch.randn(n, vocab, dtype=torch.float64) * 3
-    student = (teacher + torch.randn(n, vocab, dtype=torch.float64)).requires_grad_(True)
+    teacher = (torch.randn(n, vocab, dtype=torch.float64) * 3).to(DEVICE)
+    student = (teacher + torch.randn(n, vocab, dtype=torch.float64).to(DEVICE)).requires_grad_(True)
     ids, logprobs, tail = teacher_cache.summarize_rows(teacher, k, temperature, torch.float32)
     packed = torch.cat([ids.float(), logprobs, tail[:, None]], 1)
     labels = torch.full((1, n + 1), -100)
     labels[0, 1:] = torch.randint(0, vocab, (n,))
     spec = LossSpec.from_config(distillation_config(loss=loss, temperature=temperature), name=loss,
                                 student_vocab_size=vocab, teacher_vocab_size=vocab, same_tokenizer=True)
-    hidden = torch.cat([student, torch.zeros(1, vocab, dtype=torch.float64)])[None]
+    hidden = torch.cat([student, student.new_zeros(1, vocab)])[None]
     terms = distillation_terms(spec, hidden, labels, lambda rows: rows,
-                               torch.cat([packed, torch.zeros(1, 2 * k + 1)])[None], labels,
+                               torch.cat([packed, packed.new_zeros(1, 2 * k + 1)])[None], labels,
                                teacher_cache.CachedHead(vocab, k, temperature), with_ce=False)
     (grad,) = torch.autograd.grad(terms.distill_sum, student)
 

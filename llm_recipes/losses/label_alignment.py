@@ -54,8 +54,8 @@ def align_example(student_labels, teacher_labels, student_tokenizer, teacher_tok
 def text_alignment(student_labels: torch.Tensor, teacher_labels: torch.Tensor, student_tokenizer, teacher_tokenizer,
                    projection=None, counts: Optional[Counter] = None) -> dict:
     """The text-alignment ids of a batch of label rows [B, S] / [B, S'] as the loss engine takes them (see
-    llm_recipes.data.batch_alignment), computed now: for answers that were not in the data set (the public loss functions,
-    answers sampled during training)."""
+    llm_recipes.data.batch_alignment), computed now: for answers that were not in the data set (the public loss
+    functions, answers sampled during training)."""
     rows = [align_example(s, t, student_tokenizer, teacher_tokenizer, projection, counts)
             for s, t in zip(student_labels.tolist(), teacher_labels.tolist())]
     columns = [torch.tensor([row[i] for row in rows], dtype=torch.long, device=student_labels.device)
