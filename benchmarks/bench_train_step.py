@@ -225,7 +225,8 @@ def build_groups(args) -> list[Group]:
     same += [Step(f"kl-cached-{args.cache_k}", f"kl, teacher from a top-{args.cache_k} cache", "kl",
                   cache_k=args.cache_k)] if args.cache_k else []
     other = [Step("teacher-other", "SFT + teacher body", "none"),
-             Step("logits-other", "SFT + teacher forward", "none", teacher_logits=True), Step("uld", "uld (exact)", "uld")]
+             Step("logits-other", "SFT + teacher forward", "none", teacher_logits=True),
+             Step("uld", "uld (exact)", "uld")]
     other += [Step(f"uld-top-{k}", f"uld top-{k}", "uld", uld_top_k=k) for k in args.uld_top_k]
     other += [Step(f"multilevel_ot-{mode}", f"multilevel_ot {mode}", "multilevel_ot", mode=mode)
               for mode in (("fast",) if args.quick else ("fast", "greedy"))]

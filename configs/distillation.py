@@ -83,6 +83,15 @@ class distillation_config:
     skew_alpha: float = _distillation(
         0.1, "skew_kl: KL(p || a p + (1-a) q); skew_reverse_kl: KL(q || a q + (1-a) p)")
 
+    # on-policy distillation (docs/on_policy.md): the student answers the prompts, the teacher scores its answers
+    lmbda: float = _distillation(
+        0.0, "probability that an optimizer step trains on the student's own sampled answers instead of the data "
+             "set's (GKD's lmbda; 0: never, 1: always); the CE is skipped on sampled answers; needs the live teacher")
+    on_policy_max_new_tokens: int = _distillation(128, "on-policy: the longest answer the student samples, in tokens")
+    on_policy_temperature: float = _distillation(
+        1.0, "on-policy: the temperature the student samples at (the loss's is --distillation_config.temperature)")
+    on_policy_top_p: float = _distillation(1.0, "on-policy: nucleus sampling of the student's answers (1: off)")
+
     # token selection (docs/methods.md): the logit term only at each answer's top positions
     token_selection: str = _distillation(
         "none", "none | teacher_entropy | student_entropy | student_ce | divergence (highest kept)")

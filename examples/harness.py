@@ -105,6 +105,34 @@ def cost(run_dir: Path) -> dict:
             "peak_memory_gb": max((r["peak_memory_gb"] for r in train if "peak_memory_gb" in r), default=None)}
 
 
+def on_policy_answers(run_dir: Path) -> Optional[dict]:
+    """An on-policy run's sampled answers, from its train lines: the share of on-policy steps, the mean sampled
+    length, the share of one-to-one text groups, and the empty, cut and unaligned answers (None: off-policy)."""
+    train = [r for r in read_metrics(run_dir) if r.get("type") == "train" and "on_policy" in r]
+    sampled = [r for r in train if "sampled_tokens" in r]
+    if not train:
+        return None
+    mean = (lambda key: statistics.mean(r[key] for r in sampled if key in r) if any(key in r for r in sampled)
+            else None)
+    return {"on_policy_share": statistics.mean(r["on_policy"] for r in train), "sampled_tokens": mean("sampled_tokens"),
+            "one_to_one": mean("sampled_one_to_one"),
+            **{key: sum(r[f"sampled_{key}"] for r in sampled) for key in ("empty", "cut", "unaligned")}}
+
+
+def machine_info() -> dict:
+    """The processor and torch's CPU capability: per-seed scores move by 1-4 F1 between processors (AVX-512 and
+    AVX2 round differently), so a table is comparable only within one machine's run."""
+    import platform
+
+    import torch
+
+    name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else \
+        platform.processor()
+    return {"processor": name, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
 def mean_cost(runs: list[dict]) -> dict:
     """A row's seconds per step (mean over its seeds' runs) and peak memory (the highest)."""
     times = [r["s_per_step"] for r in runs if r["s_per_step"] is not None]
@@ -175,7 +203,8 @@ def markdown(results: dict, details: dict) -> str:
     seeds = len(results["seeds"])
     out.append(f"Test F1 x100 on the 1,000-example held-out split, {seeds} seed(s) (0..{seeds - 1}); differences are "
                "paired by seed (same initial weights and data order); intervals: Student's t over the per-seed "
-               "differences; learning rates picked on the validation split (seed 0).")
+               f"differences; learning rates picked on the validation split (seed {details.get('rate_seed', 0)}"
+               f"{', not a test seed' if details.get('rate_seed', 0) not in results['seeds'] else ''}).")
     return "\n".join(out) + "\n"
 
 

@@ -5,7 +5,9 @@
 
 The model (a checkpoint folder, a hub id, or a LoRA adapter folder, whose base model is loaded from
 its adapter_config.json) answers every example 0-shot by default (--few_shot N for k shots from the
-train split), greedily, at most --max_new_tokens tokens; the first line, stripped, is its prediction.
+train split), greedily, at most --max_new_tokens tokens; the first line, stripped, is its prediction (a task with
+worked answers: every line up to its "Answer: ..." line, whose answer F1 and EM score; `worked_rougeL` compares
+the steps before it).
 Causal and encoder-decoder models (T5, BART: the prompt is the encoder input) both work. Predictions
 are scored with SQuAD F1 and exact match, ROUGE-1/2/L/Lsum and, with --bertscore, BERTScore, all x100
 (llm_distillation/metrics.py). Written to --output_dir:
@@ -100,7 +102,7 @@ def benchmark(args: BenchmarkArgs) -> dict:
     """Answer, score, write scores.json and predictions.jsonl; returns the scores.json content."""
     from tqdm.auto import tqdm
 
-    from llm_distillation.datasets.tasks import default_eval_split, load_examples
+    from llm_distillation.datasets.tasks import default_eval_split, load_examples, task_data
     from llm_distillation.prompts import prompt_uses_title
 
     validate(args)
@@ -126,19 +128,21 @@ def benchmark(args: BenchmarkArgs) -> dict:
                                      skip=args.skip_too_long)
 
     predictions: dict[int, str] = {}
-    stop = ["\n"] if args.stop_at_newline else None
+    final = task_data(args.task).final_answer  # worked answers: every line up to "Answer: ..."
+    stop = ["\n"] if args.stop_at_newline and not final else None
     with tqdm(total=len(fits), desc="answering", unit="example", disable=not args.progress) as bar:
         for indices, answers in generation.generate_batches(model, tokenizer, [prompts[i] for i in fits],
                                                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                                 stop_strings=stop):
+                                                 stop_strings=stop, final_line=final):
             for index, answer in zip(indices, answers):
-                predictions[fits[index]] = generation.first_line(answer)
+                predictions[fits[index]] = generation.kept_answer(answer, final)
             bar.update(len(indices))
 
     rows = [examples[i] for i in fits]
     references = [list(row["answers"]) for row in rows]
-    scores, per_sample = metrics.score_predictions([predictions[i] for i in fits], references,
-                                                   bertscore=args.bertscore, progress=args.progress)
+    score = (lambda p, r, **kw: metrics.score_worked(p, r, final, **kw)) if final else metrics.score_predictions
+    scores, per_sample = score([predictions[i] for i in fits], references, bertscore=args.bertscore,
+                               progress=args.progress)
     with open(output / PREDICTIONS_FILE, "w") as handle:
         for i, row, refs, sample in zip(fits, rows, references, per_sample):
             record = {"id": row["id"], "prompt": texts[i], "prediction": predictions[i], "references": refs,

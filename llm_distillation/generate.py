@@ -200,7 +200,7 @@ def generate(args: GenerateArgs) -> dict:
     """Answer the split (continuing a previous run in the same folder) and write the outputs; returns the summary."""
     from tqdm.auto import tqdm
 
-    from llm_distillation.datasets.tasks import load_examples
+    from llm_distillation.datasets.tasks import load_examples, task_data
     from llm_distillation.prompts import few_shot_count, prompt_uses_title
 
     validate(args)
@@ -239,16 +239,18 @@ def generate(args: GenerateArgs) -> dict:
         fits = generation.fitting_prompts(prompts, generation.max_prompt_positions(model), args.max_new_tokens,
                                          skip=args.skip_too_long)
         dropped_too_long = len(prompts) - len(fits)
-        stop = ["\n"] if args.stop_at_newline else None
+        final = task_data(args.task).final_answer  # worked answers: every line up to "Answer: ..."
+        stop = ["\n"] if args.stop_at_newline and not final else None
         with open(progress_path, "a") as handle, tqdm(total=len(ids), initial=len(ids) - len(pending),
                                                        desc="teacher answers", unit="example",
                                                        disable=not args.progress) as bar:
             for indices, answers in generation.generate_batches(model, tokenizer, [prompts[i] for i in fits],
                                                      max_new_tokens=args.max_new_tokens,
-                                                     batch_size=args.batch_size, stop_strings=stop):
+                                                     batch_size=args.batch_size, stop_strings=stop,
+                                                     final_line=final):
                 for index, answer in zip(indices, answers):
                     example_id = ids[pending[fits[index]]]
-                    finished[example_id] = generation.first_line(answer)
+                    finished[example_id] = generation.kept_answer(answer, final)
                     handle.write(json.dumps({"id": example_id, "answer": finished[example_id]},
                                             ensure_ascii=False) + "\n")
                 handle.flush()

@@ -19,7 +19,9 @@ Decoding (greedy answers from a causal or an encoder-decoder checkpoint):
   under left padding (tests/test_methods.py measures it), while T5's relative positions do not care.
   Decoding starts from the model's `decoder_start_token_id` (pad for T5, EOS for BART, from its
   generation config) and the output holds decoder tokens only, so nothing is cut off.
-Both decode greedily (no sampling), stop at EOS, and return the text without special tokens.
+Both decode greedily (no sampling), stop at EOS, and return the text without special tokens. A task with worked
+answers (its catalog row's `final_answer`, "Answer:") keeps every line up to its final answer's (`kept_answer`)
+and stops a row once that line is written.
 
 Batches run longest prompt first: similar lengths share a batch (less padding), and a batch size that
 does not fit in memory fails in the first minute rather than hours into a run. `generate_batches`
@@ -32,6 +34,7 @@ vocabularies, e.g. WordPiece.)
 """
 from __future__ import annotations
 
+import re
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -150,20 +153,32 @@ def pad_prompts(prompts: list[list[int]], pad_id: int, left: bool) -> tuple[torc
 
 
 class StopOnText:
-    """A stopping criterion: a row is done once its decoded new text contains one of `stops`."""
+    """A stopping criterion: a row is done once its decoded new text contains one of `stops` (a worked answer's:
+    once it holds a whole line that starts with `final_line`, its final answer)."""
 
-    def __init__(self, tokenizer, stops: Sequence[str], prompt_width: int):
+    def __init__(self, tokenizer, stops: Sequence[str], prompt_width: int, final_line: str = ""):
         self.tokenizer, self.stops, self.prompt_width = tokenizer, tuple(stops), prompt_width
+        self.final = re.compile(rf"(^|\n)\s*{re.escape(final_line)}[^\n]*\n") if final_line else None
 
     def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
         texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width:], skip_special_tokens=True)
-        return torch.tensor([any(s in t for s in self.stops) for t in texts], dtype=torch.bool,
-                            device=input_ids.device)
+        done = [any(s in t for s in self.stops) or bool(self.final and self.final.search(t)) for t in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 def first_line(text: str) -> str:
     """What the published pipeline keeps of a completion: the text before its first newline, stripped."""
     return text.split("\n", 1)[0].strip()
+
+
+def kept_answer(text: str, final_line: str = "") -> str:
+    """What is kept of a completion: its first line; for a worked answer (`final_line`, the prefix of its last
+    line: llm_distillation.datasets.catalog) every line up to and including the first line that starts with it."""
+    if not final_line:
+        return first_line(text)
+    lines = text.strip().splitlines()
+    end = next((i + 1 for i, line in enumerate(lines) if line.strip().startswith(final_line)), len(lines))
+    return "\n".join(line.rstrip() for line in lines[:end]).strip()
 
 
 def longest_first(prompts: Sequence[Sequence[int]]) -> list[int]:
@@ -173,8 +188,10 @@ def longest_first(prompts: Sequence[Sequence[int]]) -> list[int]:
 
 def generate_batches(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
                      batch_size: int = 8, pad_token_id: Optional[int] = None,
-                     stop_strings: Optional[list[str]] = None) -> Iterator[tuple[list[int], list[str]]]:
-    """Greedy completions, one (prompt indices, answers) pair per batch, longest prompts first."""
+                     stop_strings: Optional[list[str]] = None,
+                     final_line: str = "") -> Iterator[tuple[list[int], list[str]]]:
+    """Greedy completions, one (prompt indices, answers) pair per batch, longest prompts first (`final_line`: a
+    worked answer's final-answer prefix, after whose line a row stops)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     encoder_decoder = is_encoder_decoder(model)
@@ -190,11 +207,12 @@ def generate_batches(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_
             indices = order[start:start + batch_size]
             ids, mask = pad_prompts([list(prompts[i]) for i in indices], pad, left=not encoder_decoder)
             stop = {}
-            if stop_strings:  # an encoder-decoder's output holds decoder tokens only
+            if stop_strings or final_line:  # an encoder-decoder's output holds decoder tokens only
                 from transformers import StoppingCriteriaList
 
                 width = 0 if encoder_decoder else ids.shape[1]
-                stop = {"stopping_criteria": StoppingCriteriaList([StopOnText(tokenizer, stop_strings, width)])}
+                criterion = StopOnText(tokenizer, stop_strings or (), width, final_line)
+                stop = {"stopping_criteria": StoppingCriteriaList([criterion])}
             with torch.inference_mode():
                 output = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                                         num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=pad, **stop)

@@ -85,6 +85,39 @@ def bertscore_f1(predictions: Sequence[str], references: Sequence[Sequence[str]]
     return [float(v) for v in f1]
 
 
+# ---------------------------------------------------------------------------------------- worked answers
+def final_answer(text: str, marker: str) -> str:
+    """The answer of a worked answer: what follows `marker` on its last line that starts with it (a text
+    without such a line: its last non-empty line)."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith(marker):
+            return line[len(marker):].strip()
+    return lines[-1] if lines else ""
+
+
+def worked_part(text: str, marker: str) -> str:
+    """The steps of a worked answer: its lines before the final answer's line."""
+    lines = text.strip().splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip().startswith(marker)), default=len(lines))
+    return "\n".join(lines[:last]).strip()
+
+
+def score_worked(predictions: Sequence[str], references: Sequence[Sequence[str]], marker: str, *,
+                 bertscore: bool = False, progress: bool = True) -> tuple[dict, list[dict]]:
+    """`score_predictions` on the final answers (`final_answer`), and `worked_rougeL`: ROUGE-L F of the worked
+    steps (`worked_part`), best reference, x100."""
+    finals = [final_answer(p, marker) for p in predictions]
+    final_refs = [[final_answer(r, marker) for r in refs] for refs in references]
+    means, per_sample = score_predictions(finals, final_refs, bertscore=bertscore, progress=progress)
+    scorer = rouge_scorer()
+    for row, prediction, refs in zip(per_sample, predictions, references):
+        scores = scorer.score_multi([worked_part(r, marker) for r in refs] or [""], worked_part(prediction, marker))
+        row["worked_rougeL"] = 100.0 * scores["rougeL"].fmeasure
+    means["worked_rougeL"] = sum(row["worked_rougeL"] for row in per_sample) / max(len(per_sample), 1)
+    return means, per_sample
+
+
 # ---------------------------------------------------------------------------------------- together
 def score_predictions(predictions: Sequence[str], references: Sequence[Sequence[str]], *,
                       bertscore: bool = False, progress: bool = True) -> tuple[dict, list[dict]]:

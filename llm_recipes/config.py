@@ -218,6 +218,9 @@ METHOD_SWITCHES = {
     "feature_layer_map": ("--distillation_config.feature_weight > 0", lambda d: d.feature_weight > 0),
     "feature_attribution": ("--distillation_config.feature_weight > 0", lambda d: d.feature_weight > 0),
     "feature_offdiag_weight": ("--distillation_config.feature_weight > 0", lambda d: d.feature_weight > 0),
+    "on_policy_max_new_tokens": ("--distillation_config.lmbda > 0", lambda d: d.lmbda > 0),
+    "on_policy_temperature": ("--distillation_config.lmbda > 0", lambda d: d.lmbda > 0),
+    "on_policy_top_p": ("--distillation_config.lmbda > 0", lambda d: d.lmbda > 0),
 }
 
 
@@ -251,10 +254,38 @@ def validate_methods(run: RunConfig, spelled: dict) -> None:
             raise UserError("--distillation_config.hidden_positions all needs two causal models (an encoder-decoder "
                             "decoder does not see the prompt): use hidden_positions answer")
     validate_teacher_cache(run, spelled)
+    validate_on_policy(run)
     freezing = [f"--{name}" for name in ("freeze_regex", "unfreeze_regex", "spectrum_yaml") if getattr(t, name)]
     if freezing and t.use_peft:
         raise UserError(f"{freezing[0]} chooses which student weights train, but --use_peft trains only a LoRA "
                         "adapter: drop one of the two")
+
+
+def validate_on_policy(run: RunConfig) -> None:
+    """--distillation_config.lmbda and the sampling of the student's answers (llm_recipes.on_policy)."""
+    t, d = run.train, run.distillation
+    if not 0 <= d.lmbda <= 1:
+        raise UserError(f"--distillation_config.lmbda is a probability: it must be in [0, 1], got {d.lmbda}")
+    if d.lmbda == 0:
+        return
+    if d.on_policy_max_new_tokens < 1:
+        raise UserError(f"--distillation_config.on_policy_max_new_tokens must be at least 1, got "
+                        f"{d.on_policy_max_new_tokens}")
+    if not d.on_policy_temperature > 0:
+        raise UserError(f"--distillation_config.on_policy_temperature must be > 0, got {d.on_policy_temperature}")
+    if not 0 < d.on_policy_top_p <= 1:
+        raise UserError(f"--distillation_config.on_policy_top_p must be in (0, 1], got {d.on_policy_top_p}")
+    if d.teacher_cache is not None:
+        raise UserError("--distillation_config.lmbda > 0 trains on the student's own answers, which a teacher cache "
+                        "(written for the data set's answers) holds no rows for: drop --distillation_config."
+                        "teacher_cache (on-policy needs the live teacher) or set lmbda 0")
+    if d.distil_factor == 0:
+        raise UserError("--distillation_config.lmbda > 0 samples answers for the distillation term, which "
+                        "--distillation_config.distil_factor 0 turns off (and the CE is skipped on sampled answers): "
+                        "raise distil_factor or set lmbda 0")
+    if t.encoder_decoder or d.encoder_decoder:
+        raise UserError("--distillation_config.lmbda > 0 needs a causal student and teacher (an encoder-decoder's "
+                        "sampled answers are not supported yet): set lmbda 0")
 
 
 LIVE_TEACHER_FLAGS = ("enable_fsdp", "pure_bf16", "mixed_precision", "use_fp16", "use_fast_kernels",

@@ -59,6 +59,9 @@ class DistInfo:
         return self.world_size > 1
 
 
+RESHARD_AFTER_FORWARD = "_llm_distill_reshard_after_forward"  # an FSDP unit's setting, kept on the unit
+
+
 def setup(fsdp: bool = False, timeout_minutes: Optional[float] = None) -> DistInfo:
     """Join torchrun's process group if there is one (or a one-process group for FSDP); pick the device.
     `timeout_minutes`: how long a collective may wait for the slowest process (NCCL's watchdog otherwise kills
@@ -108,6 +111,15 @@ def any_rank(flag: bool, device: Optional[torch.device] = None) -> bool:
                         else torch.device("cpu"))
     tensor = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def broadcast_flag(flag: bool, device: Optional[torch.device] = None) -> bool:
+    """Rank 0's `flag`, on every process."""
+    if not dist.is_initialized():
+        return bool(flag)
+    tensor = torch.tensor([1.0 if flag else 0.0], device=device or torch.device("cpu"))
+    dist.broadcast(tensor, src=0)
     return bool(tensor.item())
 
 
@@ -204,8 +216,10 @@ def shard(model: nn.Module, strategy: str, info: DistInfo, *, precision, cpu_off
     reshard_layers = strategy in ("FULL_SHARD", "HYBRID_SHARD")
     for block in transformer_blocks(model):
         fully_shard(block, reshard_after_forward=reshard_layers, **common)
+        setattr(block, RESHARD_AFTER_FORWARD, reshard_layers)  # what `gathered` restores after a generation
     # The root stays gathered after forward: the head runs after it (see the module docstring).
     fully_shard(model, reshard_after_forward=False, **common)
+    setattr(model, RESHARD_AFTER_FORWARD, False)
 
 
 def release(model: nn.Module | None) -> None:
@@ -223,6 +237,23 @@ def release(model: nn.Module | None) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module):
+    """FSDP2: every unit of `model` stays gathered through the many forwards of a generation (one all-gather
+    per unit, not one per generated token), and is resharded after it; other models: nothing to do."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)] if is_fsdp(model) else []
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(getattr(unit, RESHARD_AFTER_FORWARD, True), recurse=False)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from llm_recipes import checkpoint, data, distributed, flags, freezing, intermediate, metrics_log, models, objective
-from llm_recipes import interrupt, preflight
+from llm_recipes import interrupt, on_policy, preflight
 from llm_recipes.config import TRAINER, RunConfig, RunPlan, run_config
 from llm_recipes.errors import RunInterrupted, UserError
 from llm_recipes.losses.family import PairArtifacts
@@ -71,6 +71,7 @@ class TrainState:
     progress: Progress = field(default_factory=Progress)
     log: Optional[MetricsLog] = None
     last_eval: Optional[dict] = None
+    on_policy: Optional[on_policy.OnPolicy] = None  # --distillation_config.lmbda > 0: the student's own answers
 
 
 # ------------------------------------------------------------------------------------------- set-up
@@ -278,6 +279,10 @@ def setup(run: RunConfig) -> TrainState:
     distributed.release(placed.teacher)
     placed = add_projections(run, placed, layers, checked.resume, info)
     objective_ = objective.build_objective(run, plan.distil_factor, spec, layers, checked.cache)
+    sampled = on_policy.OnPolicy(
+        on_policy.Sampling.from_config(run.distillation), (student_tokenizer, teacher_tokenizer),
+        on_policy.eos_ids(placed.student_inner, student_tokenizer), plan.same_tokenizer, plan.text_groups,
+        artifacts.projection_map) if run.distillation.lmbda > 0 else None
     first = next(data.train_micro_batches(len(train_split), 0, t.seed, t.batch_size_training, 1, info.world_size,
                                           info.rank))
     report_setup(run, plan, placed, objective_, data.PairedBatches(train_split, *pad_ids)[first], info)
@@ -286,7 +291,7 @@ def setup(run: RunConfig) -> TrainState:
     scaler = torch.amp.GradScaler("cuda", enabled=t.use_fp16)  # fp16 needs loss scaling, bf16 does not
     state = TrainState(run, plan, info, placed, objective_, optimizer, scheduler, scaler,
                        student_tokenizer, train_split, val_split, pad_ids, per_epoch, total_steps,
-                       run_identity(run, plan, placed, len(train_split), info.world_size))
+                       run_identity(run, plan, placed, len(train_split), info.world_size), on_policy=sampled)
     objective.count_units(state.objective, probe)  # refuse unpairable rows (hidden-state / feature terms) up front
     if resume is not None:
         restore(state, resume)
@@ -306,6 +311,8 @@ def report_setup(run: RunConfig, plan: RunPlan, placed: Models, objective_: Obje
             pairing += f" ({data.one_to_one_share(first_batch):.0%} of the first batch's groups are one-to-one)"
     print(f"student: {trainable:,} trainable of {total:,} parameters; loss: "
           f"{objective.describe(objective_, run.train.distillation)}{pairing}")
+    if run.distillation.lmbda > 0:
+        print(on_policy.Sampling.from_config(run.distillation).describe())
     layers = objective_.layers
     if layers is not None:
         print(layers.describe() + (f"; projections: {models.count_parameters(placed.projections)[0]:,} parameters"
@@ -378,29 +385,47 @@ def train_step(state: TrainState, micro_batches: list[dict]) -> dict:
     processes), `candidates` / `kept` positions, this process's `tokens`, and the `lr` it used; only
     `tokens` and `lr` when no process had an answer token."""
     objective_, info, progress = state.objective, state.info, state.progress
-    counts = [objective.count_units(objective_, batch) for batch in micro_batches]
+    sampled = state.on_policy is not None and on_policy.is_on_policy_step(
+        state.on_policy.sampling.lmbda, state.run.train.seed, progress.global_step, info.device)
+    if sampled:
+        micro_batches = sample_answers(state, micro_batches)
+    counts = [objective.count_units(objective_, batch, with_ce=not sampled) for batch in micro_batches]
     totals = Counts(*distributed.all_reduce_sum([sum(column) for column in zip(*counts)], info.device))
     where = f"step {progress.global_step + 1} (epoch {progress.epoch + 1})"
     metrics = {"tokens": 0}
     if not any(totals):
         warnings.warn(f"skipping {where}: its batches have no answer tokens (all labels are -100)")
     else:
-        sums = accumulate_gradients(state, micro_batches, counts, totals, where)
+        sums = accumulate_gradients(state, micro_batches, counts, totals, where, with_ce=not sampled)
         metrics["tokens"] = sums.pop("tokens")
         optimizer_step(state, where)
         reduced = dict(zip(sums, distributed.all_reduce_sum(list(sums.values()), info.device)))
         metrics.update({"loss": reduced["loss"], "candidates": reduced["candidates"], "kept": reduced["kept"]})
-        metrics.update({name: reduced[name] / max(getattr(totals, name), 1.0) for name in objective_.active})
+        metrics.update({name: reduced[name] / max(getattr(totals, name), 1.0) for name in objective_.active
+                        if not (sampled and name == "ce")})
+    if state.on_policy is not None:
+        metrics["on_policy"] = sampled
+        state.on_policy.stats.steps += 1
+        state.on_policy.stats.on_policy_steps += sampled
     state.optimizer.zero_grad(set_to_none=True)
     metrics["lr"] = state.scheduler.get_last_lr()[0]  # the rate this step used
     state.scheduler.step()
     return metrics
 
 
+def sample_answers(state: TrainState, micro_batches: list[dict]) -> list[dict]:
+    """The micro-batches rebuilt on the student's own sampled answers (llm_recipes.on_policy)."""
+    t, info = state.run.train, state.info
+    student = state.models.student_inner
+    synced = distributed.is_fsdp(student) and info.world_size > 1  # FSDP: every process decodes as long
+    return state.on_policy.batches(student, micro_batches, state.pad_ids, info.device, synced,
+                                   lambda: objective.autocast(info.device, t.mixed_precision, t.use_fp16))
+
+
 def accumulate_gradients(state: TrainState, micro_batches: list[dict], counts: list[Counts], totals: Counts,
-                         where: str) -> dict:
+                         where: str, with_ce: bool = True) -> dict:
     """Forward and backward of each micro-batch with its share of the step's loss; the summed terms (and
-    this process's `tokens`)."""
+    this process's `tokens`). `with_ce=False`: sampled answers, no CE."""
     objective_, info = state.objective, state.info
     sums = dict.fromkeys(["loss", *objective_.active, "candidates", "kept"], 0.0)
     sums["tokens"] = 0
@@ -410,7 +435,7 @@ def accumulate_gradients(state: TrainState, micro_batches: list[dict], counts: l
             continue
         batch = data.move(batch, info.device)
         with distributed.no_sync(state.models.student, i < len(micro_batches) - 1):
-            terms = objective.compute_terms(objective_, state.models, batch, info.device)
+            terms = objective.compute_terms(objective_, state.models, batch, info.device, with_ce=with_ce)
             loss = objective.combine(objective_, terms, totals)
             check_terms_finite(loss, terms, where, info.device)
             state.scaler.scale(loss * info.world_size).backward()
@@ -526,10 +551,12 @@ class LogWindow:
     def __init__(self, active: tuple):
         self.active, self.steps, self.time, self.tokens, self.lr = active, 0, 0.0, 0, 0.0
         self.sums = dict.fromkeys(["loss", *active, "candidates", "kept"], 0.0)
+        self.sampled_steps = 0  # on-policy steps: no CE
 
     def add(self, metrics: dict, seconds: float) -> None:
         self.steps, self.time, self.tokens, self.lr = self.steps + 1, self.time + seconds, \
             self.tokens + metrics["tokens"], metrics["lr"]
+        self.sampled_steps += bool(metrics.get("on_policy"))
         for key in self.sums:
             self.sums[key] += metrics.get(key, 0.0)
 
@@ -539,7 +566,12 @@ class LogWindow:
         tokens = distributed.all_reduce_sum([self.tokens], state.info.device)[0]
         line = {"type": "train", "step": progress.global_step, "epoch": progress.epoch + 1,
                 "loss": self.sums["loss"] / steps}
-        line.update({name: self.sums[name] / steps for name in self.active})
+        labelled = steps - self.sampled_steps  # the CE's mean is over the steps that had labels (not on-policy)
+        line.update({name: self.sums[name] / (labelled if name == "ce" else steps) for name in self.active
+                     if name != "ce" or labelled > 0})
+        if state.on_policy is not None:
+            line.update(state.on_policy.stats.line(state.info.device))
+            state.on_policy.stats = on_policy.Stats()
         if state.objective.spec.selects_tokens:  # fraction of paired answer positions the logit term used
             line["token_kept"] = self.sums["kept"] / max(self.sums["candidates"], 1.0)
         if "feature" in self.active:  # fraction of the teacher's units the student matches

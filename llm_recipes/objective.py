@@ -103,12 +103,13 @@ def _row_counts(objective: Objective, rows: int) -> tuple[int, int]:
             rows if "feature" in objective.active and rows >= 2 else 0)  # correlations need 2 rows
 
 
-def count_units(objective: Objective, batch: dict) -> Counts:
-    """Units of every term, from labels and masks only (before any forward)."""
+def count_units(objective: Objective, batch: dict, with_ce: bool = True) -> Counts:
+    """Units of every term, from labels and masks only (before any forward). `with_ce=False` (the student's
+    sampled answers, llm_recipes.on_policy): no CE units, the answers are not labels."""
     teacher_labels = batch["teacher"]["labels"] if objective.uses_teacher else None
     ce, units = count_logit_units(objective.spec, batch["student"]["labels"], teacher_labels, batch_alignment(batch))
     rows = row_pairs(objective, batch).count if objective.layers is not None else 0
-    return Counts(int(ce), int(units), *_row_counts(objective, rows))
+    return Counts(int(ce) if with_ce else 0, int(units), *_row_counts(objective, rows))
 
 
 def teacher_forward(objective: Objective, teacher: nn.Module, batch: dict, device: torch.device):
@@ -129,8 +130,10 @@ class CachedPass(NamedTuple):
     head_input: torch.Tensor
 
 
-def compute_terms(objective: Objective, models_: Models, batch: dict, device: torch.device) -> Terms:
-    """Every active term of one micro-batch (on `device`), each summed over its units."""
+def compute_terms(objective: Objective, models_: Models, batch: dict, device: torch.device,
+                  with_ce: bool = True) -> Terms:
+    """Every active term of one micro-batch (on `device`), each summed over its units; `with_ce=False`: the CE
+    is not computed (a zero that still reaches the student) and has no units."""
     t, layers = objective.train, objective.layers
     teacher, teacher_head = None, None
     if objective.cached_teacher_head is not None and objective.uses_teacher:  # rows of the cache, no forward
@@ -150,14 +153,14 @@ def compute_terms(objective: Objective, models_: Models, batch: dict, device: to
             objective.spec, student_hidden, batch["student"]["labels"], models.output_head(models_.student_inner),
             teacher.head_input if teacher is not None else None,
             batch["teacher"]["labels"] if teacher is not None else None,
-            teacher_head, alignment=batch_alignment(batch))
+            teacher_head, with_ce=with_ce, alignment=batch_alignment(batch))
         sums = {"ce": logit.ce_sum, "distill": logit.distill_sum}
         rows = 0
         if layers is not None:
             pairs = row_pairs(objective, batch)
             rows = pairs.count
             sums.update(_intermediate_sums(objective, models_, states, teacher, pairs))
-    counts = Counts(logit.ce_count, logit.distill_count, *_row_counts(objective, rows))
+    counts = Counts(logit.ce_count if with_ce else 0, logit.distill_count, *_row_counts(objective, rows))
     return Terms(sums, counts, logit.candidate_positions, logit.kept_positions)
 
 

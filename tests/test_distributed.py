@@ -82,6 +82,14 @@ ONE_PROCESS = {
     "pure_bf16_fsdp": TWO_PROCESS["pure_bf16_fsdp"][0],
 }
 BF16 = {"mixed_precision_fsdp", "pure_bf16_fsdp"}
+# On-policy runs: each process samples its own answers, so 2 processes do not train what 1 does; they must run,
+# agree on which steps are on-policy, and keep the student synchronized
+ON_POLICY_FLAGS = {"distillation_config.lmbda": 0.5, "distillation_config.on_policy_max_new_tokens": 6}
+ON_POLICY = {
+    "ddp_on_policy": {**ON_POLICY_FLAGS, "distillation_config.lmbda": 1.0},
+    "fsdp_on_policy_projected": {**FSDP_TEACHER, **ON_POLICY_FLAGS, "model_name": "OTHER",
+                                 "distillation_config.loss": "projected", "max_train_step": 4},
+}
 RESUMED = ("adamw_fsdp", "lora_fsdp", "fsdp_methods", "fsdp_projected_text")  # resumed from their step-3 checkpoints, in the same launch
 
 
@@ -193,6 +201,10 @@ def runs(tiny, tied_student, tmp_path_factory):
                                {**ddp_extra, "resume_from": str(root / "adamw_fsdp" / "checkpoints" / "step-0000003")})})
     two.append({"flags": flags(tiny, tied_student, root / "unsynchronized", 2, {"run_validation": False}),
                 "dump": True, "unsynchronized": True})
+    for name, extra in ON_POLICY.items():
+        two.append({"flags": flags(tiny, tied_student, root / name, 2, extra), "dump": name == "ddp_on_policy"})
+    two.append({"sample": {"model": other_student(tiny), "seed": 7, "max_new_tokens": 9,
+                           "out": str(root / "fsdp_sampling")}})
     one = [{"flags": flags(tiny, tied_student, root / f"one_{name}", 4, extra)} for name, extra in ONE_PROCESS.items()]
     started = [(launch(two, root, "two", 2), "two"), (launch(one, root, "one", 1), "one")]
     for process, name in started:
@@ -481,3 +493,27 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tiny, tmp_path):
     records = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
     steps = [r["step"] for r in records if r["type"] == "train"]
     assert steps == list(range(1, 81))
+
+
+@pytest.mark.slow  # 2-process launches (the `runs` fixture)
+def test_on_policy_under_ddp_and_fsdp(runs):
+    """Sampled answers under DDP (every step) and FSDP2 (the student and the teacher sharded, lmbda 0.5): the
+    runs finish, log their answers, and the DDP student stays identical on both ranks."""
+    for name in ON_POLICY:
+        lines = [json.loads(line) for line in (runs / name / "metrics.jsonl").read_text().splitlines()]
+        train_lines = [line for line in lines if line["type"] == "train"]
+        assert train_lines and all(torch.isfinite(torch.tensor(line["loss"])) for line in train_lines)
+        sampled = [line for line in train_lines if line["on_policy"]]
+        assert sampled and all(1 <= line["sampled_tokens"] <= 6 and "ce" not in line for line in sampled)
+    rank0, rank1 = (torch.load(runs / "ddp_on_policy" / f"rank{r}.pt") for r in (0, 1))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+
+
+@pytest.mark.slow  # 2-process launches (the `runs` fixture)
+def test_fsdp_sampling_equals_the_unsharded_models(runs):
+    """The student sharded by FSDP2 samples, with the same seed, exactly what the whole model samples, while
+    the two ranks decode prompts of different lengths for different numbers of steps."""
+    found = [json.loads((runs / "fsdp_sampling" / f"sampled_rank{r}.json").read_text()) for r in (0, 1)]
+    for rank in found:
+        assert rank["sharded"] == rank["plain"] and all(rank["plain"])
+    assert max(map(len, found[0]["plain"])) < max(map(len, found[1]["plain"]))  # 9 and 13 tokens at most

@@ -103,3 +103,76 @@ def test_the_loader_builds_prompts_and_names_the_command_without_data(tmp_path, 
     teacher_prompt = tokenizer.decode(teacher[0]["input_ids"])
     student_prompt = tokenizer.decode(student[0]["input_ids"])
     assert teacher_prompt.count("Question:") == 4 and student_prompt.count("Question:") == 1  # 3 shots, 0 shots
+
+
+# ------------------------------------------------------------------------------------------- worked answers
+def check_sums(text: str) -> None:
+    """Every written sum of a worked answer, digit by digit: each place's terms add up, the written digit and the
+    carry follow, and the stated total is the sum."""
+    for a, b, steps, total in re.findall(r"(\d+) \+ (\d+): (.+?)\. So \1 \+ \2 = (\d+)\.", text):
+        assert int(a) + int(b) == int(total), text
+        carry = 0
+        for step in steps.split("; "):
+            m = re.fullmatch(r"[a-z ]+? ((?:\d+ \+ )*\d+)(?: = (\d+))?, write (\d)( carry 1)?", step)
+            assert m, step
+            terms = [int(x) for x in m[1].split(" + ")]
+            place = sum(terms)
+            assert (m[2] is None or int(m[2]) == place) and int(m[3]) == place % 10 and bool(m[4]) == (place >= 10)
+            assert carry == 0 or terms[-1] == carry, step
+            carry = place // 10
+
+
+def test_every_worked_answer_states_its_facts_and_ends_with_the_answer(splits):
+    """The worked answer's final line is the row's answer, every fact it quotes is a sentence of the context,
+    every sum is right digit by digit, and a two-hop answer names both hops."""
+    for row in (row for rows in splits.values() for row in rows):
+        lines = row["worked"].split("\n")
+        assert lines[-1] == f"{pq.FINAL} {row['answers']['text'][0]}"
+        for fact in re.findall(r"(?:The fact: |hop: )([^.]+\.)", row["worked"]):
+            assert fact in row["context"], (fact, row)
+        check_sums(row["worked"])
+        if row["kind"] == "two_hop":
+            assert lines[0].startswith("First hop:") and lines[1].startswith("Second hop:")
+        if row["kind"] == "arithmetic":
+            assert "write" in row["worked"]
+
+
+def test_worked_answers_are_long_enough_for_on_policy_training(splits):
+    """At least 20 student tokens on average (here the tiny student's tokenizer; SmolLM2: 51, docs/tasks.md)."""
+    from transformers import AutoTokenizer
+
+    from configs.paths import TINY_ASSETS
+
+    tokenizer = AutoTokenizer.from_pretrained(TINY_ASSETS / "student")
+    lengths = [len(tokenizer(" " + row["worked"], add_special_tokens=False)["input_ids"]) + 1
+               for row in splits["train"]]
+    assert sum(lengths) / len(lengths) >= 20
+
+
+def test_the_worked_task_trains_on_the_steps_and_scores_the_final_line(tmp_path):
+    from transformers import AutoTokenizer
+
+    from configs import dataset
+    from configs.paths import TINY_STUDENT
+    from llm_distillation import metrics
+    from llm_distillation.generation import kept_answer
+    from llm_recipes import data
+
+    folder = pq.write_splits(tmp_path / "data", {"train": 30, "validation": 5, "test": 5})
+    loader = data.import_loader("llm_distillation/datasets/loader/people_qa_worked.py")
+    tokenizer = AutoTokenizer.from_pretrained(TINY_STUDENT)
+    config = SimpleNamespace(**{**dataset().__dict__, "encoder_decoder": False, "role": "student",
+                                "model_name": TINY_STUDENT, "source": str(folder)})
+    example = loader.get_split(config, tokenizer, "validation")[0]
+    answer = tokenizer.decode([t for t in example["labels"] if t != -100], skip_special_tokens=True)
+    assert "Answer:" in answer and answer.count("\n") >= 1
+    assert tokenizer.decode(example["input_ids"], skip_special_tokens=True).rstrip().endswith(answer.rstrip())
+    worked = "Bo is 34 years old.\nAnswer: 34"
+    assert kept_answer(worked + "\nContext: more text", "Answer:") == worked
+    assert kept_answer("no final line\nat all", "Answer:") == "no final line\nat all"
+    assert metrics.final_answer(worked, "Answer:") == "34" and metrics.worked_part(worked, "Answer:") == \
+        "Bo is 34 years old."
+    means, rows = metrics.score_worked([worked, "Bo is 35 years old.\nAnswer: 35"], [[worked], [worked]], "Answer:",
+                                       progress=False)
+    assert [r["em"] for r in rows] == [100.0, 0.0] and rows[0]["worked_rougeL"] == 100.0
+    assert 0 < rows[1]["worked_rougeL"] < 100 and means["f1"] == 50.0

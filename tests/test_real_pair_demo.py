@@ -128,8 +128,9 @@ def test_scoring_passes_each_benchmark_flag_once(tmp_path, monkeypatch):
         return 0.0
 
     monkeypatch.setattr(harness, "run", fake_run)
-    f1 = demo.benchmark(demo.Setup(tmp_path, tmp_path, tmp_path, tmp_path, tmp_path, tmp_path, tmp_path, False, 3, 2),
-                        tmp_path / "model", "test", tmp_path)
+    setup = demo.Setup(demo.PLANS["people_qa"], tmp_path, tmp_path, tmp_path, tmp_path, tmp_path, tmp_path, tmp_path,
+                       False, 3, 2)
+    f1 = demo.benchmark(setup, tmp_path / "model", "test", tmp_path)
     command = commands[0]
     assert f1 == 12.5 and repeated_flags(command) == []
     values = dict(zip(command[3::2], command[4::2]))

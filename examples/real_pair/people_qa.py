@@ -17,6 +17,11 @@ schema, so every tool of the project reads it) and adds what a 135M model finds 
 Question mix (QUESTION_MIX): 25% lookup, 30% two-hop, 30% arithmetic, 15% comparison. Everything comes
 from one `random.Random` per split: the same seed gives the same rows on any machine, and no context is
 shared between splits. Splits: train 3,000, validation 200, test 1,000 (SPLIT_SIZES).
+
+Every row also holds its worked answer (`worked`, the people_qa_worked task): the facts it uses, each hop
+named, a sum written out digit by digit with its carries, then the final answer on a line of its own,
+"Answer: ...". It is made from the same people, after the row's random draws, so people_qa's rows are the
+same with or without it.
 """
 from __future__ import annotations
 
@@ -83,15 +88,41 @@ def unique_holders(people: list[Person], attribute: str) -> list[Person]:
     return [p for p in people if attribute in p.facts and values.count(p.facts[attribute]) == 1]
 
 
+FINAL = "Answer:"  # the worked answer's last line: "Answer: <the answer>"
+
+
+def added(a: int, b: int) -> str:
+    """a + b written out by place value, with the carries: "34 + 17: ones 4 + 7 = 11, write 1 carry 1; tens 3 +
+    1 + 1 = 5, write 5. So 34 + 17 = 51." """
+    places = ["ones", "tens", "hundreds", "thousands", "ten thousands"]
+    steps, carry = [], 0
+    digits_a, digits_b = str(a)[::-1], str(b)[::-1]
+    for i in range(max(len(digits_a), len(digits_b))):
+        terms = [int(d[i]) for d in (digits_a, digits_b) if i < len(d)] + ([carry] if carry else [])
+        total = sum(terms)
+        written = " + ".join(map(str, terms)) + f" = {total}" if len(terms) > 1 else str(total)
+        steps.append(f"{places[i]} {written}, write {total % 10}" + (" carry 1" if total >= 10 else ""))
+        carry = total // 10
+    if carry:
+        steps.append(f"{places[len(steps)]} {carry}, write {carry}")
+    return f"{a} + {b}: " + "; ".join(steps) + f". So {a} + {b} = {a + b}."
+
+
+def worked(lines: list[str], answer: str) -> str:
+    return "\n".join(lines + [f"{FINAL} {answer}"])
+
+
 def ask(rng: random.Random, kind: str, people: list[Person]):
-    """(question, answer, the (person, attribute) stating the answer or None) of one kind about these
-    people, or None when they do not allow one."""
+    """(question, answer, the (person, attribute) stating the answer or None, the worked answer) of one kind
+    about these people, or None when they do not allow one."""
     if kind == "lookup":
         options = [(p, a) for p in people for a in p.facts if a in LOOKUP]
         if not options:
             return None
         person, attribute = rng.choice(options)
-        return LOOKUP[attribute].format(p=person.name), person.facts[attribute], (person, attribute)
+        answer = person.facts[attribute]
+        steps = [f"The question is about {person.name}.", f"The fact: {sentence(person, attribute)}"]
+        return LOOKUP[attribute].format(p=person.name), answer, (person, attribute), worked(steps, answer)
     if kind == "two_hop":
         options = [(p, by, a) for by in DESCRIBE for p in unique_holders(people, by) for a in p.facts
                    if a in TWO_HOP and a != by]
@@ -99,7 +130,10 @@ def ask(rng: random.Random, kind: str, people: list[Person]):
             return None
         person, by, attribute = rng.choice(options)
         described = DESCRIBE[by].format(v=person.facts[by])
-        return TWO_HOP[attribute].format(d=described), person.facts[attribute], (person, attribute)
+        answer = person.facts[attribute]
+        steps = [f"First hop: {sentence(person, by)} So {described} is {person.name}.",
+                 f"Second hop: {sentence(person, attribute)}"]
+        return TWO_HOP[attribute].format(d=described), answer, (person, attribute), worked(steps, answer)
     if kind == "arithmetic":
         aged = [p for p in people if "age" in p.facts]
         buyers = [p for p in people if "purchase" in p.facts]
@@ -108,10 +142,15 @@ def ask(rng: random.Random, kind: str, people: list[Person]):
             return None
         if rng.choice(choices) == "age":
             person, years = rng.choice(aged), rng.randint(3, 29)
-            return f"How old will {person.name} be in {years} years?", str(int(person.facts["age"]) + years), None
+            age = int(person.facts["age"])
+            steps = [f"{sentence(person, 'age')} In {years} years: {added(age, years)}"]
+            return f"How old will {person.name} be in {years} years?", str(age + years), None, \
+                worked(steps, str(age + years))
         a, b = rng.sample(buyers, 2)
-        total = sum(int(p.facts["purchase"].split()[0]) for p in (a, b))
-        return f"How many dollars did {a.name} and {b.name} pay in all?", str(total), None
+        prices = [int(p.facts["purchase"].split()[0]) for p in (a, b)]
+        steps = [sentence(a, "purchase"), sentence(b, "purchase"), added(*prices)]
+        return f"How many dollars did {a.name} and {b.name} pay in all?", str(sum(prices)), None, \
+            worked(steps, str(sum(prices)))
     aged = [p for p in people if "age" in p.facts]  # comparison
     pairs = [(a, b) for a in aged for b in aged if a.name < b.name and a.facts["age"] != b.facts["age"]]
     if not pairs:
@@ -119,7 +158,10 @@ def ask(rng: random.Random, kind: str, people: list[Person]):
     a, b = rng.choice(pairs)
     older = a if int(a.facts["age"]) > int(b.facts["age"]) else b
     first, second = (a, b) if rng.random() < 0.5 else (b, a)
-    return f"Who is older, {first.name} or {second.name}?", older.name, None
+    younger = b if older is a else a
+    steps = [sentence(first, "age"), sentence(second, "age"),
+             f"{older.facts['age']} is more than {younger.facts['age']}, so {older.name} is older."]
+    return f"Who is older, {first.name} or {second.name}?", older.name, None, worked(steps, older.name)
 
 
 def make_example(rng: random.Random, example_id: str) -> dict:
@@ -132,7 +174,7 @@ def make_example(rng: random.Random, example_id: str) -> dict:
             break
     facts = [(p, a) for p in people for a in p.facts]
     rng.shuffle(facts)
-    question, answer, source = asked
+    question, answer, source, worked_answer = asked
     sentences, start, offset = [], -1, 0
     for person, attribute in facts:
         text = sentence(person, attribute)
@@ -142,7 +184,7 @@ def make_example(rng: random.Random, example_id: str) -> dict:
         offset += len(text) + 1
     context = " ".join(sentences)
     return {"id": example_id, "title": "people_qa", "kind": kind, "context": context, "question": question,
-            "answers": {"text": [answer], "answer_start": [start]}}
+            "answers": {"text": [answer], "answer_start": [start]}, "worked": worked_answer}
 
 
 def generate_splits(sizes: dict = SPLIT_SIZES, seed: int = 0) -> dict:

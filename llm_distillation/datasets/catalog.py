@@ -72,6 +72,8 @@ class TaskData:
     merge_on: Optional[str] = None  # rows with the same value of this field are one example, all answers kept
     notes: str = ""
     build_hint: str = ""  # how to make the default source when it is generated, not downloaded
+    final_answer: str = ""  # worked answers: the prefix of their last line, which holds what F1/EM score ("" :
+    #                         an answer is one line, and a model's answer is its first line)
 
 
 def _published(llama: int, mistral: int, falcon: int, mistral_title: bool = False) -> tuple:
@@ -84,6 +86,10 @@ _SQUAD_FIELDS = {"title": ("title",), "context": ("context",), "question": ("que
 PEOPLE_QA_SYSTEM = ("Read the facts about several people and answer the question. Some questions need two facts, "
                     "or a number worked out from the numbers stated. Answer with a name, a few words from the text, "
                     "or a number, and nothing else.")
+
+PEOPLE_QA_WORKED_SYSTEM = ("Read the facts about several people and answer the question step by step: name the "
+                           "facts you use, each hop of a two-hop question, and write a sum out digit by digit. Then "
+                           "give the final answer on a line of its own, as 'Answer: ...'.")
 
 TASK_DATA: dict[str, TaskData] = {
     # SQuAD v1.1: answers = {"text": [...], "answer_start": [...]}
@@ -155,6 +161,13 @@ TASK_DATA: dict[str, TaskData] = {
                           build_hint="write it with python -m examples.real_pair.people_qa",
                           prompt=PromptSpec(request=QA_PROMPT.request, cue="Answer:", system=PEOPLE_QA_SYSTEM),
                           shots=3),
+    # people_qa_worked: the same questions answered with their worked steps (the facts used, each hop named, sums
+    # digit by digit), then "Answer: ..." on a line of its own; F1/EM score that line, ROUGE-L the steps
+    "people_qa_worked": TaskData(
+        source="~/.cache/llm-distill/people_qa", fields=_SQUAD_FIELDS, answers=(("worked",),), eval_split="test",
+        carve={"test": 0.1, "validation": 0.1}, build_hint="write it with python -m examples.real_pair.people_qa",
+        prompt=PromptSpec(request=QA_PROMPT.request, cue="Reasoning:", system=PEOPLE_QA_WORKED_SYSTEM),
+        shots=3, final_answer="Answer:"),
 }
 
 # The generic task: a user's own data (its schemas: llm_distillation.datasets.tasks.GENERIC_SCHEMAS); the

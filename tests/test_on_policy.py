@@ -1,0 +1,201 @@
+"""On-policy distillation (llm_recipes/on_policy.py): sampling, the rebuilt batch, its terms, bad answers, the
+flags, resume; on the shipped tiny pair (the student with its own tokenizer, and the one with the teacher's)."""
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from configs.paths import TINY_ASSETS
+from llm_recipes import objective, on_policy
+from llm_recipes.config import parse_flags
+from llm_recipes.data import move
+from llm_recipes.errors import UserError
+from llm_recipes.finetuning import epoch_micro_batches, setup, train, train_step
+
+STUDENT, SAME = str(TINY_ASSETS / "student_pretrained"), str(TINY_ASSETS / "student_same_pretrained")
+
+
+def flags(out, **extra) -> dict:
+    return {"distillation": True, "model_name": STUDENT, "output_dir": str(out), "batch_size_training": 4,
+            "distillation_config.lmbda": 1.0, "distillation_config.on_policy_max_new_tokens": 12,
+            "max_eval_step": 2, "lr": 1e-3, "scheduler": "constant", **extra}
+
+
+@pytest.fixture(scope="module")
+def student():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(STUDENT).eval(), AutoTokenizer.from_pretrained(STUDENT)
+
+
+def prompts(tokenizer, n=6):
+    texts = [f"Context: person {i} lives in oslo. Question: where does person {i} live? Answer:" for i in range(n)]
+    return [[tokenizer.bos_token_id] + tokenizer(t, add_special_tokens=False)["input_ids"][: 8 + 3 * i]
+            for i, t in enumerate(texts)]  # ragged: left padding matters
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+def test_sampling_is_deterministic_with_a_seed_and_ends_at_eos(student):
+    model, tokenizer = student
+    eos = on_policy.eos_ids(model, tokenizer)
+    settings = on_policy.Sampling(1.0, 12, 1.0, 1.0)
+
+    def draw(seed):
+        torch.manual_seed(seed)
+        return on_policy.sample_answers(model, prompts(tokenizer), settings, eos, tokenizer.pad_token_id,
+                                        torch.device("cpu"))
+
+    first, again, other = draw(0), draw(0), draw(1)
+    assert first == again and first != other
+    for answer in first:
+        assert 1 <= len(answer) <= 12 and (answer[-1] in eos or len(answer) == 12)
+        assert all(token not in eos for token in answer[:-1])  # cut at its first EOS
+
+
+def test_a_cold_sampler_gives_the_greedy_answers_of_generate(student):
+    """Temperature -> 0 is argmax: the sampler's left padding and positions give generate's greedy tokens."""
+    model, tokenizer = student
+    eos = on_policy.eos_ids(model, tokenizer)
+    batch = prompts(tokenizer)
+    sampled = on_policy.sample_answers(model, batch, on_policy.Sampling(1.0, 10, 1e-4, 1.0), eos,
+                                       tokenizer.pad_token_id, torch.device("cpu"))
+    for prompt, answer in zip(batch, sampled):  # one prompt at a time: no padding at all
+        greedy = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                do_sample=False, max_new_tokens=10, pad_token_id=tokenizer.pad_token_id)[0]
+        greedy = greedy[len(prompt):].tolist()
+        end = next((i + 1 for i, token in enumerate(greedy) if token in eos), len(greedy))
+        assert answer == greedy[:end]
+
+
+# ----------------------------------------------------------------------------------- the rebuilt batch
+LOSSES = [(STUDENT, "projected", {}), (STUDENT, "hybrid", {}), (STUDENT, "uld", {}),
+          (STUDENT, "uld", {"distillation_config.alignment": "index"}), (STUDENT, "multilevel_ot", {}),
+          (SAME, "kl", {}), (SAME, "jsd", {}), (SAME, "reverse_kl", {}), (SAME, "tvd", {})]
+
+
+@pytest.mark.parametrize("model_name, loss, extra", LOSSES)
+def test_the_on_policy_term_of_an_answer_equals_the_off_policy_term_of_the_same_text(tmp_path, model_name, loss,
+                                                                                     extra):
+    """The student 'samples' exactly the data set's answers: the rebuilt batch is the data set's batch, token
+    for token (alignment columns included), and every loss gives the same term and units."""
+    state = setup(parse_flags(flags(tmp_path, model_name=model_name, **{"distillation_config.loss": loss}, **extra)))
+    batch = next(epoch_micro_batches(state, 0))
+    sampled = on_policy.answers_of(batch["student"])  # " answer" + EOS, as the student would write it
+    rebuilt = on_policy.on_policy_batch(
+        batch, sampled, state.on_policy.tokenizers, state.pad_ids, same_tokenizer=state.on_policy.same_tokenizer,
+        text_groups=state.on_policy.text_groups, projection_map=state.on_policy.projection_map,
+        eos=state.on_policy.eos)
+    for side in ("student", "teacher"):
+        assert set(rebuilt[side]) == set(batch[side]) - {"cache"}
+        for key in rebuilt[side]:
+            assert torch.equal(rebuilt[side][key], batch[side][key]), (side, key)
+    state.models.student.eval()
+    device = state.info.device
+    off = objective.compute_terms(state.objective, state.models, move(batch, device), device, with_ce=False)
+    on = objective.compute_terms(state.objective, state.models, move(rebuilt, device), device, with_ce=False)
+    assert on.counts == off.counts and on.counts.ce == 0 and on.counts.distill > 0
+    assert torch.equal(on.sums["distill"], off.sums["distill"]) and float(on.sums["ce"].detach()) == 0.0
+
+
+def test_bad_answers_are_counted_and_give_no_nan(tmp_path):
+    """An EOS at once, an answer cut at the token limit, and a text the teacher cannot be given (an unknown
+    token has no text) give no units and no NaN; each is counted."""
+    state = setup(parse_flags(flags(tmp_path)))
+    batch = next(epoch_micro_batches(state, 0))
+    tokenizer, eos = state.student_tokenizer, state.on_policy.eos
+    good = on_policy.answers_of(batch["student"])[3]
+    unk = tokenizer.unk_token_id
+    sampled = [[eos[0]], tokenizer(" oslo oslo oslo", add_special_tokens=False)["input_ids"][:5],
+               tokenizer(" new", add_special_tokens=False)["input_ids"] + [unk] + [eos[0]], good]
+    stats = on_policy.Stats()
+    rebuilt = on_policy.on_policy_batch(batch, sampled, state.on_policy.tokenizers, state.pad_ids,
+                                        same_tokenizer=False, text_groups=True,
+                                        projection_map=state.on_policy.projection_map, eos=eos, stats=stats)
+    assert (stats.answers, stats.empty, stats.cut, stats.unaligned) == (4, 1, 1, 0)  # <unk> has no text: aligned
+    assert stats.tokens == sum(len(s) for s in sampled)
+    terms = objective.compute_terms(state.objective, state.models, rebuilt, state.info.device, with_ce=False)
+    assert math.isfinite(float(terms.sums["distill"].detach())) and terms.counts.distill > 0
+    line = stats.line()
+    assert (line["sampled_empty"], line["sampled_cut"], line["sampled_unaligned"]) == (1, 1, 0)
+
+
+def test_a_text_the_teachers_tokenizer_cannot_reproduce_is_counted_unaligned(tiny):
+    """A byte-level student writes "é", which the WordPiece teacher of the fixtures only knows as [UNK]: the two
+    answers do not spell the same text, so the answer gets no pairs and is counted."""
+    from transformers import AutoTokenizer
+
+    from llm_recipes.data import collate
+
+    student, teacher = (AutoTokenizer.from_pretrained(tiny[name]) for name in ("teacher", "student"))
+    prompt_s, prompt_t = student("where? answer:")["input_ids"], teacher("where? answer:")["input_ids"]
+    batch = {"student": collate([{"input_ids": prompt_s, "labels": [-100] * len(prompt_s),
+                                  "attention_mask": [1] * len(prompt_s)}] * 2, student.pad_token_id),
+             "teacher": collate([{"input_ids": prompt_t, "labels": [-100] * len(prompt_t),
+                                  "attention_mask": [1] * len(prompt_t)}] * 2, teacher.pad_token_id)}
+    sampled = [student(" oslo é", add_special_tokens=False)["input_ids"] + [student.eos_token_id],
+               student(" oslo", add_special_tokens=False)["input_ids"] + [student.eos_token_id]]
+    stats = on_policy.Stats()
+    rebuilt = on_policy.on_policy_batch(batch, sampled, (student, teacher), (student.pad_token_id,
+                                        teacher.pad_token_id), same_tokenizer=False, text_groups=True,
+                                        eos=[student.eos_token_id], stats=stats)
+    assert stats.unaligned == 1 and stats.empty == 0
+    groups = rebuilt["student"]["alignment_group"]
+    assert (groups[0] == -1).all() and (groups[1] >= 0).any()
+
+
+def test_a_step_whose_answers_are_all_empty_is_skipped_without_nan(tmp_path, monkeypatch):
+    state = setup(parse_flags(flags(tmp_path)))
+    eos = state.on_policy.eos
+    monkeypatch.setattr(on_policy, "sample_answers", lambda model, prompts, *args, **kwargs: [[eos[0]]] * len(prompts))
+    with pytest.warns(UserWarning, match="no answer tokens"):
+        metrics = train_step(state, [next(epoch_micro_batches(state, 0))])
+    assert metrics["on_policy"] and "loss" not in metrics and metrics["tokens"] == 0
+    assert state.on_policy.stats.empty == 4
+
+
+# ------------------------------------------------------------------------------------------- training
+def test_an_on_policy_run_logs_its_answers_and_resumes_bit_for_bit(tmp_path, capsys):
+    common = flags(tmp_path, **{"distillation_config.lmbda": 0.5, "max_train_step": 8, "save_step": 4,
+                                "save_all": True, "run_validation": False})
+    train(parse_flags({**common, "output_dir": str(tmp_path / "a")}))
+    assert "on-policy with probability 0.5" in capsys.readouterr().out
+    train(parse_flags({**common, "output_dir": str(tmp_path / "b"),
+                       "resume_from": str(tmp_path / "a" / "checkpoints" / "step-0000004")}))
+    a, b = (load_file(str(tmp_path / x / "last" / "model.safetensors")) for x in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lines = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [line for line in lines if line["type"] == "train"]
+    pattern = [line["on_policy"] for line in train_lines]
+    assert 0 < sum(pattern) < len(pattern)  # both kinds of steps at lmbda 0.5
+    for line in train_lines:
+        if line["on_policy"]:
+            assert "ce" not in line and 1 <= line["sampled_tokens"] <= 12 and "sampled_one_to_one" in line
+        else:
+            assert "ce" in line and "sampled_tokens" not in line
+    resumed = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["on_policy"] for line in resumed if line["type"] == "train"] == pattern[4:]
+
+
+def test_on_policy_with_lora_and_gradient_accumulation(tmp_path):
+    result = train(parse_flags(flags(tmp_path, model_name=SAME, use_peft=True, gradient_accumulation_steps=2,
+                                     max_train_step=3, run_validation=False, **{"lora_config.r": 4})))
+    assert result["state"]["global_step"] == 3
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(line["on_policy"] == 1.0 and math.isfinite(line["distill"]) for line in lines if line["type"] == "train")
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"distillation_config.lmbda": 1.5}, "lmbda is a probability: it must be in [0, 1]"),
+    ({"distillation_config.lmbda": 0.0, "distillation_config.on_policy_top_p": 0.9},
+     "has no effect without --distillation_config.lmbda > 0"),
+    ({"distillation_config.on_policy_temperature": 0.0}, "on_policy_temperature must be > 0"),
+    ({"distillation_config.distil_factor": 0}, "which --distillation_config.distil_factor 0 turns off"),
+    ({"distillation_config.teacher_cache": "somewhere"}, "on-policy needs the live teacher"),
+    ({"encoder_decoder": True}, "needs a causal student and teacher"),
+])
+def test_bad_on_policy_flags_are_refused_in_one_line(tmp_path, extra, message):
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")) as error:
+        parse_flags(flags(tmp_path, **extra))
+    assert "\n" not in str(error.value)
