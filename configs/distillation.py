@@ -91,6 +91,10 @@ class distillation_config:
     on_policy_temperature: float = _distillation(
         1.0, "on-policy: the temperature the student samples at (the loss's is --distillation_config.temperature)")
     on_policy_top_p: float = _distillation(1.0, "on-policy: nucleus sampling of the student's answers (1: off)")
+    distill_eos: Optional[bool] = _distillation(
+        None, "distil the end of the answer: the teacher's answers end with its EOS, the two EOS rows pair, and the "
+              "projected teacher's EOS probability goes to the student's EOS; None: on with lmbda > 0 (a sampled "
+              "answer learns when to stop from the teacher alone), off otherwise (the seeds': no teacher EOS)")
 
     # token selection (docs/methods.md): the logit term only at each answer's top positions
     token_selection: str = _distillation(

@@ -24,6 +24,7 @@ from llm_recipes import flags
 from llm_recipes.errors import UserError
 from llm_recipes.flags import Refused
 from llm_recipes.losses import LossSpec
+from llm_recipes.losses.family import distills_eos
 from llm_recipes.losses.table import SFT_ONLY
 
 MULTILEVEL_OT_F_MODES = {1: "fast", 2: "greedy"}  # the MultiLevelOT fork's --f
@@ -297,6 +298,9 @@ def validate_teacher_cache(run: RunConfig, spelled: dict) -> None:
     d = run.distillation
     if d.teacher_cache is None:
         return
+    if d.distill_eos:
+        raise UserError("--distillation_config.distill_eos ends the teacher's answers with its EOS, whose rows a "
+                        "teacher cache was not written with: drop one of the two")
     for name in ("hidden_weight", "feature_weight"):
         if getattr(d, name) > 0:
             raise UserError(f"--distillation_config.{name} needs the teacher's hidden states, which a teacher cache "
@@ -320,6 +324,7 @@ class RunPlan:
     intermediate_terms: bool  # a hidden-state or feature term is on
     student_attention: Optional[str]  # attn_implementation of the student
     text_groups: bool = False  # the data pipeline aligns answers by text (the logit term or hidden_alignment text)
+    distill_eos: bool = False  # the teacher's answers end with its EOS, paired with the student's (distill_eos)
 
     @property
     def uses_teacher(self) -> bool:
@@ -348,4 +353,4 @@ def resolve_plan(run: RunConfig, student_tokenizer, teacher_tokenizer, cache=Non
     if factor == 0:  # no logit term: the plain CE (the named loss was still checked)
         spec = LossSpec.from_config(d, name=SFT_ONLY, **sizes)
     text_groups = (spec.distills and spec.alignment == "text") or (intermediate and d.hidden_alignment == "text")
-    return RunPlan(spec, factor, same, intermediate, attention, text_groups)
+    return RunPlan(spec, factor, same, intermediate, attention, text_groups, distills_eos(d))

@@ -167,10 +167,24 @@ def joint_filter(student, teacher, student_stats: dict, teacher_stats: Optional[
     return student, teacher, dropped
 
 
+def with_end_of_answer(teacher, eos_id: int):
+    """Every teacher answer ending with the teacher's EOS (`--distillation_config.distill_eos`): a causal teacher's
+    rows hold none (the ULD convention), so no row of it would predict the end of the answer."""
+    def append(row):
+        labels = row["labels"]
+        if not any(label != IGNORE_INDEX for label in labels) or labels[-1] == eos_id:
+            return row
+        return {"input_ids": row["input_ids"] + [eos_id], "labels": labels + [eos_id],
+                "attention_mask": row["attention_mask"] + [1]}
+    return teacher.map(append, desc="teacher answers end with EOS")
+
+
 def build_paired_split(loader, dataset_config, split: str, *, student_tokenizer, student_name: str,
                        student_encoder_decoder: bool, student_max: Optional[int], teacher_tokenizer=None,
                        teacher_name: Optional[str] = None, teacher_encoder_decoder: bool = False,
-                       teacher_max: Optional[int] = None) -> PairedSplit:
+                       teacher_max: Optional[int] = None, teacher_eos: bool = False) -> PairedSplit:
+    """The split of both sides, checked to pair up, filtered jointly; `teacher_eos`: the teacher's answers end with
+    its EOS (with_end_of_answer)."""
     student = load_split(loader, dataset_config, student_tokenizer, split, role="student",
                          model_name=student_name, encoder_decoder=student_encoder_decoder)
     teacher = None
@@ -178,6 +192,8 @@ def build_paired_split(loader, dataset_config, split: str, *, student_tokenizer,
         teacher = load_split(loader, dataset_config, teacher_tokenizer, split, role="teacher",
                              model_name=teacher_name, encoder_decoder=teacher_encoder_decoder)
         check_pairing(student, teacher, split)
+        if teacher_eos:
+            teacher = with_end_of_answer(teacher, teacher_tokenizer.eos_token_id)
     student_stats = summarize(student, "student", split, student_encoder_decoder)
     teacher_stats = summarize(teacher, "teacher", split, teacher_encoder_decoder) if teacher is not None else None
     without_answer = sum(1 for n in student_stats["answer_tokens"] if n == 0)
@@ -192,10 +208,12 @@ def build_paired_split(loader, dataset_config, split: str, *, student_tokenizer,
 
 
 # ------------------------------------------------------------------------------------ text alignment
-def attach_alignment(split: PairedSplit, student_tokenizer, teacher_tokenizer, projection=None) -> PairedSplit:
+def attach_alignment(split: PairedSplit, student_tokenizer, teacher_tokenizer, projection=None,
+                     end: Optional[tuple] = None) -> PairedSplit:
     """The split with the text-alignment columns added to both sides (see the module docstring), and its
     figures: unaligned examples, groups, the share of 1:1 groups, the largest group, the share of student
-    answer tokens the projection serves (with `projection`, a ProjectionMap)."""
+    answer tokens the projection serves (with `projection`, a ProjectionMap). `end`: (student EOS ids, teacher
+    EOS ids): two answers that end with their EOS get one more group, the end of the answer."""
     from tqdm.auto import tqdm
 
     counts, shapes = Counter(), Counter()
@@ -204,7 +222,7 @@ def attach_alignment(split: PairedSplit, student_tokenizer, teacher_tokenizer, p
     for s_labels, t_labels in tqdm(pairs, total=len(split), desc="aligning answers", leave=False,
                                    disable=len(split) < 5000):
         for column, values in zip(columns, align_example(s_labels, t_labels, student_tokenizer, teacher_tokenizer,
-                                                         projection, counts, shapes)):
+                                                         projection, counts, shapes, end)):
             column.append(values)
     student = split.student.add_column("alignment_group", columns[0])
     teacher = split.teacher.add_column("alignment_group", columns[1])

@@ -139,11 +139,13 @@ def load_data(run: RunConfig, plan: RunPlan, tokenizers: tuple, student, teacher
                       student_encoder_decoder=t.encoder_decoder,
                       student_max=models.max_positions(student.config, t.context_length),
                       teacher_tokenizer=teacher_tokenizer, teacher_name=teacher_name,
-                      teacher_encoder_decoder=teacher_encoder_decoder, teacher_max=teacher_max)
+                      teacher_encoder_decoder=teacher_encoder_decoder, teacher_max=teacher_max,
+                      teacher_eos=plan.distill_eos and t.distillation)
     names = ("train", "validation") if t.run_validation else ("train",)
     splits = [data.build_paired_split(loader, run.dataset, name, **split_args) for name in names]
     if plan.text_groups:
-        splits = [data.attach_alignment(split, student_tokenizer, teacher_tokenizer, projection_map)
+        end = end_tokens(plan, student_tokenizer, teacher_tokenizer, student)
+        splits = [data.attach_alignment(split, student_tokenizer, teacher_tokenizer, projection_map, end)
                   for split in splits]
     if cache is not None and plan.spec.distills:
         splits = [data.attach_teacher_cache(split, d.teacher_cache, name, teacher_tokenizer)
@@ -153,6 +155,14 @@ def load_data(run: RunConfig, plan: RunPlan, tokenizers: tuple, student, teacher
             print(f"{name}: {len(split)} examples ({split.dropped_too_long} dropped as too long, "
                   f"{split.without_answer} without answer tokens)" + describe_alignment(split.alignment))
     return splits[0], splits[1] if len(splits) > 1 else None
+
+
+def end_tokens(plan: RunPlan, student_tokenizer, teacher_tokenizer, student) -> Optional[tuple]:
+    """(student EOS ids, teacher EOS ids) when the end of the answer is distilled (--distillation_config.distill_eos):
+    the ids that end a student's answer (its tokenizer's and its generation config's) and the teacher's EOS."""
+    if not plan.distill_eos:
+        return None
+    return tuple(on_policy.eos_ids(student, student_tokenizer)), (teacher_tokenizer.eos_token_id,)
 
 
 def describe_alignment(figures: dict) -> str:
@@ -282,7 +292,8 @@ def setup(run: RunConfig) -> TrainState:
     sampled = on_policy.OnPolicy(
         on_policy.Sampling.from_config(run.distillation), (student_tokenizer, teacher_tokenizer),
         on_policy.eos_ids(placed.student_inner, student_tokenizer), plan.same_tokenizer, plan.text_groups,
-        artifacts.projection_map) if run.distillation.lmbda > 0 else None
+        artifacts.projection_map, end_tokens(plan, student_tokenizer, teacher_tokenizer, placed.student_inner)) \
+        if run.distillation.lmbda > 0 else None
     first = next(data.train_micro_batches(len(train_split), 0, t.seed, t.batch_size_training, 1, info.world_size,
                                           info.rank))
     report_setup(run, plan, placed, objective_, data.PairedBatches(train_split, *pad_ids)[first], info)

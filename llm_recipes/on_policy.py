@@ -167,24 +167,29 @@ def _leading_space(text: str) -> str:
 
 
 def teacher_answer(sampled: list[int], text: str, data_answer: list[int], tokenizers: tuple,
-                   same_tokenizer: bool, eos: list[int]) -> list[int]:
-    """The teacher's answer ids for a sampled answer: one tokenizer, the sampled ids (without the EOS: a causal
-    teacher's answers have none in the data pipeline); two, the text with the leading whitespace the data set's
-    teacher answer of this example has (a chat prompt: none; a plain prompt: its separator)."""
+                   same_tokenizer: bool, eos: list[int], end: bool = False) -> list[int]:
+    """The teacher's answer ids for a sampled answer: one tokenizer, the sampled ids; two, the text with the leading
+    whitespace the data set's teacher answer of this example has (a chat prompt: none; a plain prompt: its
+    separator). A causal teacher's answers end with no EOS in the data pipeline, unless the end of the answer is
+    distilled (`end`, --distillation_config.distill_eos): then with the teacher's EOS where the student wrote one."""
+    stopped = bool(sampled) and sampled[-1] in eos
     if same_tokenizer:
-        return sampled[:-1] if sampled and sampled[-1] in eos else list(sampled)
+        return list(sampled) if end or not stopped else sampled[:-1]
     body = text.lstrip()
-    if not body:
-        return []
     teacher_tokenizer = tokenizers[1]
+    closing = [teacher_tokenizer.eos_token_id] if end and stopped else []
+    if not body:
+        return closing
     prefix = _leading_space(teacher_tokenizer.decode(data_answer, skip_special_tokens=True,
                                                      clean_up_tokenization_spaces=False)) if data_answer else " "
-    return teacher_tokenizer(prefix + body, add_special_tokens=False)["input_ids"]
+    return teacher_tokenizer(prefix + body, add_special_tokens=False)["input_ids"] + closing
 
 
 def on_policy_batch(batch: dict, sampled: list[list[int]], tokenizers: tuple, pad_ids: tuple, *, same_tokenizer: bool,
-                    text_groups: bool, projection_map=None, eos: list[int] = (), stats: Optional[Stats] = None) -> dict:
-    """The micro-batch as the data pipeline would make it for the sampled answers (see the module docstring)."""
+                    text_groups: bool, projection_map=None, eos: list[int] = (), stats: Optional[Stats] = None,
+                    end: Optional[tuple] = None) -> dict:
+    """The micro-batch as the data pipeline would make it for the sampled answers (see the module docstring);
+    `end` = (student EOS ids, teacher EOS ids): the end of the answer is distilled (distill_eos)."""
     from llm_recipes.data import collate
 
     stats = stats if stats is not None else Stats()
@@ -194,14 +199,14 @@ def on_policy_batch(batch: dict, sampled: list[list[int]], tokenizers: tuple, pa
     for s_prompt, t_prompt, answer, data_answer in zip(prompts_of(batch["student"]), prompts_of(batch["teacher"]),
                                                        sampled, answers_of(batch["teacher"])):
         text = student_tokenizer.decode(answer, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        t_answer = teacher_answer(answer, text, data_answer, tokenizers, same_tokenizer, eos)
+        t_answer = teacher_answer(answer, text, data_answer, tokenizers, same_tokenizer, eos, end is not None)
         s_labels = [IGNORE_INDEX] * len(s_prompt) + answer
         t_labels = [IGNORE_INDEX] * len(t_prompt) + t_answer
         student = {"input_ids": s_prompt + answer, "labels": s_labels, "attention_mask": [1] * len(s_labels)}
         teacher = {"input_ids": t_prompt + t_answer, "labels": t_labels, "attention_mask": [1] * len(t_labels)}
-        if text_groups:  # an empty answer has no group to align: -1 everywhere
+        if text_groups:  # an empty answer has no group to align (but its end): -1 everywhere
             s_groups, t_groups, nodes = align_example(s_labels, t_labels, *tokenizers, projection_map, counts,
-                                                      stats.shapes) if t_answer else \
+                                                      stats.shapes, end) if t_answer else \
                 ([-1] * len(s_labels), [-1] * len(t_labels), [-1] * len(s_labels))
             student["alignment_group"], teacher["alignment_group"] = s_groups, t_groups
             if projection_map is not None:
@@ -227,6 +232,7 @@ class OnPolicy:
     same_tokenizer: bool
     text_groups: bool  # align the answers by text (the logit term's or the hidden-state term's pairing)
     projection_map: object = None  # the projected teacher's map (its trie nodes for every served token)
+    end: Optional[tuple] = None  # (student EOS ids, teacher EOS ids): the end of the answer is distilled
     stats: Stats = field(default_factory=Stats)
 
     def batches(self, student, micro_batches: list[dict], pad_ids: tuple, device: torch.device, synced: bool,
@@ -239,5 +245,5 @@ class OnPolicy:
                                      device, synced, autocast())
             out.append(on_policy_batch(batch, sampled, self.tokenizers, pad_ids, same_tokenizer=self.same_tokenizer,
                                        text_groups=self.text_groups, projection_map=self.projection_map,
-                                       eos=self.eos, stats=self.stats))
+                                       eos=self.eos, stats=self.stats, end=self.end))
         return out

@@ -9,6 +9,7 @@ import pytest
 
 from examples import harness
 from examples.tiny import demo
+from llm_recipes.errors import UserError
 
 SEEDS = [0, 1, 2, 3, 4]
 
@@ -96,3 +97,20 @@ def test_the_uld_study_measures_the_gradient_uld_really_has():
     assert torch.allclose(ours, student.grad.reshape(7), atol=1e-12)
     top = int(z_s.argmax())
     assert torch.softmax(z_t, -1).max() > torch.softmax(z_s, -1).max() and -ours[top] > 0  # raised, right or wrong
+
+
+def test_the_row_sets_and_the_rate_seed():
+    """--rows picks a set or names (SFT rows always kept); the on-policy control table has both tokenizers' SFT,
+    off-policy and on-policy rows; every slug (its runs' folder) is unique; a rate seed among the test seeds is
+    refused before anything runs."""
+    on_policy = [row.name for row in demo.selected_rows("on_policy")]
+    assert on_policy == ["SFT", "projected", "SFT (same tokenizer)", "KL (same tokenizer)", "projected on-policy 0.5",
+                         "projected on-policy 1.0", "KL on-policy 0.5 (same tokenizer)",
+                         "KL on-policy 1.0 (same tokenizer)"]
+    assert [row.name for row in demo.selected_rows("hybrid")] == ["SFT", "hybrid", "SFT (same tokenizer)"]
+    assert len({row.slug for row in demo.ALL_ROWS}) == len(demo.ALL_ROWS)
+    assert demo.ALL_ROWS[-1].flags["distillation_config.lmbda"] == 1.0
+    with pytest.raises(UserError, match="unknown row nope"):
+        demo.selected_rows("nope")
+    with pytest.raises(UserError, match="--rate_seed 3 is one of the test seeds"):
+        demo.run_demo(demo.DemoArgs(seeds=5, rate_seed=3))

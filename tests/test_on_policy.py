@@ -86,7 +86,7 @@ def test_the_on_policy_term_of_an_answer_equals_the_off_policy_term_of_the_same_
     rebuilt = on_policy.on_policy_batch(
         batch, sampled, state.on_policy.tokenizers, state.pad_ids, same_tokenizer=state.on_policy.same_tokenizer,
         text_groups=state.on_policy.text_groups, projection_map=state.on_policy.projection_map,
-        eos=state.on_policy.eos)
+        eos=state.on_policy.eos, end=state.on_policy.end)
     for side in ("student", "teacher"):
         assert set(rebuilt[side]) == set(batch[side]) - {"cache"}
         for key in rebuilt[side]:
@@ -112,7 +112,8 @@ def test_bad_answers_are_counted_and_give_no_nan(tmp_path):
     stats = on_policy.Stats()
     rebuilt = on_policy.on_policy_batch(batch, sampled, state.on_policy.tokenizers, state.pad_ids,
                                         same_tokenizer=False, text_groups=True,
-                                        projection_map=state.on_policy.projection_map, eos=eos, stats=stats)
+                                        projection_map=state.on_policy.projection_map, eos=eos, stats=stats,
+                                        end=state.on_policy.end)
     assert (stats.answers, stats.empty, stats.cut, stats.unaligned) == (4, 1, 1, 0)  # <unk> has no text: aligned
     assert stats.tokens == sum(len(s) for s in sampled)
     terms = objective.compute_terms(state.objective, state.models, rebuilt, state.info.device, with_ce=False)
@@ -145,14 +146,55 @@ def test_a_text_the_teachers_tokenizer_cannot_reproduce_is_counted_unaligned(tin
     assert (groups[0] == -1).all() and (groups[1] >= 0).any()
 
 
-def test_a_step_whose_answers_are_all_empty_is_skipped_without_nan(tmp_path, monkeypatch):
-    state = setup(parse_flags(flags(tmp_path)))
+@pytest.mark.parametrize("distill_eos", [True, False])
+def test_a_step_whose_answers_are_all_empty(tmp_path, monkeypatch, distill_eos):
+    """Every answer an EOS at once: with the end of the answer distilled (the default with lmbda > 0) the step
+    trains the students' stop against the teacher's (one unit per answer, a finite loss); without it the step has
+    no units and is skipped. Neither gives a NaN; the empty answers are counted."""
+    state = setup(parse_flags(flags(tmp_path, **{"distillation_config.distill_eos": distill_eos})))
     eos = state.on_policy.eos
     monkeypatch.setattr(on_policy, "sample_answers", lambda model, prompts, *args, **kwargs: [[eos[0]]] * len(prompts))
-    with pytest.warns(UserWarning, match="no answer tokens"):
+    if distill_eos:
         metrics = train_step(state, [next(epoch_micro_batches(state, 0))])
-    assert metrics["on_policy"] and "loss" not in metrics and metrics["tokens"] == 0
-    assert state.on_policy.stats.empty == 4
+        assert math.isfinite(metrics["loss"]) and metrics["loss"] > 0 and "ce" not in metrics
+    else:
+        with pytest.warns(UserWarning, match="no answer tokens"):
+            metrics = train_step(state, [next(epoch_micro_batches(state, 0))])
+        assert "loss" not in metrics and metrics["tokens"] == 0
+    assert metrics["on_policy"] and state.on_policy.stats.empty == 4
+
+
+def test_the_end_of_the_answer_is_distilled(tmp_path):
+    """distill_eos: the teacher's answers end with its EOS, the two EOS tokens form the last text group, and the
+    projected target at the student's EOS row holds the teacher's probability of ending (its EOS column) where
+    off it would be left out; with lmbda 0 it is off by default (the seeds' teacher answers, without EOS)."""
+    from llm_recipes.data import batch_alignment
+    from llm_recipes.losses.projection import projected_target
+
+    off_flags = {k: v for k, v in flags(tmp_path / "off").items() if "on_policy" not in k and "lmbda" not in k}
+    plain = setup(parse_flags(off_flags))
+    state = setup(parse_flags(flags(tmp_path / "on")))
+    assert not plain.plan.distill_eos and state.plan.distill_eos
+    off, on = (next(epoch_micro_batches(s, 0)) for s in (plain, state))
+    t_eos, s_eos = state.on_policy.tokenizers[1].eos_token_id, state.student_tokenizer.eos_token_id
+    for row_off, row_on in zip(off["teacher"]["labels"].tolist(), on["teacher"]["labels"].tolist()):
+        answer_off, answer_on = [x for x in row_off if x != -100], [x for x in row_on if x != -100]
+        assert answer_on == answer_off + [t_eos] and t_eos not in answer_off
+    align = batch_alignment(on)
+    for b in range(on["student"]["labels"].shape[0]):
+        labels = on["student"]["labels"][b]
+        last = int((labels != -100).nonzero().max())
+        assert int(labels[last]) == s_eos and int(align["student_groups"][b, last]) >= 0
+        assert int(align["student_nodes"][b, last]) >= 0  # served
+    projection = state.objective.spec.options.projection
+    teacher = torch.zeros(1, projection.teacher_vocab_size)
+    teacher[0, t_eos] = 20.0  # a teacher sure the answer ends here
+    node = torch.tensor([projection.roots[0]])
+    target, served = projected_target(teacher, node, projection, 1.0, projection.student_vocab_size)
+    assert bool(served[0]) and float(target[0, s_eos]) > 0.9
+    plain_projection = plain.objective.spec.options.projection
+    target, _ = projected_target(teacher, node, plain_projection, 1.0, projection.student_vocab_size)
+    assert float(target[0, s_eos]) == 0.0
 
 
 # ------------------------------------------------------------------------------------------- training

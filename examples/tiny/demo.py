@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Optional
 
 from configs.paths import TINY_ASSETS, TINY_QA_DATA, TINY_QA_LOADER, TINY_TEACHER
-from examples.harness import (STARTED, Row, command_flags, finetune, in_parallel, read_metrics, run, score, step,
-                              write_report)
+from examples.harness import (STARTED, Row, command_flags, finetune, in_parallel, machine_info, on_policy_answers,
+                              read_metrics, run, score, step, write_report)
 from llm_recipes import flags
 from llm_recipes.errors import UserError
 from llm_recipes.flags import option
@@ -68,6 +68,20 @@ ROWS = (
     Row("SFT (same tokenizer)", "student_same", "none", None, {"distillation_config.distil_factor": 0}),
     Row("KL (same tokenizer)", "student_same", "kl", None, {"distillation_config.loss": "kl"}),
 )
+# On-policy rows (docs/on_policy.md): the student answers the training prompts itself, the teacher scores them.
+ON_POLICY = {"distillation_config.on_policy_max_new_tokens": 16}
+ON_POLICY_ROWS = tuple(
+    Row(f"{name} on-policy {lmbda:.1f}{suffix}", student, loss, alignment,
+        {"distillation_config.loss": loss, "distillation_config.lmbda": lmbda, **ON_POLICY})
+    for name, student, loss, alignment, suffix in (("projected", "student", "projected", "text", ""),
+                                                   ("KL", "student_same", "kl", None, " (same tokenizer)"))
+    for lmbda in (0.5, 1.0))
+ALL_ROWS = ROWS + ON_POLICY_ROWS
+# The short-answer control table of on-policy distillation: the rows it compares, with and without the teacher's
+# tokenizer (python -m examples.tiny.demo --rows on_policy --regimes pretrained --seeds 10)
+ROW_SETS = {"default": ROWS, "all": ALL_ROWS, "on_policy": tuple(
+    row for row in ALL_ROWS if row.name in ("SFT", "projected", "SFT (same tokenizer)", "KL (same tokenizer)")
+    or "on-policy" in row.name)}
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -82,6 +96,7 @@ class Setup:
     quick: bool
     seeds: int
     jobs: int
+    rate_seed: int = 100
 
     @property
     def lr_grid(self) -> tuple:
@@ -156,7 +171,7 @@ def prepare(args) -> Setup:
             out / "logs" / "cache_teacher.txt")
     pretrain = assets.write_pretrain_data(out / "pretrain-data", size=QUICK["pretrain"] if args.quick else
                                           assets.PRETRAIN_SIZE)
-    return Setup(out, data, teacher, answers, cache, pretrain, args.quick, args.seeds, args.jobs)
+    return Setup(out, data, teacher, answers, cache, pretrain, args.quick, args.seeds, args.jobs, args.rate_seed)
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -178,19 +193,20 @@ def train_row(setup: Setup, row: Row, regime: str, seed: int, lr: float) -> Path
 
 
 def select_rate(setup: Setup, row: Row, regime: str) -> dict:
-    """Validation F1 (seed 0) of every rate of the grid; the best one."""
+    """Validation F1 of every rate of the grid at the rate seed (no test seed); the best one."""
     scores = {}
     for lr in setup.lr_grid:
-        run_dir = train_row(setup, row, regime, 0, lr)
+        run_dir = train_row(setup, row, regime, setup.rate_seed, lr)
         scores[lr] = score(run_dir / "best", setup.data, "validation", run_dir / "validation")
-    return {"validation_f1": scores, "lr": max(scores, key=lambda lr: (scores[lr], -lr))}
+    return {"validation_f1": scores, "lr": max(scores, key=lambda lr: (scores[lr], -lr)), "seed": setup.rate_seed}
 
 
 def final_run(setup: Setup, row: Row, regime: str, seed: int, lr: float) -> dict:
     run_dir = train_row(setup, row, regime, seed, lr)
     curve = read_metrics(run_dir)
     return {"f1": score(run_dir / "best", setup.data, "test_large", run_dir / "test"),
-            "peak_memory_gb": max((r["peak_memory_gb"] for r in curve if "peak_memory_gb" in r), default=None)}
+            "peak_memory_gb": max((r["peak_memory_gb"] for r in curve if "peak_memory_gb" in r), default=None),
+            "sampled": on_policy_answers(run_dir)}
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -199,7 +215,11 @@ class DemoArgs:
     """Flags of `python -m examples.tiny.demo`."""
 
     output_dir: str = option("output/demo", "where the runs, results.md, results.png and results.json go")
-    seeds: int = option(5, "seeds 0..N-1 of every row (the same initial weights and data order within a seed)")
+    seeds: int = option(5, "test seeds 0..N-1 of every row (the same initial weights and data order within a seed)")
+    rate_seed: int = option(100, "the seed of the runs that pick each row's learning rate on validation (not a "
+                                 "test seed)")
+    rows: str = option("default", "default (the cross-tokenizer table) | on_policy (the on-policy control table) | "
+                                  "all | comma-separated row names")
     regimes: str = option("random,pretrained", "student regimes: random (untrained) and/or pretrained")
     jobs: int = option(2, "runs at a time (each on one thread)")
     quick: bool = option(False, "the mechanics on a few examples: one epoch, one rate, minutes")
@@ -211,6 +231,18 @@ COMMAND = flags.Command(program="python -m examples.tiny.demo", summary=__doc__.
                         sections={"args": DemoArgs})
 
 
+def selected_rows(text: str) -> tuple:
+    """--rows: a set's name (ROW_SETS) or comma-separated row names (ALL_ROWS), with SFT rows kept."""
+    if text in ROW_SETS:
+        return ROW_SETS[text]
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in {row.name for row in ALL_ROWS}]
+    if unknown or not names:
+        raise UserError(f"--rows {text!r}: unknown row {', '.join(unknown) or '(none given)'}; use "
+                        f"{' | '.join(ROW_SETS)} or names among: {', '.join(row.name for row in ALL_ROWS)}")
+    return tuple(row for row in ALL_ROWS if row.name in names or row.loss == "none")
+
+
 def run_demo(args: DemoArgs) -> dict:
     regimes = [r.strip() for r in args.regimes.split(",") if r.strip()]
     if args.seeds < 1 or args.jobs < 1:
@@ -219,29 +251,37 @@ def run_demo(args: DemoArgs) -> dict:
         raise UserError(f"--regimes must be a comma-separated subset of {', '.join(REGIMES)}, got {args.regimes!r}")
     if args.teacher is not None and not (Path(args.teacher) / "config.json").is_file():
         raise UserError(f"--teacher {args.teacher} is not a model folder (no config.json): pass a trained teacher")
-    setup = prepare(args)
     seeds = list(range(args.seeds))
+    if args.rate_seed in seeds:
+        raise UserError(f"--rate_seed {args.rate_seed} is one of the test seeds 0..{args.seeds - 1}: a rate picked "
+                        "on a test seed's run favours that seed; choose another")
+    rows = selected_rows(args.rows)
+    setup = prepare(args)
     step("inits: untrained and pretrained students of every seed")
-    for s in seeds:  # the untrained ones first, one at a time: a pretrained init starts from them
+    for s in [setup.rate_seed] + seeds:  # the untrained ones first, one at a time: a pretrained init starts from them
         for st in ("student", "student_same"):
             student_init(setup, st, "random", s)
     if "pretrained" in regimes:
         in_parallel(setup.jobs, [lambda s=s, st=st: student_init(setup, st, "pretrained", s)
-                                 for s in seeds for st in ("student", "student_same")])
-    step(f"learning rates: every row at {', '.join(f'{lr:g}' for lr in setup.lr_grid)} (seed 0, validation F1)")
-    rates = dict(zip([(r, row.name) for r in regimes for row in ROWS], in_parallel(
-        setup.jobs, [lambda r=r, row=row: select_rate(setup, row, r) for r in regimes for row in ROWS])))
+                                 for s in [setup.rate_seed] + seeds for st in ("student", "student_same")])
+    step(f"learning rates: every row at {', '.join(f'{lr:g}' for lr in setup.lr_grid)} (seed {setup.rate_seed}, "
+         "validation F1)")
+    rates = dict(zip([(r, row.name) for r in regimes for row in rows], in_parallel(
+        setup.jobs, [lambda r=r, row=row: select_rate(setup, row, r) for r in regimes for row in rows])))
     step(f"test: every row, seeds 0..{args.seeds - 1}, at its rate")
-    keys = [(r, row, s) for r in regimes for row in ROWS for s in seeds]
+    keys = [(r, row, s) for r in regimes for row in rows for s in seeds]
     finals = dict(zip([(r, row.name, s) for r, row, s in keys], in_parallel(
         setup.jobs, [lambda r=r, row=row, s=s: final_run(setup, row, r, s, rates[(r, row.name)]["lr"])
                      for r, row, s in keys])))
-    results = {"seeds": seeds, "tables": [
+    results = {"seeds": seeds, "rate_seed": setup.rate_seed, "machine": machine_info(), "tables": [
         {"students": r, "rows": [{"name": row.name, "tokenizers": row.tokenizers, "loss": row.loss,
                                   "alignment": row.alignment, "f1": [finals[(r, row.name, s)]["f1"] for s in seeds]}
-                                 for row in ROWS]} for r in regimes]}
-    details = {"rates": {r: {row.name: rates[(r, row.name)] for row in ROWS} for r in regimes},
+                                 for row in rows]} for r in regimes]}
+    details = {"rates": {r: {row.name: rates[(r, row.name)] for row in rows} for r in regimes},
+               "rate_seed": setup.rate_seed,
                "peak_memory_gb": {f"{r}/{name}/{s}": v["peak_memory_gb"] for (r, name, s), v in finals.items()},
+               "sampled_answers": {f"{r}/{name}/{s}": v["sampled"] for (r, name, s), v in finals.items()
+                                   if v["sampled"] is not None},
                "teacher": str(setup.teacher), "quick": args.quick, "jobs": args.jobs,
                "teacher_test_f1": score(setup.teacher, setup.data, "test_large", setup.out / "teacher-test"),
                "total_minutes": (time.time() - STARTED) / 60}

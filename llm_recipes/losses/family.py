@@ -42,6 +42,7 @@ class PairArtifacts:
 
     projection_map: object = None  # alignment.ProjectionMap: the projected teacher (and the data's trie nodes)
     shared_tokens: Optional[tuple] = None  # (teacher ids, student ids) with the same text: the hybrid
+    end_tokens: Optional[tuple] = None  # (teacher EOS ids, student EOS id): the end of an answer on both sides
     summary: str = ""  # one line for the run's start-up report
 
 
@@ -163,6 +164,13 @@ class Family:
     def describe(self, spec) -> str:
         """Words after the loss's name in the run's start-up line ("" for none)."""
         return ""
+
+
+def distills_eos(cfg) -> bool:
+    """--distillation_config.distill_eos as resolved: None means on exactly when steps can be on-policy (lmbda > 0),
+    since a sampled answer then learns when to stop from the teacher alone."""
+    chosen = getattr(cfg, "distill_eos", None)
+    return bool(chosen) if chosen is not None else getattr(cfg, "lmbda", 0.0) > 0
 
 
 # --------------------------------------------------------------------------- option checks (one-line errors)

@@ -22,9 +22,12 @@ def _answer(labels: list[int]) -> tuple[list[int], list[int]]:
 
 
 def align_example(student_labels, teacher_labels, student_tokenizer, teacher_tokenizer, projection=None,
-                  counts: Optional[Counter] = None, shapes: Optional[Counter] = None):
+                  counts: Optional[Counter] = None, shapes: Optional[Counter] = None, end: Optional[tuple] = None):
     """(alignment_group per student label, per teacher label, projection_node per student label) of one example's
-    label rows (lists); `counts` / `shapes` collect the figures (unaligned examples, served tokens, group shapes)."""
+    label rows (lists); `counts` / `shapes` collect the figures (unaligned examples, served tokens, group shapes).
+    `end` = (student EOS ids, teacher EOS ids): when both answers end with one, the two EOS tokens are one more
+    group, the end of the answer (its student row served at a root of the projection: the teacher's EOS
+    probability goes to the student's EOS)."""
     from llm_recipes import alignment
 
     counts = Counter() if counts is None else counts
@@ -32,11 +35,15 @@ def align_example(student_labels, teacher_labels, student_tokenizer, teacher_tok
     s_pos, s_ids = _answer(student_labels)
     t_pos, t_ids = _answer(teacher_labels)
     s_groups, t_groups, nodes = [-1] * len(student_labels), [-1] * len(teacher_labels), [-1] * len(student_labels)
+    ends = end is not None and s_ids and t_ids and s_ids[-1] in end[0] and t_ids[-1] in end[1]
     try:
-        found = alignment.align_answer(teacher_tokenizer, t_ids, student_tokenizer, s_ids)
+        found = alignment.align_answer(teacher_tokenizer, t_ids, student_tokenizer, s_ids) \
+            if not ends or len(s_ids) > 1 or len(t_ids) > 1 else None
     except alignment.UnalignedAnswer:
         counts["unaligned_examples"] += 1
         return s_groups, t_groups, nodes
+    if found is None:  # both answers are their EOS alone: the end group only
+        return _with_end(s_groups, t_groups, nodes, s_pos, t_pos, 0, projection, s_ids, shapes)
     for i, g in zip(s_pos, found.student_group_of_token):
         s_groups[i] = g
     for i, g in zip(t_pos, found.teacher_group_of_token):
@@ -48,6 +55,19 @@ def align_example(student_labels, teacher_labels, student_tokenizer, teacher_tok
                                                    counts=counts)
         for i, node in zip(s_pos, served):
             nodes[i] = node
+    if ends:
+        return _with_end(s_groups, t_groups, nodes, s_pos, t_pos, len(found.groups), projection, s_ids, shapes)
+    return s_groups, t_groups, nodes
+
+
+def _with_end(s_groups, t_groups, nodes, s_pos, t_pos, group: int, projection, s_ids, shapes):
+    """The two answers' EOS tokens as one more group, `group` (the student's last token, the teacher's last)."""
+    from llm_recipes.alignment import VIEW_INNER
+
+    s_groups[s_pos[-1]], t_groups[t_pos[-1]] = group, group
+    shapes[(1, 1)] += 1
+    if projection is not None:
+        nodes[s_pos[-1]] = projection.root(VIEW_INNER if group else projection.start_view(s_ids[0]))
     return s_groups, t_groups, nodes
 
 

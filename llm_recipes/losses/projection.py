@@ -24,7 +24,7 @@ import torch
 
 from llm_recipes.losses.divergences import scaled
 from llm_recipes.errors import UserError
-from llm_recipes.losses.family import Family, PairArtifacts
+from llm_recipes.losses.family import Family, PairArtifacts, distills_eos
 from llm_recipes.losses.kl import kl_options
 from llm_recipes.losses.token_terms import token_terms_sum
 
@@ -36,9 +36,12 @@ PROJECTED_DIVERGENCES = {"kl": "forward", "jsd": "jsd", "skew_kl": "skew_forward
 
 
 class Projection:
-    """A ProjectionMap ready for the loss: per-view root columns, kept per device."""
+    """A ProjectionMap ready for the loss: per-view root columns, kept per device. `end` = (teacher EOS ids, student
+    EOS id), --distillation_config.distill_eos: at a group's first student token the teacher's probability of
+    ending the answer goes to the student's EOS (without it, tokens without text collect in the spare column,
+    which the target leaves out)."""
 
-    def __init__(self, pmap):
+    def __init__(self, pmap, end: Optional[tuple] = None):
         self.map = pmap
         self.teacher_vocab_size = pmap.teacher_vocab_size
         self.student_vocab_size = pmap.student_vocab_size
@@ -47,6 +50,9 @@ class Projection:
         for view, node in enumerate(roots):
             a, b = int(pmap.node_offsets[node]), int(pmap.node_offsets[node + 1])
             columns[view, pmap.teacher_ids[a:b]] = pmap.next_student_ids[a:b]
+        if end is not None:
+            teacher_eos, student_eos = end
+            columns[:, [i for i in teacher_eos if 0 <= i < pmap.teacher_vocab_size]] = student_eos
         self.roots = pmap.roots.clone()
         self.root_columns = columns  # [views, V_t]: sigma(v)[0], or -1 without a sigma
         self._on: dict = {}
@@ -70,6 +76,7 @@ class ProjectionOptions:
     temperature: float = 1.0
     beta: float = 0.5  # jsd
     alpha: float = 0.1  # skew kinds
+    eos: bool = False  # --distillation_config.distill_eos: the teacher's EOS projects onto the student's
     projection: Optional[Projection] = field(default=None, compare=False, repr=False)
 
 
@@ -123,17 +130,19 @@ class ProjectedFamily(Family):
                             f"{', '.join(PROJECTED_DIVERGENCES)} (a projected target is zero on many tokens, where "
                             f"reverse_kl is infinite), got {cfg.projected_divergence!r}")
         opts = kl_options(PROJECTED_DIVERGENCES[cfg.projected_divergence], cfg)
-        return ProjectionOptions(opts.kind, opts.temperature, opts.beta, opts.alpha)
+        return ProjectionOptions(opts.kind, opts.temperature, opts.beta, opts.alpha, distills_eos(cfg))
 
     def artifacts(self, student_tokenizer, teacher_tokenizer) -> PairArtifacts:
         from llm_recipes import alignment
 
         pmap, how = alignment.load_or_build_map(teacher_tokenizer, student_tokenizer)
-        return PairArtifacts(projection_map=pmap,
+        return PairArtifacts(projection_map=pmap, end_tokens=((teacher_tokenizer.eos_token_id,),
+                                                               student_tokenizer.eos_token_id),
                              summary=f"projection map: {pmap.num_nodes:,} nodes, {pmap.num_pairs:,} pairs ({how})")
 
     def with_artifacts(self, options, artifacts):
-        return replace(options, projection=Projection(artifacts.projection_map))
+        end = artifacts.end_tokens if options.eos and artifacts.end_tokens is not None else None
+        return replace(options, projection=Projection(artifacts.projection_map, end))
 
     def terms(self, batch, chunk, checkpointed, z, targets):
         """CE and the divergence between the student and the projected teacher, in the fused pass of the KL
