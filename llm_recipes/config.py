@@ -222,6 +222,7 @@ METHOD_SWITCHES = {
     "on_policy_max_new_tokens": ("--distillation_config.lmbda > 0", lambda d: d.lmbda > 0),
     "on_policy_temperature": ("--distillation_config.lmbda > 0", lambda d: d.lmbda > 0),
     "on_policy_top_p": ("--distillation_config.lmbda > 0", lambda d: d.lmbda > 0),
+    "on_policy_start": ("--distillation_config.lmbda > 0", lambda d: d.lmbda > 0),
 }
 
 
@@ -276,6 +277,9 @@ def validate_on_policy(run: RunConfig) -> None:
         raise UserError(f"--distillation_config.on_policy_temperature must be > 0, got {d.on_policy_temperature}")
     if not 0 < d.on_policy_top_p <= 1:
         raise UserError(f"--distillation_config.on_policy_top_p must be in (0, 1], got {d.on_policy_top_p}")
+    if not 0 <= d.on_policy_start < 1:
+        raise UserError(f"--distillation_config.on_policy_start is a share of the run's steps: it must be in [0, 1), "
+                        f"got {d.on_policy_start}")
     if d.teacher_cache is not None:
         raise UserError("--distillation_config.lmbda > 0 trains on the student's own answers, which a teacher cache "
                         "(written for the data set's answers) holds no rows for: drop --distillation_config."

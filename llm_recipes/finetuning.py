@@ -290,13 +290,14 @@ def setup(run: RunConfig) -> TrainState:
     placed = add_projections(run, placed, layers, checked.resume, info)
     objective_ = objective.build_objective(run, plan.distil_factor, spec, layers, checked.cache)
     sampled = on_policy.OnPolicy(
-        on_policy.Sampling.from_config(run.distillation), (student_tokenizer, teacher_tokenizer),
+        on_policy.Sampling.from_config(run.distillation, total_steps), (student_tokenizer, teacher_tokenizer),
         on_policy.eos_ids(placed.student_inner, student_tokenizer), plan.same_tokenizer, plan.text_groups,
         artifacts.projection_map, end_tokens(plan, student_tokenizer, teacher_tokenizer, placed.student_inner)) \
         if run.distillation.lmbda > 0 else None
     first = next(data.train_micro_batches(len(train_split), 0, t.seed, t.batch_size_training, 1, info.world_size,
                                           info.rank))
-    report_setup(run, plan, placed, objective_, data.PairedBatches(train_split, *pad_ids)[first], info)
+    report_setup(run, plan, placed, objective_, data.PairedBatches(train_split, *pad_ids)[first], info,
+                 sampled.sampling if sampled is not None else None)
     optimizer = build_optimizer(distributed.trainables(placed.student, placed.projections), t)
     scheduler = build_scheduler(optimizer, t, total_steps)
     scaler = torch.amp.GradScaler("cuda", enabled=t.use_fp16)  # fp16 needs loss scaling, bf16 does not
@@ -311,7 +312,7 @@ def setup(run: RunConfig) -> TrainState:
 
 
 def report_setup(run: RunConfig, plan: RunPlan, placed: Models, objective_: Objective, first_batch: dict,
-                 info) -> None:
+                 info, sampling: Optional[on_policy.Sampling] = None) -> None:
     if not info.is_main:
         return
     trainable, total = models.count_parameters(placed.student_inner)
@@ -322,8 +323,8 @@ def report_setup(run: RunConfig, plan: RunPlan, placed: Models, objective_: Obje
             pairing += f" ({data.one_to_one_share(first_batch):.0%} of the first batch's groups are one-to-one)"
     print(f"student: {trainable:,} trainable of {total:,} parameters; loss: "
           f"{objective.describe(objective_, run.train.distillation)}{pairing}")
-    if run.distillation.lmbda > 0:
-        print(on_policy.Sampling.from_config(run.distillation).describe())
+    if sampling is not None:
+        print(sampling.describe())
     layers = objective_.layers
     if layers is not None:
         print(layers.describe() + (f"; projections: {models.count_parameters(placed.projections)[0]:,} parameters"
@@ -397,7 +398,7 @@ def train_step(state: TrainState, micro_batches: list[dict]) -> dict:
     `tokens` and `lr` when no process had an answer token."""
     objective_, info, progress = state.objective, state.info, state.progress
     sampled = state.on_policy is not None and on_policy.is_on_policy_step(
-        state.on_policy.sampling.lmbda, state.run.train.seed, progress.global_step, info.device)
+        state.on_policy.sampling, state.run.train.seed, progress.global_step, info.device)
     if sampled:
         micro_batches = sample_answers(state, micro_batches)
     counts = [objective.count_units(objective_, batch, with_ce=not sampled) for batch in micro_batches]

@@ -27,6 +27,7 @@ state, which checkpoints save and resume restores.
 """
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -47,23 +48,28 @@ class Sampling:
     max_new_tokens: int = 128
     temperature: float = 1.0
     top_p: float = 1.0
+    first_step: int = 0  # the first optimizer step (0-based) that may be on-policy (--on_policy_start)
 
     @classmethod
-    def from_config(cls, distillation_config) -> "Sampling":
+    def from_config(cls, distillation_config, total_steps: int = 0) -> "Sampling":
         d = distillation_config
         return cls(float(d.lmbda), int(d.on_policy_max_new_tokens), float(d.on_policy_temperature),
-                   float(d.on_policy_top_p))
+                   float(d.on_policy_top_p), math.ceil(float(d.on_policy_start) * total_steps))
 
     def describe(self) -> str:
-        return (f"on-policy with probability {self.lmbda:g}: the student answers the prompts itself (temperature "
-                f"{self.temperature:g}, top-p {self.top_p:g}, at most {self.max_new_tokens} tokens) and the teacher "
-                "scores its answers; the CE is skipped on sampled answers")
+        start = f" from step {self.first_step + 1} (the steps before train on the data set's answers)" \
+            if self.first_step else ""
+        return (f"on-policy with probability {self.lmbda:g}{start}: the student answers the prompts itself "
+                f"(temperature {self.temperature:g}, top-p {self.top_p:g}, at most {self.max_new_tokens} tokens) and "
+                "the teacher scores its answers; the CE is skipped on sampled answers")
 
 
-def is_on_policy_step(lmbda: float, seed: int, step: int, device: torch.device) -> bool:
-    """Whether optimizer step `step` (0-based) trains on sampled answers: rank 0's draw from a generator seeded
-    by (seed, step), broadcast, so every process agrees and a resumed run draws the same."""
-    if lmbda <= 0:
+def is_on_policy_step(sampling: Sampling, seed: int, step: int, device: torch.device) -> bool:
+    """Whether optimizer step `step` (0-based) trains on sampled answers: none before `sampling.first_step`, then
+    rank 0's draw from a generator seeded by (seed, step), broadcast, so every process agrees and a resumed run
+    draws the same."""
+    lmbda = sampling.lmbda
+    if lmbda <= 0 or step < sampling.first_step:
         return False
     if lmbda >= 1:
         return True

@@ -220,6 +220,14 @@ def test_an_on_policy_run_logs_its_answers_and_resumes_bit_for_bit(tmp_path, cap
     assert [line["on_policy"] for line in resumed if line["type"] == "train"] == pattern[4:]
 
 
+def test_on_policy_start_keeps_the_first_steps_off_policy(tmp_path, capsys):
+    train(parse_flags(flags(tmp_path, max_train_step=5, run_validation=False,
+                            **{"distillation_config.on_policy_start": 0.5})))
+    assert "on-policy with probability 1 from step 4 (the steps before train on" in capsys.readouterr().out
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["on_policy"] for line in lines if line["type"] == "train"] == [0.0, 0.0, 0.0, 1.0, 1.0]
+
+
 def test_on_policy_with_lora_and_gradient_accumulation(tmp_path):
     result = train(parse_flags(flags(tmp_path, model_name=SAME, use_peft=True, gradient_accumulation_steps=2,
                                      max_train_step=3, run_validation=False, **{"lora_config.r": 4})))
@@ -233,6 +241,9 @@ def test_on_policy_with_lora_and_gradient_accumulation(tmp_path):
     ({"distillation_config.lmbda": 0.0, "distillation_config.on_policy_top_p": 0.9},
      "has no effect without --distillation_config.lmbda > 0"),
     ({"distillation_config.on_policy_temperature": 0.0}, "on_policy_temperature must be > 0"),
+    ({"distillation_config.on_policy_start": 1.0}, "on_policy_start is a share of the run's steps"),
+    ({"distillation_config.lmbda": 0.0, "distillation_config.on_policy_start": 0.5},
+     "has no effect without --distillation_config.lmbda > 0"),
     ({"distillation_config.distil_factor": 0}, "which --distillation_config.distil_factor 0 turns off"),
     ({"distillation_config.teacher_cache": "somewhere"}, "on-policy needs the live teacher"),
     ({"encoder_decoder": True}, "needs a causal student and teacher"),
