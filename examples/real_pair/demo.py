@@ -90,9 +90,11 @@ class Plan:
         return str(LOADERS / f"{self.task}.py")
 
 
-def _on_policy(lmbda: float) -> dict:
+def _on_policy(lmbda: float, start: float = 0.0) -> dict:
+    """lmbda; `start`: the share of the steps trained off-policy first (GKD starts from a task-tuned student)."""
     return {**_PROJECTED, "distillation_config.lmbda": lmbda,
-            "distillation_config.on_policy_max_new_tokens": WORKED_TOKENS}
+            "distillation_config.on_policy_max_new_tokens": WORKED_TOKENS,
+            **({"distillation_config.on_policy_start": start} if start else {})}
 
 
 PLANS = {
@@ -111,6 +113,7 @@ PLANS = {
         Row("projected", "student", "projected", "text", _PROJECTED),
         Row("projected on-policy 0.5", "student", "projected", "text", _on_policy(0.5)),
         Row("projected on-policy 1.0", "student", "projected", "text", _on_policy(1.0)),
+        Row("projected then on-policy 1.0", "student", "projected", "text", _on_policy(1.0, start=0.5)),
     ), {"max_new_tokens": WORKED_TOKENS, "batch_size": 25, "bf16": True, "progress": False},
         "gemma-3-270m-people-qa-worked", "output/real_pair_worked", teacher_cache=False),
 }

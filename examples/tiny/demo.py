@@ -69,13 +69,19 @@ ROWS = (
     Row("KL (same tokenizer)", "student_same", "kl", None, {"distillation_config.loss": "kl"}),
 )
 # On-policy rows (docs/on_policy.md): the student answers the training prompts itself, the teacher scores them.
-ON_POLICY = {"distillation_config.on_policy_max_new_tokens": 16}
+ON_POLICY = {"distillation_config.on_policy_max_new_tokens": 16}  # tiny_qa_worked: WORKED_TOKENS (train_row)
+WORKED_TOKENS = 64
 ON_POLICY_ROWS = tuple(
     Row(f"{name} on-policy {lmbda:.1f}{suffix}", student, loss, alignment,
         {"distillation_config.loss": loss, "distillation_config.lmbda": lmbda, **ON_POLICY})
     for name, student, loss, alignment, suffix in (("projected", "student", "projected", "text", ""),
                                                    ("KL", "student_same", "kl", None, " (same tokenizer)"))
-    for lmbda in (0.5, 1.0))
+    for lmbda in (0.5, 1.0)) + (
+    # GKD's recipe: on-policy from a student that already answers in the task's form (the first half of the steps
+    # train on the teacher's answers, off-policy; on-policy from a cold student samples what the teacher cannot score)
+    Row("projected then on-policy 1.0", "student", "projected", "text",
+        {"distillation_config.loss": "projected", "distillation_config.lmbda": 1.0,
+         "distillation_config.on_policy_start": 0.5, **ON_POLICY}),)
 ALL_ROWS = ROWS + ON_POLICY_ROWS
 # The short-answer control table of on-policy distillation: the rows it compares, with and without the teacher's
 # tokenizer (python -m examples.tiny.demo --rows on_policy --regimes pretrained --seeds 10)
@@ -97,18 +103,28 @@ class Setup:
     seeds: int
     jobs: int
     rate_seed: int = 100
+    task: str = "tiny_qa"  # or tiny_qa_worked (worked answers: docs/on_policy.md)
 
     @property
     def lr_grid(self) -> tuple:
         return QUICK["lr_grid"] if self.quick else LR_GRID
 
+    @property
+    def loader(self) -> str:
+        return str(Path(TINY_QA_LOADER).with_name(f"{self.task}.py"))
 
-def quick_data(out: Path) -> Path:
+    @property
+    def new_tokens(self) -> int:
+        """The longest answer generated, sampled or scored (a worked answer is 45 student tokens on average)."""
+        return WORKED_TOKENS if self.task == "tiny_qa_worked" else 16
+
+
+def quick_data(out: Path, source: Path) -> Path:
     """A few examples of each split (the mechanics only)."""
     folder = out / "quick-data"
     folder.mkdir(parents=True, exist_ok=True)
     for split in ("train", "validation", "test", "test_large"):
-        lines = (Path(TINY_QA_DATA) / f"{split}.jsonl").read_text().splitlines()
+        lines = (source / f"{split}.jsonl").read_text().splitlines()
         (folder / f"{split}.jsonl").write_text("\n".join(lines[:QUICK.get(split, 16)]) + "\n")
     return folder
 
@@ -142,9 +158,14 @@ def prepare(args) -> Setup:
     from examples.tiny import assets
 
     out = Path(args.output_dir).resolve() / ("quick" if args.quick else "")  # never reused by a full run
-    data = quick_data(out) if args.quick else Path(TINY_QA_DATA)
+    worked = args.task == "tiny_qa_worked"
+    source = Path(TINY_QA_DATA) if not worked else __import__("examples.tiny.worked", fromlist=["write"]).write(
+        out / "worked-data")
+    data = quick_data(out, source) if args.quick else source
+    settings = Setup(out, data, Path(), Path(), Path(), Path(), args.quick, args.seeds, args.jobs, args.rate_seed,
+                     args.task)
     teacher = Path(args.teacher or TINY_TEACHER).resolve()
-    if args.train_teacher:
+    if args.train_teacher or worked and not args.teacher:  # the shipped teacher writes short answers only
         step("training the teacher (assets/tiny's recipe)")
         run_dir = out / "teacher"
         if not (run_dir / "best" / "config.json").exists():
@@ -152,18 +173,18 @@ def prepare(args) -> Setup:
 
             init = out / "inits" / "teacher"
             assets.save_untrained("teacher", AutoTokenizer.from_pretrained(TINY_TEACHER), init)
-            teacher_data = assets.write_teacher_data(out / "teacher-data")
-            values = assets.teacher_training_flags(init, teacher_data, run_dir, TINY_QA_LOADER)
+            teacher_data = source / "teacher" if worked else assets.write_teacher_data(out / "teacher-data")
+            values = assets.teacher_training_flags(init, teacher_data, run_dir, settings.loader)
             run([sys.executable, "finetuning.py", *command_flags(values)], run_dir / "log.txt")
         teacher = run_dir / "best"
     answers = out / "answers"
     if not (answers / "summary.json").exists():
         step("the teacher answers the training questions")
-        run([sys.executable, "-m", "llm_distillation.generate", "--model_name", str(teacher), "--task", "tiny_qa",
+        run([sys.executable, "-m", "llm_distillation.generate", "--model_name", str(teacher), "--task", args.task,
              "--source", str(data), "--split", "train", "--output_dir", str(answers), "--batch_size", "64",
-             "--max_new_tokens", "16", "--progress", "False"], out / "logs" / "generate.txt")
+             "--max_new_tokens", str(settings.new_tokens), "--progress", "False"], out / "logs" / "generate.txt")
     cache = out / "teacher-cache"
-    if not (cache / "summary.json").exists():
+    if not worked and not (cache / "summary.json").exists():  # the worked table's rows run the live teacher
         step("the teacher's top-32 distributions over its answers (teacher cache)")
         run([sys.executable, "-m", "llm_distillation.cache_teacher", "--model_name", str(teacher), "--output_dir",
              str(cache), "--topk", "32", "--dataset.file", TINY_QA_LOADER, "--dataset.source", str(answers),
@@ -171,7 +192,8 @@ def prepare(args) -> Setup:
             out / "logs" / "cache_teacher.txt")
     pretrain = assets.write_pretrain_data(out / "pretrain-data", size=QUICK["pretrain"] if args.quick else
                                           assets.PRETRAIN_SIZE)
-    return Setup(out, data, teacher, answers, cache, pretrain, args.quick, args.seeds, args.jobs, args.rate_seed)
+    return Setup(out, data, teacher, answers, cache, pretrain, args.quick, args.seeds, args.jobs, args.rate_seed,
+                 args.task)
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -181,9 +203,11 @@ def train_row(setup: Setup, row: Row, regime: str, seed: int, lr: float) -> Path
     if (run_dir / "best" / "config.json").exists():
         return run_dir
     values = {**STUDENT_TRAINING, "lr": lr, "model_name": student_init(setup, row.student, regime, seed),
-              "dataset.file": TINY_QA_LOADER, "dataset.source": setup.answers,
+              "dataset.file": setup.loader, "dataset.source": setup.answers,
               "dataset.answer_column": "answers_generated", "seed": seed,
               "distillation": True, "distillation_config.model_name": setup.teacher, **row.flags}
+    if "distillation_config.on_policy_max_new_tokens" in values:
+        values["distillation_config.on_policy_max_new_tokens"] = setup.new_tokens
     if values.get("distillation_config.teacher_cache") == "CACHE":
         values["distillation_config.teacher_cache"] = setup.cache
     if setup.quick:
@@ -197,14 +221,16 @@ def select_rate(setup: Setup, row: Row, regime: str) -> dict:
     scores = {}
     for lr in setup.lr_grid:
         run_dir = train_row(setup, row, regime, setup.rate_seed, lr)
-        scores[lr] = score(run_dir / "best", setup.data, "validation", run_dir / "validation")
+        scores[lr] = score(run_dir / "best", setup.data, "validation", run_dir / "validation", setup.task,
+                           {"max_new_tokens": setup.new_tokens})
     return {"validation_f1": scores, "lr": max(scores, key=lambda lr: (scores[lr], -lr)), "seed": setup.rate_seed}
 
 
 def final_run(setup: Setup, row: Row, regime: str, seed: int, lr: float) -> dict:
     run_dir = train_row(setup, row, regime, seed, lr)
     curve = read_metrics(run_dir)
-    return {"f1": score(run_dir / "best", setup.data, "test_large", run_dir / "test"),
+    return {"f1": score(run_dir / "best", setup.data, "test_large", run_dir / "test", setup.task,
+                        {"max_new_tokens": setup.new_tokens}),
             "peak_memory_gb": max((r["peak_memory_gb"] for r in curve if "peak_memory_gb" in r), default=None),
             "sampled": on_policy_answers(run_dir)}
 
@@ -220,6 +246,8 @@ class DemoArgs:
                                  "test seed)")
     rows: str = option("default", "default (the cross-tokenizer table) | on_policy (the on-policy control table) | "
                                   "all | comma-separated row names")
+    task: str = option("tiny_qa", "tiny_qa (one-line answers) | tiny_qa_worked (a worked step, then the answer: "
+                                  "the teacher is trained on it first, the rows run the live teacher)")
     regimes: str = option("random,pretrained", "student regimes: random (untrained) and/or pretrained")
     jobs: int = option(2, "runs at a time (each on one thread)")
     quick: bool = option(False, "the mechanics on a few examples: one epoch, one rate, minutes")
@@ -256,6 +284,10 @@ def run_demo(args: DemoArgs) -> dict:
         raise UserError(f"--rate_seed {args.rate_seed} is one of the test seeds 0..{args.seeds - 1}: a rate picked "
                         "on a test seed's run favours that seed; choose another")
     rows = selected_rows(args.rows)
+    if args.task not in ("tiny_qa", "tiny_qa_worked"):
+        raise UserError(f"--task must be tiny_qa or tiny_qa_worked, got {args.task!r}")
+    if args.task == "tiny_qa_worked" and any("teacher_cache" in row.flags for row in rows):
+        raise UserError("--task tiny_qa_worked has no teacher cache: choose --rows on_policy or rows without it")
     setup = prepare(args)
     step("inits: untrained and pretrained students of every seed")
     for s in [setup.rate_seed] + seeds:  # the untrained ones first, one at a time: a pretrained init starts from them
@@ -273,7 +305,7 @@ def run_demo(args: DemoArgs) -> dict:
     finals = dict(zip([(r, row.name, s) for r, row, s in keys], in_parallel(
         setup.jobs, [lambda r=r, row=row, s=s: final_run(setup, row, r, s, rates[(r, row.name)]["lr"])
                      for r, row, s in keys])))
-    results = {"seeds": seeds, "rate_seed": setup.rate_seed, "machine": machine_info(), "tables": [
+    results = {"task": setup.task, "seeds": seeds, "rate_seed": setup.rate_seed, "machine": machine_info(), "tables": [
         {"students": r, "rows": [{"name": row.name, "tokenizers": row.tokenizers, "loss": row.loss,
                                   "alignment": row.alignment, "f1": [finals[(r, row.name, s)]["f1"] for s in seeds]}
                                  for row in rows]} for r in regimes]}
@@ -283,7 +315,8 @@ def run_demo(args: DemoArgs) -> dict:
                "sampled_answers": {f"{r}/{name}/{s}": v["sampled"] for (r, name, s), v in finals.items()
                                    if v["sampled"] is not None},
                "teacher": str(setup.teacher), "quick": args.quick, "jobs": args.jobs,
-               "teacher_test_f1": score(setup.teacher, setup.data, "test_large", setup.out / "teacher-test"),
+               "teacher_test_f1": score(setup.teacher, setup.data, "test_large", setup.out / "teacher-test",
+                                        setup.task, {"max_new_tokens": setup.new_tokens}),
                "total_minutes": (time.time() - STARTED) / 60}
     print(write_report(results, details, setup.out))
     step(f"done: {setup.out / 'results.md'}, {setup.out / 'results.png'}")

@@ -161,6 +161,13 @@ TASK_DATA: dict[str, TaskData] = {
                           build_hint="write it with python -m examples.real_pair.people_qa",
                           prompt=PromptSpec(request=QA_PROMPT.request, cue="Answer:", system=PEOPLE_QA_SYSTEM),
                           shots=3),
+    # tiny_qa_worked: tiny_qa's questions with a worked step ("The fact: ...") before "Answer: ...", written by
+    # `python -m examples.tiny.worked` (the tiny version of the on-policy benchmark's long-answer task)
+    "tiny_qa_worked": TaskData(
+        source="~/.cache/llm-distill/tiny_qa_worked", fields=_SQUAD_FIELDS, answers=(("worked",),),
+        eval_split="test", carve={"test": 0.1, "validation": 0.1},
+        build_hint="write it with python -m examples.tiny.worked",
+        prompt=PromptSpec(request=QA_PROMPT.request, cue="Reasoning:", title=True), final_answer="Answer:"),
     # people_qa_worked: the same questions answered with their worked steps (the facts used, each hop named, sums
     # digit by digit), then "Answer: ..." on a line of its own; F1/EM score that line, ROUGE-L the steps
     "people_qa_worked": TaskData(
