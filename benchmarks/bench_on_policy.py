@@ -65,7 +65,7 @@ def pair_flags(args) -> dict:
     return {"model_name": args.student or str(cache / "smollm2-135m-instruct"),
             "distillation_config.model_name": args.teacher or str(cache / "gemma-3-270m"),
             "dataset.file": "llm_distillation/datasets/loader/people_qa_worked.py", "dataset.source": data,
-            "dataset.training_size": 0.1, "dataset.few_shot": 0, "batch_size_training": 8, "mixed_precision": True,
+            "dataset.training_size": 0.25, "dataset.few_shot": 0, "batch_size_training": 8, "mixed_precision": True,
             "distillation_config.on_policy_max_new_tokens": 160}
 
 
