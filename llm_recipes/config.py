@@ -335,6 +335,22 @@ class RunPlan:
         return self.spec.distills or self.intermediate_terms
 
 
+def refuse_other_families_flags(given: dict, loss) -> None:
+    """A loss family's detail flag (ULD's uld_top_k, MultiLevelOT's sinkhorn_reg, ...) given while the run's
+    loss is of another family would have no effect: refuse it, naming the loss that reads it."""
+    from llm_recipes.losses.table import LOSSES
+
+    readers: dict = {}
+    for row in LOSSES.values():
+        for name in row.family.reads:
+            families = readers.setdefault(name, [])
+            families += [] if row.family.name in families else [row.family.name]
+    for name, families in readers.items():
+        if f"distillation_config.{name}" in given and name not in loss.family.reads:
+            raise UserError(f"--distillation_config.{name} has no effect with --distillation_config.loss {loss.name} "
+                            f"(only the {' / '.join(families)} losses read it): remove it or choose such a loss")
+
+
 def resolve_plan(run: RunConfig, student_tokenizer, teacher_tokenizer, cache=None) -> RunPlan:
     """The run's plan once its tokenizers are loaded (teacher_tokenizer None without --distillation; `cache`:
     the teacher cache's metadata): the one place the loss is resolved and its values checked."""
@@ -353,6 +369,7 @@ def resolve_plan(run: RunConfig, student_tokenizer, teacher_tokenizer, cache=Non
                         "the student and teacher tokenizers differ: set --distillation_config.hidden_alignment text "
                         "(the first tokens of text-aligned groups) or answer_index (the i-th answer tokens, as ULD)")
     spec = LossSpec.from_config(d, **sizes)
+    refuse_other_families_flags(run.given, spec.loss)
     factor = d.distil_factor if d.distil_factor is not None else spec.loss.distil_factor
     if factor == 0:  # no logit term: the plain CE (the named loss was still checked)
         spec = LossSpec.from_config(d, name=SFT_ONLY, **sizes)

@@ -2,6 +2,7 @@
 synchronised), token and feature selection, encoder-decoder students (T5, BART) with ULD and
 MultiLevelOT, generation from their checkpoints, and layer freezing."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -250,6 +251,39 @@ def test_loss_values_are_checked_before_any_model_loads(tmp_path):
     with pytest.raises(UserError, match="token_selection must be one of none, teacher_entropy"):
         preflight.check_run(run)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"distillation_config.uld_top_k": 8},  # the tiny pair's auto loss is projected
+     "--distillation_config.uld_top_k has no effect with --distillation_config.loss projected (only the ULD"),
+    ({"distillation_config.loss": "uld", "distillation_config.sinkhorn_reg": 0.2},
+     "--distillation_config.sinkhorn_reg has no effect with --distillation_config.loss uld (only the MultiLevelOT"),
+    ({"distillation_config.loss": "uld", "distillation_config.temperature": 2.0},
+     "--distillation_config.temperature has no effect with --distillation_config.loss uld"),
+    ({"distillation_config.loss": "uld", "distillation_config.distil_factor": 0,
+      "distillation_config.hybrid_matched_weight": 0.5},  # SFT baseline: checked against the loss it names
+     "--distillation_config.hybrid_matched_weight has no effect with --distillation_config.loss uld"),
+])
+def test_a_detail_flag_of_another_loss_family_is_refused(tmp_path, flags, message):
+    """A family's own flag given while the run's loss belongs to another family would have no effect."""
+    from llm_recipes import preflight
+
+    run = parse_flags({"distillation": True, **flags, "output_dir": str(tmp_path / "out")})
+    with pytest.raises(UserError, match=re.escape(message)):
+        preflight.check_run(run)
+
+
+@pytest.mark.parametrize("flags", [
+    {"distillation_config.loss": "uld", "distillation_config.uld_top_k": 8,
+     "distillation_config.teacher_temperature": 2.0},
+    {"distillation_config.temperature": 2.0, "distillation_config.projected_divergence": "skew_kl",
+     "distillation_config.skew_alpha": 0.2},
+    {"f": 1, "distillation_config.sinkhorn_reg": 0.2},
+])
+def test_detail_flags_of_the_runs_own_loss_family_are_accepted(tmp_path, flags):
+    from llm_recipes import preflight
+
+    preflight.check_run(parse_flags({"distillation": True, **flags, "output_dir": str(tmp_path / "out")}))
 
 
 # ------------------------------------------------------------------------------ encoder-decoder students

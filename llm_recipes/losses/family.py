@@ -126,6 +126,7 @@ class Family:
     teacher_temperature_field = "temperature"  # the distillation_config field the teacher's distribution uses
     scores_positions = False  # `position_scores` gives token selection's "divergence" score
     no_position_scores = ""  # why not, when it does not ("" : a generic reason)
+    reads: tuple = ()  # the distillation_config fields `options` reads (a given one no active family reads is refused)
 
     def options(self, loss, cfg, cache=None):
         """The family's constants for the table row `loss` from distillation_config `cfg`, validated

@@ -121,6 +121,7 @@ def hybrid_sum(student_logits: torch.Tensor, plan: HybridPlan, weights: torch.Te
 class HybridFamily(Family):
     name = "hybrid"
     alignments = ("text",)
+    reads = ("temperature", "jsd_beta", "hybrid_matched_weight", "hybrid_unmatched_weight")
 
     def options(self, loss, cfg, cache=None) -> HybridOptions:
         kl_options("jsd", cfg)  # its temperature and jsd_beta, checked as the KL family checks them

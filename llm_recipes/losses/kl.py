@@ -48,6 +48,7 @@ class KLFamily(Family):
     alignments = ("index",)  # one tokenizer: by index and by text are the same pairing
     consumes_logits = True
     scores_positions = True
+    reads = ("temperature", "jsd_beta", "skew_alpha")
 
     def options(self, loss, cfg, cache=None) -> KLOptions:
         return kl_options(loss.divergence, cfg)

@@ -240,6 +240,9 @@ class MultiLevelOTFamily(Family):
     per_sequence = True
     teacher_temperature_field = "teacher_temperature"
     no_position_scores = "MultiLevelOT (per-sequence ranking and transport) has no per-position value"
+    reads = ("student_temperature", "teacher_temperature", "top_k", "multilevel_ot_mode", "multilevel_ot_ranking",
+             "multilevel_ot_logit_norm", "multilevel_ot_sl_form", "sinkhorn_iters", "sinkhorn_reg", "sl_weight",
+             "sl_temperature", "sd_weight", "sd_temperature", "sd_scale")
 
     def options(self, loss, cfg, cache=None) -> MultiLevelOTOptions:
         opts = MultiLevelOTOptions(

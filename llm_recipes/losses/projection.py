@@ -123,6 +123,7 @@ class ProjectedFamily(Family):
     alignments = ("text",)
     uses_nodes = True
     consumes_logits = True
+    reads = ("projected_divergence", "temperature", "jsd_beta", "skew_alpha")
 
     def options(self, loss, cfg, cache=None) -> ProjectionOptions:
         if cfg.projected_divergence not in PROJECTED_DIVERGENCES:

@@ -161,6 +161,7 @@ class ULDFamily(Family):
     per_sequence = True
     teacher_temperature_field = "teacher_temperature"
     scores_positions = True
+    reads = ("student_temperature", "teacher_temperature", "uld_top_k")
 
     def options(self, loss, cfg, cache=None) -> ULDOptions:
         """From a top-K teacher cache, ULD is top-K ULD (the K cached probabilities rank by rank, the rest one
