@@ -140,7 +140,7 @@ def load_data(run: RunConfig, plan: RunPlan, tokenizers: tuple, student, teacher
                       student_max=models.max_positions(student.config, t.context_length),
                       teacher_tokenizer=teacher_tokenizer, teacher_name=teacher_name,
                       teacher_encoder_decoder=teacher_encoder_decoder, teacher_max=teacher_max,
-                      teacher_eos=plan.distill_eos and t.distillation)
+                      teacher_eos=plan.distill_eos)
     names = ("train", "validation") if t.run_validation else ("train",)
     splits = [data.build_paired_split(loader, run.dataset, name, **split_args) for name in names]
     if plan.text_groups:

@@ -36,14 +36,13 @@ def align_example(student_labels, teacher_labels, student_tokenizer, teacher_tok
     t_pos, t_ids = _answer(teacher_labels)
     s_groups, t_groups, nodes = [-1] * len(student_labels), [-1] * len(teacher_labels), [-1] * len(student_labels)
     ends = end is not None and s_ids and t_ids and s_ids[-1] in end[0] and t_ids[-1] in end[1]
+    if ends and len(s_ids) == len(t_ids) == 1:  # both answers are their EOS alone: the end group only
+        return _with_end(s_groups, t_groups, nodes, s_pos, t_pos, 0, projection, s_ids, shapes)
     try:
-        found = alignment.align_answer(teacher_tokenizer, t_ids, student_tokenizer, s_ids) \
-            if not ends or len(s_ids) > 1 or len(t_ids) > 1 else None
+        found = alignment.align_answer(teacher_tokenizer, t_ids, student_tokenizer, s_ids)
     except alignment.UnalignedAnswer:
         counts["unaligned_examples"] += 1
         return s_groups, t_groups, nodes
-    if found is None:  # both answers are their EOS alone: the end group only
-        return _with_end(s_groups, t_groups, nodes, s_pos, t_pos, 0, projection, s_ids, shapes)
     for i, g in zip(s_pos, found.student_group_of_token):
         s_groups[i] = g
     for i, g in zip(t_pos, found.teacher_group_of_token):
