@@ -305,6 +305,9 @@ def validate_teacher_cache(run: RunConfig, spelled: dict) -> None:
     if d.distill_eos:
         raise UserError("--distillation_config.distill_eos ends the teacher's answers with its EOS, whose rows a "
                         "teacher cache was not written with: drop one of the two")
+    if d.projected_continuation:
+        raise UserError("--distillation_config.projected_continuation reads the teacher's row before each group's "
+                        "token, which a teacher cache does not serve: drop one of the two")
     for name in ("hidden_weight", "feature_weight"):
         if getattr(d, name) > 0:
             raise UserError(f"--distillation_config.{name} needs the teacher's hidden states, which a teacher cache "
@@ -329,6 +332,7 @@ class RunPlan:
     student_attention: Optional[str]  # attn_implementation of the student
     text_groups: bool = False  # the data pipeline aligns answers by text (the logit term or hidden_alignment text)
     distill_eos: bool = False  # the teacher's answers end with its EOS, paired with the student's (distill_eos)
+    continuation: bool = False  # group starts carry the previous group's continuation node (projected_continuation)
 
     @property
     def uses_teacher(self) -> bool:
@@ -374,4 +378,5 @@ def resolve_plan(run: RunConfig, student_tokenizer, teacher_tokenizer, cache=Non
     if factor == 0:  # no logit term: the plain CE (the named loss was still checked)
         spec = LossSpec.from_config(d, name=SFT_ONLY, **sizes)
     text_groups = (spec.distills and spec.alignment == "text") or (intermediate and d.hidden_alignment == "text")
-    return RunPlan(spec, factor, same, intermediate, attention, text_groups, distills_eos(d))
+    continuation = spec.distills and spec.family.continues_groups(spec.options)
+    return RunPlan(spec, factor, same, intermediate, attention, text_groups, distills_eos(d), continuation)

@@ -31,7 +31,7 @@ from llm_recipes.losses.label_alignment import align_example
 from llm_recipes.losses.pairing import IGNORE_INDEX
 
 REQUIRED_COLUMNS = ("input_ids", "labels", "attention_mask")
-ALIGNMENT_COLUMNS = ("alignment_group", "projection_node")  # per label position, -1 where none
+ALIGNMENT_COLUMNS = ("alignment_group", "projection_node", "continuation_node")  # per label position, -1: none
 ID_COLUMN = "id"
 
 
@@ -209,25 +209,28 @@ def build_paired_split(loader, dataset_config, split: str, *, student_tokenizer,
 
 # ------------------------------------------------------------------------------------ text alignment
 def attach_alignment(split: PairedSplit, student_tokenizer, teacher_tokenizer, projection=None,
-                     end: Optional[tuple] = None) -> PairedSplit:
+                     end: Optional[tuple] = None, continuation: bool = False) -> PairedSplit:
     """The split with the text-alignment columns added to both sides (see the module docstring), and its
     figures: unaligned examples, groups, the share of 1:1 groups, the largest group, the share of student
     answer tokens the projection serves (with `projection`, a ProjectionMap). `end`: (student EOS ids, teacher
-    EOS ids): two answers that end with their EOS get one more group, the end of the answer."""
+    EOS ids): two answers that end with their EOS get one more group, the end of the answer. `continuation`: the
+    continuation_node column too (--distillation_config.projected_continuation)."""
     from tqdm.auto import tqdm
 
     counts, shapes = Counter(), Counter()
-    columns = ([], [], [])
+    columns = ([], [], [], [])
     pairs = zip(split.student["labels"], split.teacher["labels"])
     for s_labels, t_labels in tqdm(pairs, total=len(split), desc="aligning answers", leave=False,
                                    disable=len(split) < 5000):
         for column, values in zip(columns, align_example(s_labels, t_labels, student_tokenizer, teacher_tokenizer,
-                                                         projection, counts, shapes, end)):
+                                                         projection, counts, shapes, end, continuation)):
             column.append(values)
     student = split.student.add_column("alignment_group", columns[0])
     teacher = split.teacher.add_column("alignment_group", columns[1])
     if projection is not None:
         student = student.add_column("projection_node", columns[2])
+        if continuation:
+            student = student.add_column("continuation_node", columns[3])
     groups = sum(shapes.values())
     largest = max(shapes, key=sum) if shapes else (0, 0)
     figures = {"unaligned_examples": counts["unaligned_examples"], "groups": groups,
@@ -238,6 +241,8 @@ def attach_alignment(split: PairedSplit, student_tokenizer, teacher_tokenizer, p
         figures["projection_served_share"] = counts["served"] / answer_tokens if answer_tokens else 0.0
         figures["projection_skipped"] = {k: counts[k] for k in ("special", "beyond_first_teacher_token",
                                                                 "prefix_not_in_trie") if counts[k]}
+        if continuation:  # group starts whose target also holds the continuations of the group before
+            figures["continued_share"] = counts["continued"] / groups if groups else 0.0
     return dataclasses.replace(split, student=student.with_format("python"), teacher=teacher.with_format("python"),
                                alignment=figures)
 
@@ -335,7 +340,7 @@ def batch_alignment(batch: dict) -> Optional[dict]:
     if teacher is None or "alignment_group" not in student:
         return None
     return {"student_groups": student["alignment_group"], "teacher_groups": teacher["alignment_group"],
-            "student_nodes": student.get("projection_node")}
+            "student_nodes": student.get("projection_node"), "student_continuations": student.get("continuation_node")}
 
 
 class PairedBatches(torch.utils.data.Dataset):

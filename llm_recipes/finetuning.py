@@ -145,8 +145,8 @@ def load_data(run: RunConfig, plan: RunPlan, tokenizers: tuple, student, teacher
     splits = [data.build_paired_split(loader, run.dataset, name, **split_args) for name in names]
     if plan.text_groups:
         end = end_tokens(plan, student_tokenizer, teacher_tokenizer, student)
-        splits = [data.attach_alignment(split, student_tokenizer, teacher_tokenizer, projection_map, end)
-                  for split in splits]
+        splits = [data.attach_alignment(split, student_tokenizer, teacher_tokenizer, projection_map, end,
+                                        plan.continuation) for split in splits]
     if cache is not None and plan.spec.distills:
         splits = [data.attach_teacher_cache(split, d.teacher_cache, name, teacher_tokenizer)
                   for split, name in zip(splits, names)]
@@ -173,6 +173,9 @@ def describe_alignment(figures: dict) -> str:
             f"{figures['unaligned_examples']} examples unaligned")
     if "projection_served_share" in figures:
         text += f"; the projection serves {figures['projection_served_share']:.1%} of the student's answer tokens"
+    if "continued_share" in figures:
+        text += (f"; {figures['continued_share']:.1%} of the groups start where the teacher could have continued "
+                 "the token before (projected_continuation)")
     return text
 
 
@@ -292,7 +295,8 @@ def setup(run: RunConfig) -> TrainState:
     sampled = on_policy.OnPolicy(
         on_policy.Sampling.from_config(run.distillation, total_steps), (student_tokenizer, teacher_tokenizer),
         on_policy.eos_ids(placed.student_inner, student_tokenizer), plan.same_tokenizer, plan.text_groups,
-        artifacts.projection_map, end_tokens(plan, student_tokenizer, teacher_tokenizer, placed.student_inner)) \
+        artifacts.projection_map, end_tokens(plan, student_tokenizer, teacher_tokenizer, placed.student_inner),
+        plan.continuation) \
         if run.distillation.lmbda > 0 else None
     first = next(data.train_micro_batches(len(train_split), 0, t.seed, t.batch_size_training, 1, info.world_size,
                                           info.rank))

@@ -193,9 +193,10 @@ def teacher_answer(sampled: list[int], text: str, data_answer: list[int], tokeni
 
 def on_policy_batch(batch: dict, sampled: list[list[int]], tokenizers: tuple, pad_ids: tuple, *, same_tokenizer: bool,
                     text_groups: bool, projection_map=None, eos: list[int] = (), stats: Optional[Stats] = None,
-                    end: Optional[tuple] = None) -> dict:
+                    end: Optional[tuple] = None, continuation: bool = False) -> dict:
     """The micro-batch as the data pipeline would make it for the sampled answers (see the module docstring);
-    `end` = (student EOS ids, teacher EOS ids): the end of the answer is distilled (distill_eos)."""
+    `end` = (student EOS ids, teacher EOS ids): the end of the answer is distilled (distill_eos); `continuation`:
+    the continuation_node column too (projected_continuation)."""
     from llm_recipes.data import collate
 
     stats = stats if stats is not None else Stats()
@@ -211,12 +212,14 @@ def on_policy_batch(batch: dict, sampled: list[list[int]], tokenizers: tuple, pa
         student = {"input_ids": s_prompt + answer, "labels": s_labels, "attention_mask": [1] * len(s_labels)}
         teacher = {"input_ids": t_prompt + t_answer, "labels": t_labels, "attention_mask": [1] * len(t_labels)}
         if text_groups:  # an empty answer has no group to align (but its end): -1 everywhere
-            s_groups, t_groups, nodes = align_example(s_labels, t_labels, *tokenizers, projection_map, counts,
-                                                      stats.shapes, end) if t_answer else \
-                ([-1] * len(s_labels), [-1] * len(t_labels), [-1] * len(s_labels))
+            s_groups, t_groups, nodes, following = align_example(
+                s_labels, t_labels, *tokenizers, projection_map, counts, stats.shapes, end, continuation) \
+                if t_answer else ([-1] * len(s_labels), [-1] * len(t_labels), [-1] * len(s_labels), [-1] * len(s_labels))
             student["alignment_group"], teacher["alignment_group"] = s_groups, t_groups
             if projection_map is not None:
                 student["projection_node"] = nodes
+                if continuation:
+                    student["continuation_node"] = following
         rows["student"].append(student)
         rows["teacher"].append(teacher)
         stats.answers += 1
@@ -239,6 +242,7 @@ class OnPolicy:
     text_groups: bool  # align the answers by text (the logit term's or the hidden-state term's pairing)
     projection_map: object = None  # the projected teacher's map (its trie nodes for every served token)
     end: Optional[tuple] = None  # (student EOS ids, teacher EOS ids): the end of the answer is distilled
+    continuation: bool = False  # group starts carry the previous group's continuation node (projected_continuation)
     stats: Stats = field(default_factory=Stats)
 
     def batches(self, student, micro_batches: list[dict], pad_ids: tuple, device: torch.device, synced: bool,
@@ -249,7 +253,11 @@ class OnPolicy:
         for batch in micro_batches:
             sampled = sample_answers(student, prompts_of(batch["student"]), self.sampling, self.eos, pad_ids[0],
                                      device, synced, autocast())
-            out.append(on_policy_batch(batch, sampled, self.tokenizers, pad_ids, same_tokenizer=self.same_tokenizer,
-                                       text_groups=self.text_groups, projection_map=self.projection_map,
-                                       eos=self.eos, stats=self.stats, end=self.end))
+            out.append(self.rebuild(batch, sampled, pad_ids))
         return out
+
+    def rebuild(self, batch: dict, sampled: list[list[int]], pad_ids: tuple) -> dict:
+        """The micro-batch `batch` with the answers `sampled` (student ids), as the data pipeline makes a batch."""
+        return on_policy_batch(batch, sampled, self.tokenizers, pad_ids, same_tokenizer=self.same_tokenizer,
+                               text_groups=self.text_groups, projection_map=self.projection_map, eos=self.eos,
+                               stats=self.stats, end=self.end, continuation=self.continuation)

@@ -32,21 +32,24 @@ def pair():
             "shared": alignment.shared_token_pairs(teacher, student)}
 
 
-def batch_of(pair, answers, seed=0, encoder_decoder=False):
-    """Labels of both sides as the trainer's loaders make them (student " a" + EOS, teacher " a"), prompts of
-    random and different lengths, and the alignment columns of the data pipeline."""
+def batch_of(pair, answers, seed=0, encoder_decoder=False, end=False):
+    """Labels of both sides as the trainer's loaders make them (student " a" + EOS, teacher " a"; `end`: teacher
+    " a" + EOS, the two EOS tokens one more group, as with distill_eos), prompts of random and different lengths,
+    and the alignment columns of the data pipeline (continuation nodes included)."""
     rng = random.Random(seed)
-    rows = {"student": [], "teacher": [], "s_groups": [], "t_groups": [], "nodes": []}
+    rows = {"student": [], "teacher": [], "s_groups": [], "t_groups": [], "nodes": [], "continuations": []}
+    student_eos, teacher_eos = pair["student"].eos_token_id, pair["teacher"].eos_token_id
     for answer in answers:
-        s_ids = pair["student"](" " + answer, add_special_tokens=False)["input_ids"] + [pair["student"].eos_token_id]
-        t_ids = pair["teacher"](" " + answer, add_special_tokens=False)["input_ids"]
+        s_ids = pair["student"](" " + answer, add_special_tokens=False)["input_ids"] + [student_eos]
+        t_ids = pair["teacher"](" " + answer, add_special_tokens=False)["input_ids"] + ([teacher_eos] if end else [])
         s_labels = ([] if encoder_decoder else [IGNORE_INDEX] * rng.randint(1, 4)) + s_ids
         t_labels = [IGNORE_INDEX] * rng.randint(1, 5) + t_ids
         counts, shapes = Counter(), Counter()
-        s_groups, t_groups, nodes = align_example(s_labels, t_labels, pair["student"], pair["teacher"],
-                                                       pair["map"], counts, shapes)
-        for key, value in zip(("student", "teacher", "s_groups", "t_groups", "nodes"),
-                              (s_labels, t_labels, s_groups, t_groups, nodes)):
+        s_groups, t_groups, nodes, following = align_example(
+            s_labels, t_labels, pair["student"], pair["teacher"], pair["map"], counts, shapes,
+            ([student_eos], [teacher_eos]) if end else None, continuation=True)
+        for key, value in zip(("student", "teacher", "s_groups", "t_groups", "nodes", "continuations"),
+                              (s_labels, t_labels, s_groups, t_groups, nodes, following)):
             rows[key].append(value)
     padded = {key: data.pad(value, IGNORE_INDEX if key in ("student", "teacher") else -1)
               for key, value in rows.items()}
@@ -59,9 +62,11 @@ def logits_like(labels, vocab, seed, scale=3.0):
 
 
 def spec_for(pair, name, chunk=1024, **config):
+    end = ((pair["teacher"].eos_token_id,), pair["student"].eos_token_id)
     return LossSpec.from_config(distillation_config(**config), name=name, student_vocab_size=len(pair["student"]),
                                 teacher_vocab_size=len(pair["teacher"]), same_tokenizer=False, chunk_size=chunk,
-                                artifacts=PairArtifacts(projection_map=pair["map"], shared_tokens=pair["shared"]))
+                                artifacts=PairArtifacts(projection_map=pair["map"], shared_tokens=pair["shared"],
+                                                        end_tokens=end))
 
 
 def engine_value(spec, zs, s_labels, zt, t_labels, align):
@@ -83,7 +88,8 @@ def assert_close(a, b, rtol=RTOL):
 
 
 def alignment_of(b):
-    return {"student_groups": b["s_groups"], "teacher_groups": b["t_groups"], "student_nodes": b["nodes"]}
+    return {"student_groups": b["s_groups"], "teacher_groups": b["t_groups"], "student_nodes": b["nodes"],
+            "student_continuations": b["continuations"]}
 
 
 # ------------------------------------------------------------------------------------------- pairing
@@ -127,6 +133,61 @@ def test_projected_matches_the_reference(pair, divergence, temperature, chunk):
     assert terms.distill_count == int((b["nodes"] >= 0).sum())
     assert_close(value, ref)
     assert_close(g, g_ref)
+
+
+# Sampled answers stop and break off inside words: "b" is the teacher's "Ġb", which longer teacher tokens extend
+STOPS = ANSWERS + ["b", "Velm", "sky bl", "pa", "gre", "Ost", "night nur", "b green", "gre parrot", "night nur sea"]
+
+
+@pytest.mark.parametrize("divergence, temperature, chunk", [("kl", 1.0, 1024), ("kl", 2.0, 3), ("jsd", 1.0, 5),
+                                                            ("tvd", 0.7, 2)])
+@pytest.mark.parametrize("end", [True, False])
+def test_projected_continuation_matches_the_reference(pair, divergence, temperature, chunk, end):
+    """projected_continuation: every group start after a one-token group that longer teacher tokens extend takes
+    the mixed target (float64 reference), values and gradients; small chunks put the row that predicted the group
+    before in another chunk than the row it serves."""
+    b = batch_of(pair, STOPS, seed=4, end=end)
+    assert int((b["continuations"] >= 0).sum()) >= 2
+    zs, zt = logits_like(b["student"], len(pair["student"]), 5), logits_like(b["teacher"], len(pair["teacher"]), 6)
+    spec = spec_for(pair, "projected", chunk, projected_divergence=divergence, temperature=temperature,
+                    projected_continuation=True, distill_eos=end)
+    assert spec.options.continuation and spec.family.continues_groups(spec.options)
+    kind = {"kl": "forward", "jsd": "jsd", "tvd": "tvd"}[divergence]
+    end_ids = ([pair["teacher"].eos_token_id], pair["student"].eos_token_id) if end else None
+
+    def ref_value(z, continuations):
+        return reference.projected(z, b["student"], zt, b["teacher"], b["s_groups"], b["t_groups"], b["nodes"],
+                                   pair["map"], kind=kind, temperature=temperature, student_continuations=continuations,
+                                   end=end_ids)
+
+    ref, g_ref = value_and_grad(lambda z: ref_value(z, b["continuations"]), zs)
+    value, g = value_and_grad(lambda z: engine_value(spec, z, b["student"], zt, b["teacher"], alignment_of(b))[1], zs)
+    assert_close(value, ref)
+    assert_close(g, g_ref)
+    plain = ref_value(zs, None)  # the mix changes the value: the test can fail
+    assert abs(float(plain) - float(ref)) > 1e-6
+
+
+def test_continued_target_by_hand(pair):
+    """The student wrote "b" and stopped. From the row before, the teacher writes "Ġb" with 0.2 and longer tokens
+    that continue past it with 0.8; after "Ġb" it ends (EOS) with certainty. The plain end target is all EOS;
+    the continued one gives EOS 0.2 and the longer tokens' next student pieces 0.8."""
+    pmap, teacher = pair["map"], pair["teacher"]
+    t_b = teacher(" b", add_special_tokens=False)["input_ids"][0]
+    node = pmap.node_of(pmap.sigma(t_b, alignment.VIEW_SPACED), alignment.VIEW_SPACED)
+    longer_ids, next_pieces = pmap.node_pairs(node)
+    assert node >= 0 and longer_ids.numel() >= 2
+    previous = torch.zeros(len(teacher), dtype=torch.float64)
+    previous[t_b] = 0.2
+    previous[longer_ids] = 0.8 / longer_ids.numel()
+    student_eos = pair["student"].eos_token_id
+    plain = torch.zeros(len(pair["student"]), dtype=torch.float64)
+    plain[student_eos] = 1.0
+    mixed = reference.continued_target(plain, previous, t_b, node, pmap)
+    assert float(mixed.sum()) == pytest.approx(1.0)
+    assert float(mixed[student_eos]) == pytest.approx(0.2)
+    for u in set(next_pieces.tolist()):
+        assert float(mixed[u]) == pytest.approx(0.8 * float((next_pieces == u).sum()) / longer_ids.numel())
 
 
 def test_projected_target_gives_the_actual_next_token_most_of_the_mass(pair):

@@ -260,6 +260,9 @@ def test_loss_values_are_checked_before_any_model_loads(tmp_path):
      "--distillation_config.sinkhorn_reg has no effect with --distillation_config.loss uld (only the MultiLevelOT"),
     ({"distillation_config.loss": "uld", "distillation_config.temperature": 2.0},
      "--distillation_config.temperature has no effect with --distillation_config.loss uld"),
+    ({"distillation_config.loss": "uld", "distillation_config.projected_continuation": True},
+     "--distillation_config.projected_continuation has no effect with --distillation_config.loss uld (only the "
+     "projected"),
     ({"distillation_config.loss": "uld", "distillation_config.distil_factor": 0,
       "distillation_config.hybrid_matched_weight": 0.5},  # SFT baseline: checked against the loss it names
      "--distillation_config.hybrid_matched_weight has no effect with --distillation_config.loss uld"),

@@ -83,10 +83,7 @@ def test_the_on_policy_term_of_an_answer_equals_the_off_policy_term_of_the_same_
     state = setup(parse_flags(flags(tmp_path, model_name=model_name, **{"distillation_config.loss": loss}, **extra)))
     batch = next(epoch_micro_batches(state, 0))
     sampled = on_policy.answers_of(batch["student"])  # " answer" + EOS, as the student would write it
-    rebuilt = on_policy.on_policy_batch(
-        batch, sampled, state.on_policy.tokenizers, state.pad_ids, same_tokenizer=state.on_policy.same_tokenizer,
-        text_groups=state.on_policy.text_groups, projection_map=state.on_policy.projection_map,
-        eos=state.on_policy.eos, end=state.on_policy.end)
+    rebuilt = state.on_policy.rebuild(batch, sampled, state.pad_ids)
     for side in ("student", "teacher"):
         assert set(rebuilt[side]) == set(batch[side]) - {"cache"}
         for key in rebuilt[side]:
@@ -195,6 +192,35 @@ def test_the_end_of_the_answer_is_distilled(tmp_path):
     plain_projection = plain.objective.spec.options.projection
     target, _ = projected_target(teacher, node, plain_projection, 1.0, projection.student_vocab_size)
     assert float(target[0, s_eos]) == 0.0
+
+
+def test_projected_continuation_is_on_with_lmbda_and_reaches_the_data_and_sampled_batches(tmp_path):
+    """projected_continuation: off by default with lmbda 0 (no continuation_node column: the old trainer), on with
+    lmbda > 0; the data set's batches and the rebuilt sampled ones carry the column, and a sampled answer that
+    stops inside a teacher token gets a continuation node at its EOS."""
+    off_flags = {k: v for k, v in flags(tmp_path / "off").items() if "on_policy" not in k and "lmbda" not in k}
+    plain = setup(parse_flags(off_flags))
+    state = setup(parse_flags(flags(tmp_path / "on")))
+    assert not plain.plan.continuation and state.plan.continuation and state.on_policy.continuation
+    assert "continuation_node" not in next(epoch_micro_batches(plain, 0))["student"]
+    batch = next(epoch_micro_batches(state, 0))
+    assert "continuation_node" in batch["student"]
+    tokenizer, eos = state.student_tokenizer, state.on_policy.eos
+    stopped = tokenizer(" b", add_special_tokens=False)["input_ids"] + [eos[0]]  # "Ġb" for the teacher: "Ġbrown", ...
+    rebuilt = state.on_policy.rebuild(batch, [stopped] * len(on_policy.answers_of(batch["student"])), state.pad_ids)
+    labels, following = rebuilt["student"]["labels"][0], rebuilt["student"]["continuation_node"][0]
+    last = int((labels != -100).nonzero().max())
+    assert int(labels[last]) in eos and int(following[last]) >= 0
+    explicit = setup(parse_flags({**off_flags, "output_dir": str(tmp_path / "explicit"),
+                                  "distillation_config.projected_continuation": True}))
+    assert explicit.plan.continuation and "continuation_node" in next(epoch_micro_batches(explicit, 0))["student"]
+
+
+def test_projected_continuation_is_refused_with_a_teacher_cache(tmp_path):
+    given = {k: v for k, v in flags(tmp_path).items() if "on_policy" not in k and "lmbda" not in k}
+    with pytest.raises(UserError, match="projected_continuation reads the teacher's row before each group's token"):
+        parse_flags({**given, "distillation_config.projected_continuation": True,
+                     "distillation_config.teacher_cache": "somewhere"})
 
 
 # ------------------------------------------------------------------------------------------- training

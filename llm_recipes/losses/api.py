@@ -218,7 +218,8 @@ def _by_text(spec, student_logits, student_labels, teacher_logits, teacher_label
     if student_labels.shape[0] != teacher_labels.shape[0]:
         raise UserError(f"student and teacher batches differ in size ({student_labels.shape[0]} vs "
                         f"{teacher_labels.shape[0]})")
-    alignment = text_alignment(student_labels, teacher_labels, *tokenizers, projection_map)
+    continuation = spec.family.continues_groups(spec.options)
+    alignment = text_alignment(student_labels, teacher_labels, *tokenizers, projection_map, continuation=continuation)
     return _mean(distillation_terms(spec, student_logits, student_labels, _identity, teacher_logits, teacher_labels,
                                     _identity, with_ce=False, alignment=alignment))
 
@@ -236,20 +237,23 @@ def projected_loss(
     skew: float = 0.1,
     encoder_decoder: bool = False,
     projection_map=None,
+    continuation: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> torch.Tensor:
     """The projected teacher: at every student answer token the projection serves, T^2 x `divergence` (kl, jsd,
     skew_kl, skew_reverse_kl, tvd) between the teacher's distribution carried onto the student's vocabulary and
     the student's, mean over those tokens. `tokenizers=(student_tokenizer, teacher_tokenizer)`; answers are the
     label ids (-100 elsewhere) and are paired by the text they spell. `projection_map`: the pair's map (default:
-    built once and cached on disk per tokenizer pair, llm_recipes.alignment.load_or_build_map)."""
+    built once and cached on disk per tokenizer pair, llm_recipes.alignment.load_or_build_map). `continuation`:
+    --distillation_config.projected_continuation (group starts also hold the longer teacher tokens' mass)."""
     from llm_recipes import alignment
     from llm_recipes.losses.family import PairArtifacts
 
     student, teacher = tokenizers
     pmap = projection_map if projection_map is not None else alignment.load_or_build_map(teacher, student)[0]
     spec = _text_spec("projected", tokenizers, {"projected_divergence": divergence, "temperature": temperature,
-                                                "jsd_beta": beta, "skew_alpha": skew},
+                                                "jsd_beta": beta, "skew_alpha": skew,
+                                                "projected_continuation": continuation},
                       encoder_decoder, chunk_size, PairArtifacts(projection_map=pmap))
     return _by_text(spec, student_logits, student_labels, teacher_logits, teacher_labels, tokenizers, pmap)
 

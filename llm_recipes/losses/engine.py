@@ -35,7 +35,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from llm_recipes.errors import UserError
-from llm_recipes.losses.family import Chunk, ChunkBatch, Head, own, row_chunks
+from llm_recipes.losses.family import Chunk, ChunkBatch, Continuation, Head, own, row_chunks
 from llm_recipes.losses.pairing import Pairing, pair_answers, pair_by_groups
 from llm_recipes.losses.selection import cross_entropy_rows, entropy_rows, kept_per_sequence, select_pairs, select_top
 from llm_recipes.losses.spec import LossSpec
@@ -63,7 +63,9 @@ def _pairing(spec: LossSpec, student_labels, teacher_labels, alignment: Optional
         return pair_by_groups(student_labels, teacher_labels, alignment["student_groups"], alignment["teacher_groups"],
                               student_encoder_decoder=spec.student_encoder_decoder,
                               teacher_encoder_decoder=spec.teacher_encoder_decoder,
-                              student_nodes=alignment["student_nodes"] if spec.family.uses_nodes else None)
+                              student_nodes=alignment["student_nodes"] if spec.family.uses_nodes else None,
+                              student_continuations=alignment.get("student_continuations")
+                              if spec.family.continues_groups(spec.options) else None)
     return pair_answers(
         student_labels,
         teacher_labels,
@@ -178,6 +180,21 @@ def _paired_teacher_rows(spec: LossSpec, pairing: Pairing, teacher_hidden: Optio
     return teacher_rows, torch.ones(pairing.num_paired, device=device)
 
 
+def _continuation(pairing: Pairing, teacher_hidden: Optional[torch.Tensor]) -> Optional[Continuation]:
+    """projected_continuation's inputs (None when no paired row continues a group)."""
+    if pairing.continuation_nodes is None or teacher_hidden is None:
+        return None
+    mix = pairing.continuation_nodes >= 0
+    if not bool(mix.any()):
+        return None
+    with torch.no_grad():
+        flat = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+        hidden = flat.index_select(0, pairing.previous_teacher_rows[mix].to(flat.device))
+    index = torch.where(mix, mix.long().cumsum(0) - 1, -1)
+    return Continuation(pairing.continuation_nodes, pairing.previous_teacher_ids, pairing.previous_teacher_rows,
+                        pairing.teacher_rows, hidden, index)
+
+
 def distillation_terms(
     spec: LossSpec,
     student_hidden: torch.Tensor,
@@ -223,7 +240,8 @@ def distillation_terms(
     targets = pairing.student_targets.to(student_hidden.device)
     recompute = torch.is_grad_enabled() and student_hidden.requires_grad
     batch = ChunkBatch(spec, student_head, targets, int(pairing.student_targets.max()), teacher_rows,
-                       teacher_head, row_weights, pairing.nodes, with_ce, plans={})
+                       teacher_head, row_weights, pairing.nodes, with_ce, plans={},
+                       continuation=_continuation(pairing, teacher_hidden))
     ce_sum = distill_sum = None
     chunks = spec.family.chunks(pairing, spec.chunk_size) if spec.family is not None else \
         row_chunks(0, pairing.ce_count, 0, spec.chunk_size)

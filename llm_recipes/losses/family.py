@@ -65,6 +65,20 @@ def row_chunks(first: int, rows: int, paired: int, size: int) -> list[Chunk]:
             for start in range(first, rows, size)]
 
 
+class Continuation(NamedTuple):
+    """projected_continuation's inputs of a micro-batch, per paired row [P] (-1: none), from the Pairing: the trie
+    node continuing the previous group, that group's teacher token and the flat teacher row predicting it; the
+    paired rows' own flat teacher rows (sorted); the previous rows' teacher hidden states [M, H_t] and each paired
+    row's index into them."""
+
+    nodes: torch.Tensor
+    previous_ids: torch.Tensor
+    previous_rows: torch.Tensor
+    teacher_row_ids: torch.Tensor
+    hidden: torch.Tensor
+    index: torch.Tensor
+
+
 @dataclass
 class ChunkBatch:
     """Everything a chunk's term needs besides its student logits (built by the engine per micro-batch)."""
@@ -79,6 +93,7 @@ class ChunkBatch:
     nodes: Optional[torch.Tensor]  # [P] long: projection-map node of each paired row (uses_nodes)
     with_ce: bool
     plans: dict  # chunk start -> plan, from a checkpointed chunk's first pass to its recompute
+    continuation: Optional[Continuation] = None  # projected_continuation (the engine fills it when the pairing has it)
 
     @property
     def options(self):
@@ -96,8 +111,11 @@ class ChunkBatch:
     def teacher_logits(self, chunk: Chunk, student: Optional[torch.Tensor] = None) -> torch.Tensor:
         """fp32 teacher logits [paired, V_t] of the chunk's paired rows, without gradient. `student`: the paired
         student logits over the same vocabulary, for a cached teacher's tail (llm_recipes.teacher_cache)."""
+        return self.teacher_logits_of(self.teacher_rows[chunk.start:chunk.start + chunk.paired], student)
+
+    def teacher_logits_of(self, rows: torch.Tensor, student: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """fp32 teacher logits [n, V_t] of teacher hidden rows [n, H_t] (see `teacher_logits`)."""
         with torch.no_grad():
-            rows = self.teacher_rows[chunk.start:chunk.start + chunk.paired]
             takes_student = student is not None and getattr(self.teacher_head, "takes_student", False)
             t_logits = self.teacher_head(rows, student) if takes_student else self.teacher_head(rows)
             vocab_t = self.spec.teacher_vocab_size or t_logits.shape[-1]
@@ -162,6 +180,11 @@ class Family:
         """Token selection's "divergence" score of each paired row (no gradient), when `scores_positions`."""
         raise NotImplementedError(f"the {self.name} family has no per-position value")
 
+    def continues_groups(self, options) -> bool:
+        """Whether the data gives every student token that starts a text group the trie node continuing the
+        previous group (`continuation_node`: the projected teacher's --distillation_config.projected_continuation)."""
+        return False
+
     def describe(self, spec) -> str:
         """Words after the loss's name in the run's start-up line ("" for none)."""
         return ""
@@ -170,7 +193,12 @@ class Family:
 def distills_eos(cfg) -> bool:
     """--distillation_config.distill_eos as resolved: None means on exactly when steps can be on-policy (lmbda > 0),
     since a sampled answer then learns when to stop from the teacher alone."""
-    chosen = getattr(cfg, "distill_eos", None)
+    return on_when_on_policy(cfg, "distill_eos")
+
+
+def on_when_on_policy(cfg, field: str) -> bool:
+    """A distillation_config switch whose None means: on exactly when steps can be on-policy (lmbda > 0)."""
+    chosen = getattr(cfg, field, None)
     return bool(chosen) if chosen is not None else getattr(cfg, "lmbda", 0.0) > 0
 
 

@@ -42,6 +42,11 @@ class Pairing:
     pairs_per_sequence: torch.Tensor  # [B] long, m_b
     num_paired: int
     nodes: Optional[torch.Tensor] = None  # [num_paired] long: projection-map node of each paired row (projected loss)
+    # projected_continuation, [num_paired] long each (-1: none): the trie node continuing the previous group, the
+    # flat teacher row predicting that group's (one) token, and that token
+    continuation_nodes: Optional[torch.Tensor] = None
+    previous_teacher_rows: Optional[torch.Tensor] = None
+    previous_teacher_ids: Optional[torch.Tensor] = None
 
     @property
     def ce_count(self) -> int:
@@ -149,18 +154,21 @@ def pair_by_groups(
     student_encoder_decoder: bool = False,
     teacher_encoder_decoder: bool = False,
     student_nodes: Optional[torch.Tensor] = None,
+    student_continuations: Optional[torch.Tensor] = None,
 ) -> Pairing:
     """Pair by text. `student_groups` / `teacher_groups` [B, S] hold each answer token's group (-1 elsewhere),
     aligned with the labels. Without `student_nodes`: the rows predicting each group's first token, one pair
     per group present on both sides. With `student_nodes` [B, S] (projection-map node per student answer token,
     -1: not served): every student row with a node, paired with the teacher row predicting its group's first
-    teacher token (a teacher row can serve several student rows)."""
+    teacher token (a teacher row can serve several student rows). `student_continuations` [B, S] (with nodes;
+    projected_continuation): per student token that starts a group, the trie node continuing the group before
+    (-1: none); the pairing then names the teacher row predicting the group before's token, and that token."""
     if teacher_labels.shape[0] != student_labels.shape[0]:
         raise UserError(f"student and teacher batches differ in size ({student_labels.shape[0]} vs "
                         f"{teacher_labels.shape[0]}); the loader must yield one teacher row per student row")
     device = student_labels.device
     s_mask, s_targets = predicting_rows(student_labels, student_encoder_decoder)
-    t_mask, _ = predicting_rows(teacher_labels.to(device), teacher_encoder_decoder)
+    t_mask, t_targets = predicting_rows(teacher_labels.to(device), teacher_encoder_decoder)
     s_groups = torch.where(s_mask, _row_values(student_groups.to(device), student_encoder_decoder), -1)
     t_groups = torch.where(t_mask, _row_values(teacher_groups.to(device), teacher_encoder_decoder), -1)
     batch, t_len = t_groups.shape
@@ -181,8 +189,17 @@ def pair_by_groups(
     unpaired_rows = (s_mask & ~selected).reshape(-1).nonzero().squeeze(1)
     rows = torch.cat([paired_rows, unpaired_rows])
     nodes = s_nodes.reshape(-1)[paired_rows] if s_nodes is not None else None
+    continued = {}
+    if student_continuations is not None and s_nodes is not None:
+        following = torch.where(s_mask, _row_values(student_continuations.to(device), student_encoder_decoder), -1)
+        previous = teacher_row_of.gather(1, (s_groups - 1).clamp(min=0))
+        following = torch.where((s_groups >= 1) & (previous >= 0), following, -1).reshape(-1)[paired_rows]
+        previous = torch.where(following >= 0, previous.reshape(-1)[paired_rows], -1)
+        continued = {"continuation_nodes": following, "previous_teacher_rows": previous,
+                     "previous_teacher_ids": torch.where(previous >= 0, t_targets.reshape(-1)[previous.clamp(min=0)],
+                                                         -1)}
     return Pairing(rows, s_targets.reshape(-1)[rows], partner.reshape(-1)[paired_rows], selected.sum(dim=1),
-                   int(paired_rows.numel()), nodes)
+                   int(paired_rows.numel()), nodes, **continued)
 
 
 def check_head_width(width: int, vocab_size: int, side: str) -> None:

@@ -24,7 +24,7 @@ import torch
 
 from llm_recipes.losses.divergences import scaled
 from llm_recipes.errors import UserError
-from llm_recipes.losses.family import Family, PairArtifacts, distills_eos
+from llm_recipes.losses.family import Continuation, Family, PairArtifacts, distills_eos, on_when_on_policy
 from llm_recipes.losses.kl import kl_options
 from llm_recipes.losses.token_terms import token_terms_sum
 
@@ -77,6 +77,7 @@ class ProjectionOptions:
     beta: float = 0.5  # jsd
     alpha: float = 0.1  # skew kinds
     eos: bool = False  # --distillation_config.distill_eos: the teacher's EOS projects onto the student's
+    continuation: bool = False  # --distillation_config.projected_continuation (`continue_targets`)
     projection: Optional[Projection] = field(default=None, compare=False, repr=False)
 
 
@@ -115,6 +116,60 @@ def projected_target(teacher_logits: torch.Tensor, nodes: torch.Tensor, projecti
     return target, served
 
 
+@torch.no_grad()
+def previous_rows(teacher_logits: torch.Tensor, served: torch.Tensor, batch, rows: slice):
+    """(the paired rows of a chunk that continue a group [m], the fp32 teacher logits [m, V_t] of the rows that
+    predicted the group before's token), or None: see `continue_targets`. The previous group's first student token
+    is usually a paired row of the same chunk, whose teacher logits are reused; the teacher head runs on the rest."""
+    c: Continuation = batch.continuation
+    nodes = c.nodes[rows].to(served.device)
+    mix = ((nodes >= 0) & served).nonzero().squeeze(1)
+    if not mix.numel():
+        return None
+    own_rows = c.teacher_row_ids[rows].to(served.device)  # sorted: flat rows in sequence order
+    wanted = c.previous_rows[rows].to(served.device)[mix]
+    at = torch.searchsorted(own_rows, wanted).clamp(max=own_rows.numel() - 1)
+    found = own_rows[at] == wanted
+    previous = teacher_logits.new_empty(mix.numel(), teacher_logits.shape[1])
+    previous[found] = teacher_logits[at[found]]
+    if not bool(found.all()):
+        index = c.index[rows].to(served.device)[mix][~found]
+        previous[~found] = batch.teacher_logits_of(c.hidden[index.to(c.hidden.device)]).to(previous.device)
+    return mix, previous
+
+
+@torch.no_grad()
+def continue_targets(target: torch.Tensor, mix: torch.Tensor, previous: torch.Tensor, batch, rows: slice,
+                     projection: Projection, temperature: float) -> None:
+    """--distillation_config.projected_continuation, in place on the targets [n, V_s] of a chunk's paired `rows`
+    (`mix`, `previous`: from `previous_rows`; `previous` is overwritten).
+
+    At a student token that starts group g + 1 after a group g that is one teacher token t (sigma(t) = g's student
+    tokens, ending at trie node n_g), the plain target is the teacher's row after t, projected: it takes for
+    granted that the teacher wrote t, a token that ends there. From the row that predicted t (probabilities p'),
+    the teacher could as well have written a longer token v whose sigma continues past n_g. The target becomes
+
+        (sum over the pairs (v, u) of n_g of p'(v) into u  +  p'(t) * plain target) / (that mass + p'(t)),
+
+    so a student that stops (EOS) or breaks off inside a word the teacher would have continued is told so, as the
+    teacher's own row before t says."""
+    c: Continuation = batch.continuation
+    p = previous[:, :projection.teacher_vocab_size]  # softmax at the temperature, in place
+    if temperature != 1:
+        p.div_(temperature)
+    p.sub_(p.max(dim=1, keepdim=True).values).exp_()
+    p.div_(p.sum(dim=1, keepdim=True))
+    pair_rows, teacher_ids, student_ids = projection.on(p.device).map.pairs(c.nodes[rows].to(p.device)[mix])
+    inside = (teacher_ids < p.shape[1]) & (student_ids < target.shape[1])
+    pair_rows, teacher_ids, student_ids = pair_rows[inside], teacher_ids[inside], student_ids[inside]
+    longer = torch.zeros_like(target[mix])
+    longer.index_put_((pair_rows, student_ids), p[pair_rows, teacher_ids], accumulate=True)
+    wrote = p.gather(1, c.previous_ids[rows].to(p.device)[mix][:, None])
+    total = longer.sum(dim=1, keepdim=True) + wrote
+    target[mix] = torch.where(total > 0, (longer + wrote * target[mix]) / total.clamp_min(torch.finfo(p.dtype).tiny),
+                              target[mix])
+
+
 # ------------------------------------------------------------------------------------------- the family
 class ProjectedFamily(Family):
     """Every served student answer token is one unit, paired through the projection map's trie nodes."""
@@ -123,7 +178,7 @@ class ProjectedFamily(Family):
     alignments = ("text",)
     uses_nodes = True
     consumes_logits = True
-    reads = ("projected_divergence", "temperature", "jsd_beta", "skew_alpha")
+    reads = ("projected_divergence", "temperature", "jsd_beta", "skew_alpha", "projected_continuation")
 
     def options(self, loss, cfg, cache=None) -> ProjectionOptions:
         if cfg.projected_divergence not in PROJECTED_DIVERGENCES:
@@ -131,7 +186,11 @@ class ProjectedFamily(Family):
                             f"{', '.join(PROJECTED_DIVERGENCES)} (a projected target is zero on many tokens, where "
                             f"reverse_kl is infinite), got {cfg.projected_divergence!r}")
         opts = kl_options(PROJECTED_DIVERGENCES[cfg.projected_divergence], cfg)
-        return ProjectionOptions(opts.kind, opts.temperature, opts.beta, opts.alpha, distills_eos(cfg))
+        return ProjectionOptions(opts.kind, opts.temperature, opts.beta, opts.alpha, distills_eos(cfg),
+                                 on_when_on_policy(cfg, "projected_continuation"))
+
+    def continues_groups(self, options) -> bool:
+        return options.continuation
 
     def artifacts(self, student_tokenizer, teacher_tokenizer) -> PairArtifacts:
         from llm_recipes import alignment
@@ -156,8 +215,12 @@ class ProjectedFamily(Family):
 
         def make():
             rows = slice(chunk.start, chunk.start + chunk.paired)
-            target, served = projected_target(batch.teacher_logits(chunk), batch.nodes[rows], opts.projection,
-                                              opts.temperature, vocab_s)
+            t_logits = batch.teacher_logits(chunk)
+            target, served = projected_target(t_logits, batch.nodes[rows], opts.projection, opts.temperature, vocab_s)
+            previous = previous_rows(t_logits, served, batch, rows) if batch.continuation is not None else None
+            del t_logits
+            if previous is not None:
+                continue_targets(target, *previous, batch, rows, opts.projection, opts.temperature)
             return target.log_().mul_(opts.temperature), served
 
         plan = batch.plans.pop(chunk.start, None)  # (log target, served), from a checkpointed chunk's first pass

@@ -283,29 +283,63 @@ def multilevel_ot(student_logits, student_labels, teacher_logits, teacher_labels
 
 
 # ---------------------------------------------------------------------------------- projected teacher
-def projected_target(teacher_probs, node, projection_map):
-    """The projected target of one row: sum p(v) into u over the node's pairs (v, u), normalised (None: no mass)."""
+def projected_target(teacher_probs, node, projection_map, end=None):
+    """The projected target of one row: sum p(v) into u over the node's pairs (v, u), normalised (None: no mass).
+    `end` = (teacher EOS ids, student EOS id): at a root, the teacher's EOS probability goes to the student's EOS."""
     teacher_ids, student_ids = projection_map.node_pairs(node)
     target = teacher_probs.new_zeros(projection_map.student_vocab_size)
     for v, u in zip(teacher_ids.tolist(), student_ids.tolist()):
         target[u] += teacher_probs[v]
+    if end is not None and node in projection_map.roots.tolist():
+        for v in end[0]:
+            target[end[1]] += teacher_probs[v]
     total = target.sum()
     return target / total if total > 0 else None
 
 
+def continued_target(target, previous_probs, previous_id, node, projection_map):
+    """projected_continuation: the target at a group's first student token when the group before is one teacher
+    token t (row probabilities `previous_probs`) whose student tokens lead to trie `node`: the teacher either wrote t
+    and then the next row's target (weight p(t)), or a longer token whose sigma continues past t's (weight p(v),
+    into its next student token), normalised over both."""
+    teacher_ids, student_ids = projection_map.node_pairs(node)
+    longer = target.new_zeros(target.shape[0])
+    for v, u in zip(teacher_ids.tolist(), student_ids.tolist()):
+        longer[u] += previous_probs[v]
+    wrote = previous_probs[previous_id]
+    total = longer.sum() + wrote
+    return (longer + wrote * target) / total if total > 0 else target
+
+
 def projected(student_logits, student_labels, teacher_logits, teacher_labels, student_groups, teacher_groups,
               student_nodes, projection_map, *, kind="forward", temperature=1.0, beta=0.5, alpha=0.1,
-              student_encoder_decoder=False, teacher_encoder_decoder=False):
+              student_encoder_decoder=False, teacher_encoder_decoder=False, student_continuations=None, end=None):
     """The projected teacher: x T^2 KL-family divergence between the projected target and the student at
-    every served student row, mean over the served rows (a row whose target has no mass counts, with 0)."""
+    every served student row, mean over the served rows (a row whose target has no mass counts, with 0).
+    `student_continuations` [B, S] (projected_continuation): a row whose token has a continuation node takes
+    `continued_target` with the row predicting the previous group's first teacher token; `end`: see
+    `projected_target`."""
     values, count = [], 0
+    shift_s, shift_t = (0 if student_encoder_decoder else 1), (0 if teacher_encoder_decoder else 1)
     for b, s, t in text_paired(student_labels, teacher_labels, student_groups, teacher_groups,
                                student_encoder_decoder, teacher_encoder_decoder, student_nodes):
+        first_teacher = {}
+        for row, _ in answer_rows(teacher_labels[b], teacher_encoder_decoder):
+            if int(teacher_groups[b][row + shift_t]) >= 0:
+                first_teacher.setdefault(int(teacher_groups[b][row + shift_t]), row)
         for (s_row, _, node), (t_row, _) in zip(s, t):
             count += 1
             with torch.no_grad():
                 p = _softmax(_at_least_fp32(teacher_logits[b, t_row]), temperature)
-                target = projected_target(p, node, projection_map)
+                target = projected_target(p, node, projection_map, end)
+                following = int(student_continuations[b][s_row + shift_s]) if student_continuations is not None \
+                    else -1
+                group = int(student_groups[b][s_row + shift_s])
+                if target is not None and following >= 0 and group - 1 in first_teacher:
+                    previous_row = first_teacher[group - 1]
+                    previous = _softmax(_at_least_fp32(teacher_logits[b, previous_row]), temperature)
+                    previous_id = int(teacher_labels[b][previous_row + shift_t])
+                    target = continued_target(target, previous, previous_id, following, projection_map)
             if target is None:
                 continue
             q = _softmax(_at_least_fp32(student_logits[b, s_row]), temperature)

@@ -78,9 +78,11 @@ def select_pairs(pairing: Pairing, keep: torch.Tensor, kept: torch.Tensor) -> Pa
     rows, targets = pairing.student_rows, pairing.student_targets
     student_rows = torch.cat([rows[:p][keep], rows[:p][~keep], rows[p:]])
     student_targets = torch.cat([targets[:p][keep], targets[:p][~keep], targets[p:]])
-    nodes = pairing.nodes[keep] if pairing.nodes is not None else None
+    kept_part = lambda x: x[keep] if x is not None else None  # noqa: E731
     return Pairing(student_rows, student_targets, pairing.teacher_rows[keep],
-                   kept.to(pairing.pairs_per_sequence.device), int(keep.sum()), nodes)
+                   kept.to(pairing.pairs_per_sequence.device), int(keep.sum()), kept_part(pairing.nodes),
+                   kept_part(pairing.continuation_nodes), kept_part(pairing.previous_teacher_rows),
+                   kept_part(pairing.previous_teacher_ids))
 
 
 # ---------------------------------------------------------------------------------- feature selection
