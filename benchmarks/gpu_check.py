@@ -41,6 +41,11 @@ class Context:
     device: str = "cuda"  # "cpu" in a rehearsal (the check checking itself; never a GPU figure)
     python: str = sys.executable
 
+    @property
+    def slack(self) -> float:
+        """Per-command limits are sized for a GPU; a CPU rehearsal (maybe on a busy machine) gets 4x as long."""
+        return 1.0 if self.device == "cuda" else 4.0
+
     def remaining(self) -> float:
         return self.deadline - time.time()
 
@@ -67,7 +72,7 @@ def run(ctx: Context, command: list[str], log: str, limit: float, extra_env: Opt
     """Run a command from the repository root, its output to OUT/log; its output, or PartFailed."""
     if ctx.remaining() < 5:
         raise PartFailed("skipped (the overall budget is spent)")
-    limit = min(limit, ctx.remaining())
+    limit = min(limit * ctx.slack, ctx.remaining())
     path = ctx.out / log
     with open(path, "w") as handle:
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=handle, stderr=subprocess.STDOUT,
@@ -168,14 +173,14 @@ def resume(ctx: Context) -> dict:
                                                          "overwrite_output_dir": True})
     with open(ctx.out / "resume-b.log", "w") as handle:
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=handle, stderr=subprocess.STDOUT, env=env())
-        stop_at = time.time() + min(45, ctx.remaining())
+        stop_at = time.time() + min(45 * ctx.slack, ctx.remaining())
         while process.poll() is None and time.time() < stop_at:
             path = folder / "metrics.jsonl"
             if path.exists() and sum('"train"' in line for line in path.read_text().splitlines()) >= 20:
                 process.send_signal(signal.SIGTERM)
                 break
             time.sleep(0.2)
-        code = process.wait(timeout=60)
+        code = process.wait(timeout=60 * ctx.slack)
     if code not in (0, 143):
         raise PartFailed(f"failed (the stopped run exited {code}; log: resume-b.log)")
     stopped = code == 143
