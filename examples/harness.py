@@ -36,6 +36,20 @@ class Row:
         return "same" if self.student == "student_same" else "different"
 
     @property
+    def on_policy(self) -> bool:
+        return float(self.flags.get("distillation_config.lmbda", 0.0)) > 0
+
+    def scored(self, run_dir: Path, split: str) -> tuple[Path, Path]:
+        """(the weights a row is scored with, the folder of its scores on `split`). A run's `best` is its lowest
+        eval loss on the data set's answers, which an on-policy row's sampled-answer steps do not train on: with
+        on_policy_start it is the checkpoint before the first on-policy step. So on-policy rows are scored with
+        their final weights (`last`, in `<split>-last`), the others with `best` (the same weights wherever the
+        eval loss fell to the end of the run, as in every off-policy run of the published tables)."""
+        if self.on_policy:
+            return run_dir / "last", run_dir / f"{split}-last"
+        return run_dir / "best", run_dir / split
+
+    @property
     def slug(self) -> str:
         return "".join(c if c.isalnum() else "-" for c in self.name.lower()).strip("-").replace("--", "-")
 

@@ -115,3 +115,13 @@ def test_the_row_sets_and_the_rate_seed():
         demo.selected_rows("nope")
     with pytest.raises(UserError, match="--rate_seed 3 is one of the test seeds"):
         demo.run_demo(demo.DemoArgs(seeds=5, rate_seed=3))
+
+
+def test_on_policy_rows_are_scored_with_their_final_weights(tmp_path):
+    """`best` is the lowest eval loss on the data set's answers, which picked the checkpoint before the first
+    on-policy step in every run with on_policy_start: on-policy rows are scored with `last`, in their own folder."""
+    rows = {row.name: row for row in demo.ALL_ROWS}
+    on, off = rows["projected then on-policy 1.0"], rows["projected"]
+    assert on.on_policy and not off.on_policy
+    assert on.scored(tmp_path, "test") == (tmp_path / "last", tmp_path / "test-last")
+    assert off.scored(tmp_path, "validation") == (tmp_path / "best", tmp_path / "validation")

@@ -248,16 +248,17 @@ def select_rate(setup: Setup, row: Row) -> dict:
     """Validation F1 of every rate of the grid, at the rate seed (no test seed), and the best rate."""
     scores = {}
     for lr in setup.lr_grid:
-        run_dir = train_row(setup, row, setup.rate_seed, lr)
-        scores[lr] = benchmark(setup, run_dir / "best", "validation", run_dir / "validation")
+        weights, scores_dir = row.scored(train_row(setup, row, setup.rate_seed, lr), "validation")
+        scores[lr] = benchmark(setup, weights, "validation", scores_dir)
     return {"validation_f1": scores, "lr": max(scores, key=lambda lr: (scores[lr], -lr)), "seed": setup.rate_seed}
 
 
 def final_run(setup: Setup, row: Row, seed: int, lr: float) -> dict:
     run_dir = train_row(setup, row, seed, lr)
-    f1 = benchmark(setup, run_dir / "best", "test", run_dir / "test")
-    scores = json.loads((run_dir / "test" / "scores.json").read_text())["scores"]
-    return {"f1": f1, **cost(run_dir), "f1_by_kind": f1_by_kind(run_dir / "test", setup.data, "test"),
+    weights, scores_dir = row.scored(run_dir, "test")
+    f1 = benchmark(setup, weights, "test", scores_dir)
+    scores = json.loads((scores_dir / "scores.json").read_text())["scores"]
+    return {"f1": f1, **cost(run_dir), "f1_by_kind": f1_by_kind(scores_dir, setup.data, "test"),
             "worked_rougeL": scores.get("worked_rougeL"), "sampled": on_policy_answers(run_dir)}
 
 

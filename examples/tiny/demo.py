@@ -220,8 +220,8 @@ def select_rate(setup: Setup, row: Row, regime: str) -> dict:
     """Validation F1 of every rate of the grid at the rate seed (no test seed); the best one."""
     scores = {}
     for lr in setup.lr_grid:
-        run_dir = train_row(setup, row, regime, setup.rate_seed, lr)
-        scores[lr] = score(run_dir / "best", setup.data, "validation", run_dir / "validation", setup.task,
+        weights, scores_dir = row.scored(train_row(setup, row, regime, setup.rate_seed, lr), "validation")
+        scores[lr] = score(weights, setup.data, "validation", scores_dir, setup.task,
                            {"max_new_tokens": setup.new_tokens})
     return {"validation_f1": scores, "lr": max(scores, key=lambda lr: (scores[lr], -lr)), "seed": setup.rate_seed}
 
@@ -229,8 +229,8 @@ def select_rate(setup: Setup, row: Row, regime: str) -> dict:
 def final_run(setup: Setup, row: Row, regime: str, seed: int, lr: float) -> dict:
     run_dir = train_row(setup, row, regime, seed, lr)
     curve = read_metrics(run_dir)
-    return {"f1": score(run_dir / "best", setup.data, "test_large", run_dir / "test", setup.task,
-                        {"max_new_tokens": setup.new_tokens}),
+    weights, scores_dir = row.scored(run_dir, "test")
+    return {"f1": score(weights, setup.data, "test_large", scores_dir, setup.task, {"max_new_tokens": setup.new_tokens}),
             "peak_memory_gb": max((r["peak_memory_gb"] for r in curve if "peak_memory_gb" in r), default=None),
             "sampled": on_policy_answers(run_dir)}
 
