@@ -586,8 +586,7 @@ class LogWindow:
         line.update({name: self.sums[name] / (labelled if name == "ce" else steps) for name in self.active
                      if name != "ce" or labelled > 0})
         if state.on_policy is not None:
-            line.update(state.on_policy.stats.line(state.info.device))
-            state.on_policy.stats = on_policy.Stats()
+            line.update(state.on_policy.metrics(state.info.device))
         if state.objective.spec.selects_tokens:  # fraction of paired answer positions the logit term used
             line["token_kept"] = self.sums["kept"] / max(self.sums["candidates"], 1.0)
         if "feature" in self.active:  # fraction of the teacher's units the student matches

@@ -151,20 +151,24 @@ class Stats:
     cut: int = 0  # no EOS within --on_policy_max_new_tokens
     unaligned: int = 0  # a text the teacher's tokenizer does not reproduce (no distillation units)
     shapes: Counter = field(default_factory=Counter)  # (teacher tokens, student tokens) of the text groups
+    continued: int = 0  # group starts whose projected target holds the longer teacher tokens (continuation)
 
-    def line(self, device: Optional[torch.device] = None) -> dict:
+    def line(self, device: Optional[torch.device] = None, continuation: bool = False) -> dict:
         """The metrics.jsonl fields (answers of every process): the share of on-policy steps; on sampled answers
         their mean length, the share of one-to-one text groups, and how many answers were empty, cut or
-        unaligned."""
-        answers, tokens, empty, cut, unaligned, one, groups = distributed.all_reduce_sum(
+        unaligned; `continuation` (projected_continuation): the share of text groups that start after a token
+        longer teacher tokens extend (their target mixes in the row before)."""
+        answers, tokens, empty, cut, unaligned, one, groups, continued = distributed.all_reduce_sum(
             [self.answers, self.tokens, self.empty, self.cut, self.unaligned, self.shapes[(1, 1)],
-             sum(self.shapes.values())], device)
+             sum(self.shapes.values()), self.continued], device)
         out = {"on_policy": self.on_policy_steps / max(self.steps, 1)}
         if answers:
             out.update({"sampled_tokens": tokens / answers, "sampled_empty": int(empty), "sampled_cut": int(cut),
                         "sampled_unaligned": int(unaligned)})
             if groups:
                 out["sampled_one_to_one"] = one / groups
+                if continuation:
+                    out["sampled_continued"] = continued / groups
         return out
 
 
@@ -227,6 +231,7 @@ def on_policy_batch(batch: dict, sampled: list[list[int]], tokenizers: tuple, pa
         stats.empty += not text.strip()
         stats.cut += not (answer and answer[-1] in eos)
     stats.unaligned += counts["unaligned_examples"]
+    stats.continued += counts["continued"]
     return {"student": collate(rows["student"], pad_ids[0]), "teacher": collate(rows["teacher"], pad_ids[1])}
 
 
@@ -255,6 +260,12 @@ class OnPolicy:
                                      device, synced, autocast())
             out.append(self.rebuild(batch, sampled, pad_ids))
         return out
+
+    def metrics(self, device: Optional[torch.device] = None) -> dict:
+        """The on-policy fields of a train line of metrics.jsonl (Stats.line); the window starts again."""
+        line = self.stats.line(device, self.continuation)
+        self.stats = Stats()
+        return line
 
     def rebuild(self, batch: dict, sampled: list[list[int]], pad_ids: tuple) -> dict:
         """The micro-batch `batch` with the answers `sampled` (student ids), as the data pipeline makes a batch."""

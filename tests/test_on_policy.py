@@ -240,6 +240,7 @@ def test_an_on_policy_run_logs_its_answers_and_resumes_bit_for_bit(tmp_path, cap
     for line in train_lines:
         if line["on_policy"]:
             assert "ce" not in line and 1 <= line["sampled_tokens"] <= 12 and "sampled_one_to_one" in line
+            assert 0 <= line["sampled_continued"] <= 1  # the projected teacher: projected_continuation is on
         else:
             assert "ce" in line and "sampled_tokens" not in line
     resumed = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
