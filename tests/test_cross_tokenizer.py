@@ -135,8 +135,10 @@ def test_projected_matches_the_reference(pair, divergence, temperature, chunk):
     assert_close(g, g_ref)
 
 
-# Sampled answers stop and break off inside words: "b" is the teacher's "Ġb", which longer teacher tokens extend
-STOPS = ANSWERS + ["b", "Velm", "sky bl", "pa", "gre", "Ost", "night nur", "b green", "gre parrot", "night nur sea"]
+# Sampled answers stop and break off inside words: "b" is the teacher's "Ġb", which longer teacher tokens extend;
+# "bl" is "Ġb" "l" (a group of two teacher tokens)
+STOPS = ANSWERS + ["b", "Velm", "sky bl", "pa", "gre", "Ost", "night nur", "b green", "gre parrot", "night nur sea",
+                   "bl sea", "go dog", "tast sea"]
 
 
 @pytest.mark.parametrize("divergence, temperature, chunk", [("kl", 1.0, 1024), ("kl", 2.0, 3), ("jsd", 1.0, 5),
@@ -148,6 +150,9 @@ def test_projected_continuation_matches_the_reference(pair, divergence, temperat
     before in another chunk than the row it serves."""
     b = batch_of(pair, STOPS, seed=4, end=end)
     assert int((b["continuations"] >= 0).sum()) >= 2
+    pairing = pair_by_groups(b["student"], b["teacher"], b["s_groups"], b["t_groups"], student_nodes=b["nodes"],
+                             student_continuations=b["continuations"])
+    assert pairing.previous_inner_rows.numel() >= 1  # a group of several teacher tokens before a continued one
     zs, zt = logits_like(b["student"], len(pair["student"]), 5), logits_like(b["teacher"], len(pair["teacher"]), 6)
     spec = spec_for(pair, "projected", chunk, projected_divergence=divergence, temperature=temperature,
                     projected_continuation=True, distill_eos=end)
@@ -188,6 +193,9 @@ def test_continued_target_by_hand(pair):
     assert float(mixed[student_eos]) == pytest.approx(0.2)
     for u in set(next_pieces.tolist()):
         assert float(mixed[u]) == pytest.approx(0.8 * float((next_pieces == u).sum()) / longer_ids.numel())
+    # a group of two teacher tokens whose second one the teacher gives 0.5: the written path weighs 0.2 x 0.5
+    mixed = reference.continued_target(plain, previous, t_b, node, pmap, later=0.5)
+    assert float(mixed[student_eos]) == pytest.approx(0.1 / 0.9)
 
 
 def test_projected_target_gives_the_actual_next_token_most_of_the_mass(pair):

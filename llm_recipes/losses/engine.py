@@ -190,9 +190,11 @@ def _continuation(pairing: Pairing, teacher_hidden: Optional[torch.Tensor]) -> O
     with torch.no_grad():
         flat = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
         hidden = flat.index_select(0, pairing.previous_teacher_rows[mix].to(flat.device))
+        inner = flat.index_select(0, pairing.previous_inner_rows.to(flat.device))
     index = torch.where(mix, mix.long().cumsum(0) - 1, -1)
     return Continuation(pairing.continuation_nodes, pairing.previous_teacher_ids, pairing.previous_teacher_rows,
-                        pairing.teacher_rows, hidden, index)
+                        pairing.teacher_rows, hidden, index, inner, pairing.previous_inner_ids,
+                        pairing.previous_inner_units)
 
 
 def distillation_terms(

@@ -67,9 +67,10 @@ def row_chunks(first: int, rows: int, paired: int, size: int) -> list[Chunk]:
 
 class Continuation(NamedTuple):
     """projected_continuation's inputs of a micro-batch, per paired row [P] (-1: none), from the Pairing: the trie
-    node continuing the previous group, that group's teacher token and the flat teacher row predicting it; the
-    paired rows' own flat teacher rows (sorted); the previous rows' teacher hidden states [M, H_t] and each paired
-    row's index into them."""
+    node continuing the previous group, that group's first teacher token and the flat teacher row predicting it;
+    the paired rows' own flat teacher rows (sorted); the previous rows' teacher hidden states [M, H_t] and each
+    paired row's index into them; the previous group's other teacher tokens [K] (their rows' hidden states
+    [K, H_t], the tokens, the paired row each belongs to)."""
 
     nodes: torch.Tensor
     previous_ids: torch.Tensor
@@ -77,6 +78,9 @@ class Continuation(NamedTuple):
     teacher_row_ids: torch.Tensor
     hidden: torch.Tensor
     index: torch.Tensor
+    inner_hidden: torch.Tensor
+    inner_ids: torch.Tensor
+    inner_units: torch.Tensor
 
 
 @dataclass

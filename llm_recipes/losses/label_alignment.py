@@ -60,34 +60,29 @@ def align_example(student_labels, teacher_labels, student_tokenizer, teacher_tok
     if ends:
         _with_end(s_groups, t_groups, nodes, s_pos, t_pos, len(found.groups), projection, s_ids, shapes)
     if projection is not None and continuation:
-        for k, node in continuation_nodes(found.groups, s_ids, t_ids, projection, len(s_ids) - 1 if ends else None):
+        for k, node in continuation_nodes(found.groups, s_ids, projection, len(s_ids) - 1 if ends else None):
             if nodes[s_pos[k]] >= 0:
                 following[s_pos[k]] = node
                 counts["continued"] += 1
     return s_groups, t_groups, nodes, following
 
 
-def continuation_nodes(groups, s_ids: list[int], t_ids: list[int], projection, end_at: Optional[int] = None):
-    """(student answer index, trie node) for every student token that starts a group g + 1 after a group g that
-    is one teacher token t whose sigma is exactly g's student tokens, where some teacher token's sigma extends
-    them: the node of g's student tokens (`end_at`: the student index of the end-of-answer group, which follows
-    the last group). The projected target there also holds what that row's teacher would have written instead
-    of t (`--distillation_config.projected_continuation`, llm_recipes.losses.projection)."""
+def continuation_nodes(groups, s_ids: list[int], projection, end_at: Optional[int] = None):
+    """(student answer index, trie node) for every student token that starts a group g + 1 after a group g whose
+    student tokens some teacher token's sigma extends: the node of g's student tokens (`end_at`: the student index
+    of the end-of-answer group, which follows the last group). The projected target there also holds what the
+    teacher could have written instead of g's teacher tokens: one longer token (`--distillation_config.
+    projected_continuation`, llm_recipes.losses.projection)."""
     from llm_recipes.alignment import VIEW_INNER
 
     starts = [group.student[0] if group.student else None for group in groups[1:]] + [end_at]
     first = next((s_ids[group.student[0]] for group in groups if group.student), -1)
     for g, group in enumerate(groups):
-        nxt = starts[g]
-        if nxt is None or len(group.teacher) != 1 or not group.student:
+        if starts[g] is None or not group.teacher or not group.student:
             continue
-        view = VIEW_INNER if g else projection.start_view(first)
-        student = tuple(s_ids[i] for i in group.student)
-        if projection.sigma(t_ids[group.teacher[0]], view) != student:
-            continue
-        node = projection.node_of(student, view)
+        node = projection.node_of([s_ids[i] for i in group.student], VIEW_INNER if g else projection.start_view(first))
         if node >= 0:
-            yield nxt, node
+            yield starts[g], node
 
 
 def _with_end(s_groups, t_groups, nodes, s_pos, t_pos, group: int, projection, s_ids, shapes):

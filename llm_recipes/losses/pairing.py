@@ -43,10 +43,15 @@ class Pairing:
     num_paired: int
     nodes: Optional[torch.Tensor] = None  # [num_paired] long: projection-map node of each paired row (projected loss)
     # projected_continuation, [num_paired] long each (-1: none): the trie node continuing the previous group, the
-    # flat teacher row predicting that group's (one) token, and that token
+    # flat teacher row predicting that group's first token, and that token; then [K] long each: the flat teacher
+    # rows predicting the previous group's other tokens, those tokens, and the paired row (0..num_paired-1) each
+    # belongs to
     continuation_nodes: Optional[torch.Tensor] = None
     previous_teacher_rows: Optional[torch.Tensor] = None
     previous_teacher_ids: Optional[torch.Tensor] = None
+    previous_inner_rows: Optional[torch.Tensor] = None
+    previous_inner_ids: Optional[torch.Tensor] = None
+    previous_inner_units: Optional[torch.Tensor] = None
 
     @property
     def ce_count(self) -> int:
@@ -191,15 +196,34 @@ def pair_by_groups(
     nodes = s_nodes.reshape(-1)[paired_rows] if s_nodes is not None else None
     continued = {}
     if student_continuations is not None and s_nodes is not None:
-        following = torch.where(s_mask, _row_values(student_continuations.to(device), student_encoder_decoder), -1)
-        previous = teacher_row_of.gather(1, (s_groups - 1).clamp(min=0))
-        following = torch.where((s_groups >= 1) & (previous >= 0), following, -1).reshape(-1)[paired_rows]
-        previous = torch.where(following >= 0, previous.reshape(-1)[paired_rows], -1)
-        continued = {"continuation_nodes": following, "previous_teacher_rows": previous,
-                     "previous_teacher_ids": torch.where(previous >= 0, t_targets.reshape(-1)[previous.clamp(min=0)],
-                                                         -1)}
+        continued = _continuations(student_continuations, s_mask, s_groups, t_groups, t_starts, t_targets,
+                                   teacher_row_of, paired_rows, student_encoder_decoder)
     return Pairing(rows, s_targets.reshape(-1)[rows], partner.reshape(-1)[paired_rows], selected.sum(dim=1),
                    int(paired_rows.numel()), nodes, **continued)
+
+
+def _continuations(student_continuations, s_mask, s_groups, t_groups, t_starts, t_targets, teacher_row_of,
+                   paired_rows, student_encoder_decoder) -> dict:
+    """pair_by_groups' projected_continuation fields (see `Pairing`)."""
+    batch, n_groups = teacher_row_of.shape
+    following = torch.where(s_mask, _row_values(student_continuations.to(s_mask.device), student_encoder_decoder), -1)
+    previous = teacher_row_of.gather(1, (s_groups - 1).clamp(min=0))
+    following = torch.where((s_groups >= 1) & (previous >= 0), following, -1).reshape(-1)[paired_rows]
+    previous = torch.where(following >= 0, previous.reshape(-1)[paired_rows], -1)
+    ids = torch.where(previous >= 0, t_targets.reshape(-1)[previous.clamp(min=0)], -1)
+    # the previous group's other teacher tokens: the rows predicting them, keyed by (sequence, group)
+    mixed = (following >= 0).nonzero().squeeze(1)
+    unit_of = torch.full((batch * n_groups,), -1, dtype=torch.long, device=s_mask.device)
+    sequence = paired_rows[mixed] // s_groups.shape[1]
+    unit_of[sequence * n_groups + s_groups.reshape(-1)[paired_rows[mixed]] - 1] = mixed
+    inner = (t_groups >= 0) & ~t_starts
+    b_index, t_index = inner.nonzero(as_tuple=True)
+    units = unit_of[b_index * n_groups + t_groups[b_index, t_index]]
+    keep = units >= 0
+    rows = (b_index * t_groups.shape[1] + t_index)[keep]
+    return {"continuation_nodes": following, "previous_teacher_rows": previous, "previous_teacher_ids": ids,
+            "previous_inner_rows": rows, "previous_inner_ids": t_targets.reshape(-1)[rows],
+            "previous_inner_units": units[keep]}
 
 
 def check_head_width(width: int, vocab_size: int, side: str) -> None:

@@ -119,7 +119,7 @@ def projected_target(teacher_logits: torch.Tensor, nodes: torch.Tensor, projecti
 @torch.no_grad()
 def previous_rows(teacher_logits: torch.Tensor, served: torch.Tensor, batch, rows: slice):
     """(the paired rows of a chunk that continue a group [m], the fp32 teacher logits [m, V_t] of the rows that
-    predicted the group before's token), or None: see `continue_targets`. The previous group's first student token
+    predicted the group before's first token), or None: see `continue_targets`. The previous group's first student token
     is usually a paired row of the same chunk, whose teacher logits are reused; the teacher head runs on the rest."""
     c: Continuation = batch.continuation
     nodes = c.nodes[rows].to(served.device)
@@ -144,15 +144,16 @@ def continue_targets(target: torch.Tensor, mix: torch.Tensor, previous: torch.Te
     """--distillation_config.projected_continuation, in place on the targets [n, V_s] of a chunk's paired `rows`
     (`mix`, `previous`: from `previous_rows`; `previous` is overwritten).
 
-    At a student token that starts group g + 1 after a group g that is one teacher token t (sigma(t) = g's student
-    tokens, ending at trie node n_g), the plain target is the teacher's row after t, projected: it takes for
-    granted that the teacher wrote t, a token that ends there. From the row that predicted t (probabilities p'),
-    the teacher could as well have written a longer token v whose sigma continues past n_g. The target becomes
+    At a student token that starts group g + 1, the plain target is the teacher's row after g's teacher tokens
+    t_1..t_k, projected: it takes for granted that the teacher wrote them, and that its text ends where g ends.
+    From the row that predicted t_1 (probabilities p'), the teacher could as well have written one longer token v
+    whose sigma continues g's student tokens (trie node n_g). The target becomes
 
-        (sum over the pairs (v, u) of n_g of p'(v) into u  +  p'(t) * plain target) / (that mass + p'(t)),
+        (sum over the pairs (v, u) of n_g of p'(v) into u  +  w * plain target) / (that mass + w),
+        w = p'(t_1) p(t_2 | t_1) ... p(t_k | t_1..t_k-1), the teacher's probability of writing g as it did,
 
-    so a student that stops (EOS) or breaks off inside a word the teacher would have continued is told so, as the
-    teacher's own row before t says."""
+    so a student that stops (EOS) or breaks off inside a word the teacher would have continued ("b" of "brown":
+    the teacher's "Ġb", or "bl" as "Ġb" "l") is told so, as the teacher's own rows before say."""
     c: Continuation = batch.continuation
     p = previous[:, :projection.teacher_vocab_size]  # softmax at the temperature, in place
     if temperature != 1:
@@ -165,9 +166,29 @@ def continue_targets(target: torch.Tensor, mix: torch.Tensor, previous: torch.Te
     longer = torch.zeros_like(target[mix])
     longer.index_put_((pair_rows, student_ids), p[pair_rows, teacher_ids], accumulate=True)
     wrote = p.gather(1, c.previous_ids[rows].to(p.device)[mix][:, None])
+    wrote *= _later_tokens_probability(batch, rows, mix, temperature).to(wrote.device)[:, None]
     total = longer.sum(dim=1, keepdim=True) + wrote
     target[mix] = torch.where(total > 0, (longer + wrote * target[mix]) / total.clamp_min(torch.finfo(p.dtype).tiny),
                               target[mix])
+
+
+def _later_tokens_probability(batch, rows: slice, mix: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[m] fp32: for each continued row of the chunk, the teacher's probability of the previous group's tokens
+    after its first, each given those before (1 for a group of one teacher token)."""
+    c: Continuation = batch.continuation
+    local = torch.full((rows.stop - rows.start,), -1, dtype=torch.long, device=mix.device)
+    local[mix] = torch.arange(mix.numel(), device=mix.device)
+    units = c.inner_units.to(mix.device)
+    inside = (units >= rows.start) & (units < rows.stop)
+    owner = local[(units - rows.start).clamp(0, local.numel() - 1)]
+    take = (inside & (owner >= 0)).nonzero().squeeze(1)
+    log_sum = torch.zeros(mix.numel(), device=mix.device)
+    if take.numel():
+        logits = batch.teacher_logits_of(c.inner_hidden[take.to(c.inner_hidden.device)]).to(mix.device)
+        log_p = torch.log_softmax(scaled(logits, temperature), dim=-1)
+        picked = log_p.gather(1, c.inner_ids.to(mix.device)[take][:, None]).squeeze(1)
+        log_sum.index_add_(0, owner[take], picked)
+    return log_sum.exp()
 
 
 # ------------------------------------------------------------------------------------------- the family

@@ -297,16 +297,17 @@ def projected_target(teacher_probs, node, projection_map, end=None):
     return target / total if total > 0 else None
 
 
-def continued_target(target, previous_probs, previous_id, node, projection_map):
-    """projected_continuation: the target at a group's first student token when the group before is one teacher
-    token t (row probabilities `previous_probs`) whose student tokens lead to trie `node`: the teacher either wrote t
-    and then the next row's target (weight p(t)), or a longer token whose sigma continues past t's (weight p(v),
-    into its next student token), normalised over both."""
+def continued_target(target, previous_probs, previous_id, node, projection_map, later=1.0):
+    """projected_continuation: the target at a group's first student token when the group before starts with
+    teacher token t (row probabilities `previous_probs`) and its student tokens lead to trie `node`: the teacher
+    either wrote the group as it did and then the next row's target (weight p(t) x `later`, the probability of the
+    group's other teacher tokens), or one longer token whose sigma continues the group's student tokens (weight
+    p(v), into its next student token), normalised over both."""
     teacher_ids, student_ids = projection_map.node_pairs(node)
     longer = target.new_zeros(target.shape[0])
     for v, u in zip(teacher_ids.tolist(), student_ids.tolist()):
         longer[u] += previous_probs[v]
-    wrote = previous_probs[previous_id]
+    wrote = previous_probs[previous_id] * later
     total = longer.sum() + wrote
     return (longer + wrote * target) / total if total > 0 else target
 
@@ -323,10 +324,11 @@ def projected(student_logits, student_labels, teacher_logits, teacher_labels, st
     shift_s, shift_t = (0 if student_encoder_decoder else 1), (0 if teacher_encoder_decoder else 1)
     for b, s, t in text_paired(student_labels, teacher_labels, student_groups, teacher_groups,
                                student_encoder_decoder, teacher_encoder_decoder, student_nodes):
-        first_teacher = {}
+        group_rows = {}  # group -> the teacher rows predicting its tokens, in order
         for row, _ in answer_rows(teacher_labels[b], teacher_encoder_decoder):
             if int(teacher_groups[b][row + shift_t]) >= 0:
-                first_teacher.setdefault(int(teacher_groups[b][row + shift_t]), row)
+                group_rows.setdefault(int(teacher_groups[b][row + shift_t]), []).append(row)
+        first_teacher = {g: rows[0] for g, rows in group_rows.items()}
         for (s_row, _, node), (t_row, _) in zip(s, t):
             count += 1
             with torch.no_grad():
@@ -339,7 +341,11 @@ def projected(student_logits, student_labels, teacher_logits, teacher_labels, st
                     previous_row = first_teacher[group - 1]
                     previous = _softmax(_at_least_fp32(teacher_logits[b, previous_row]), temperature)
                     previous_id = int(teacher_labels[b][previous_row + shift_t])
-                    target = continued_target(target, previous, previous_id, following, projection_map)
+                    later = 1.0
+                    for row in group_rows[group - 1][1:]:
+                        later = later * _softmax(_at_least_fp32(teacher_logits[b, row]), temperature)[
+                            int(teacher_labels[b][row + shift_t])]
+                    target = continued_target(target, previous, previous_id, following, projection_map, later)
             if target is None:
                 continue
             q = _softmax(_at_least_fp32(student_logits[b, s_row]), temperature)

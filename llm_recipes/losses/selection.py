@@ -79,10 +79,16 @@ def select_pairs(pairing: Pairing, keep: torch.Tensor, kept: torch.Tensor) -> Pa
     student_rows = torch.cat([rows[:p][keep], rows[:p][~keep], rows[p:]])
     student_targets = torch.cat([targets[:p][keep], targets[:p][~keep], targets[p:]])
     kept_part = lambda x: x[keep] if x is not None else None  # noqa: E731
+    inner = {}
+    if pairing.previous_inner_units is not None:  # renumber the paired rows they belong to; drop the dropped ones
+        renumbered = torch.where(keep, keep.long().cumsum(0) - 1, -1)[pairing.previous_inner_units]
+        stays = renumbered >= 0
+        inner = {"previous_inner_rows": pairing.previous_inner_rows[stays],
+                 "previous_inner_ids": pairing.previous_inner_ids[stays], "previous_inner_units": renumbered[stays]}
     return Pairing(student_rows, student_targets, pairing.teacher_rows[keep],
                    kept.to(pairing.pairs_per_sequence.device), int(keep.sum()), kept_part(pairing.nodes),
                    kept_part(pairing.continuation_nodes), kept_part(pairing.previous_teacher_rows),
-                   kept_part(pairing.previous_teacher_ids))
+                   kept_part(pairing.previous_teacher_ids), **inner)
 
 
 # ---------------------------------------------------------------------------------- feature selection
