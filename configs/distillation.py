@@ -99,10 +99,10 @@ class distillation_config:
               "projected teacher's EOS probability goes to the student's EOS; None: on with lmbda > 0 (a sampled "
               "answer learns when to stop from the teacher alone), off otherwise (the seeds': no teacher EOS)")
     projected_continuation: Optional[bool] = _distillation(
-        None, "projected loss: at a student token that starts a new text group, the target also holds the teacher "
-              "tokens that would have continued the previous group's token (from the row that predicted it), so a "
-              "student that stops or breaks off inside a teacher token is not told the teacher agrees; None: on with "
-              "lmbda > 0 (sampled answers end and break where the teacher would not), off otherwise")
+        None, "projected loss: at a student token that starts a new text group, the target also holds the longer "
+              "teacher tokens that would have continued the previous group (from the row that predicted its first "
+              "token), so a student that stops or breaks off inside a word is not told the teacher agrees; None: on "
+              "with lmbda > 0 (sampled answers end and break where the teacher would not), off otherwise")
 
     # token selection (docs/methods.md): the logit term only at each answer's top positions
     token_selection: str = _distillation(
