@@ -222,6 +222,7 @@ def run_identity(run: RunConfig, plan: RunPlan, state_models: Models, train_exam
     return {"train_examples": train_examples, "world_size": world_size, "batch_size_training": t.batch_size_training,
             "gradient_accumulation_steps": t.gradient_accumulation_steps, "seed": t.seed, "student": t.model_name,
             "teacher": run.distillation.model_name if t.distillation else None, "loss": plan.spec.name,
+            "projected_continuation": plan.continuation,
             "hidden_projections": sorted(projections.keys()) if projections is not None else None}
 
 
@@ -347,7 +348,7 @@ def restore(state: TrainState, resume: dict) -> None:
     if saved.get("hidden_projections") != state.identity["hidden_projections"]:
         raise UserError(f"--resume_from was trained with hidden-state projections {saved.get('hidden_projections')}, "
                         f"this run has {state.identity['hidden_projections']}: resume with the same hidden-state flags")
-    for key in ("teacher", "loss"):
+    for key in ("teacher", "loss", "projected_continuation"):  # a checkpoint from before it holds no such key
         if saved.get(key) != state.identity[key] and state.info.is_main:
             warnings.warn(f"resuming with {key} {state.identity[key]!r}; the checkpoint was trained with "
                           f"{saved.get(key)!r}")

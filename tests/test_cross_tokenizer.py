@@ -18,7 +18,7 @@ from llm_recipes.finetuning import train
 from llm_recipes.losses import LossSpec, count_units, distillation_terms, reference
 from llm_recipes.losses.pairing import IGNORE_INDEX, pair_by_groups
 from llm_recipes.losses.family import PairArtifacts
-from llm_recipes.losses.label_alignment import align_example
+from llm_recipes.losses.label_alignment import align_example, continuation_nodes
 
 RTOL = 1e-6
 ANSWERS = ["pale green parrot", "May", "Velmora", "night nurse", "Ostrava Nova", "sky blue sea turtle", "Zeno"]
@@ -171,6 +171,43 @@ def test_projected_continuation_matches_the_reference(pair, divergence, temperat
     assert_close(g, g_ref)
     plain = ref_value(zs, None)  # the mix changes the value: the test can fail
     assert abs(float(plain) - float(ref)) > 1e-6
+
+
+def test_continuation_nodes_hold_exactly_the_longer_teacher_tokens(pair):
+    """Brute force over the teacher's vocabulary: a continued token's node pairs every teacher token whose sigma
+    (in the previous group's view) strictly extends that group's student tokens, and nothing else."""
+    pmap, student, teacher = pair["map"], pair["student"], pair["teacher"]
+    checked = 0
+    for answer in STOPS:
+        s_ids = student(" " + answer, add_special_tokens=False)["input_ids"]
+        t_ids = teacher(" " + answer, add_special_tokens=False)["input_ids"]
+        found = alignment.align_answer(teacher, t_ids, student, s_ids)
+        for k, node in continuation_nodes(found.groups, s_ids, pmap):
+            g = next(i for i, group in enumerate(found.groups) if group.student and group.student[0] == k) - 1
+            view = alignment.VIEW_INNER if g else pmap.start_view(s_ids[0])
+            prefix = tuple(s_ids[i] for i in found.groups[g].student)
+            expected = {(v, pmap.sigma(v, view)[len(prefix)]) for v in range(len(teacher))
+                        if len(pmap.sigma(v, view)) > len(prefix) and pmap.sigma(v, view)[:len(prefix)] == prefix}
+            teacher_ids, student_ids = pmap.node_pairs(node)
+            assert set(zip(teacher_ids.tolist(), student_ids.tolist())) == expected and expected
+            checked += 1
+    assert checked >= 3
+
+
+def test_a_nan_teacher_row_before_a_continued_token_makes_the_term_nan(pair):
+    """The mixed target reads the rows before; NaN there must reach the loss (the trainer then names it), never be
+    dropped by the mix. The row predicting the second token of a two-token group serves no target but the mix's
+    weight of that group, so only the mix can carry its NaN."""
+    b = batch_of(pair, STOPS, seed=4, end=True)
+    zs, zt = logits_like(b["student"], len(pair["student"]), 5), logits_like(b["teacher"], len(pair["teacher"]), 6)
+    pairing = pair_by_groups(b["student"], b["teacher"], b["s_groups"], b["t_groups"], student_nodes=b["nodes"],
+                             student_continuations=b["continuations"])
+    row = int(pairing.previous_inner_rows[0])
+    assert row not in pairing.teacher_rows.tolist()
+    zt.reshape(-1, zt.shape[-1])[row] = float("nan")
+    spec = spec_for(pair, "projected", 4, projected_continuation=True, distill_eos=True)
+    _, value = engine_value(spec, zs, b["student"], zt, b["teacher"], alignment_of(b))
+    assert torch.isnan(value)
 
 
 def test_continued_target_by_hand(pair):

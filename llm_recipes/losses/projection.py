@@ -117,10 +117,12 @@ def projected_target(teacher_logits: torch.Tensor, nodes: torch.Tensor, projecti
 
 
 @torch.no_grad()
-def previous_rows(teacher_logits: torch.Tensor, served: torch.Tensor, batch, rows: slice):
-    """(the paired rows of a chunk that continue a group [m], the fp32 teacher logits [m, V_t] of the rows that
-    predicted the group before's first token), or None: see `continue_targets`. The previous group's first student token
-    is usually a paired row of the same chunk, whose teacher logits are reused; the teacher head runs on the rest."""
+def previous_rows(teacher_logits: torch.Tensor, served: torch.Tensor, batch, rows: slice, temperature: float):
+    """(the paired rows of a chunk that continue a group [m], where their previous row's logits are: the chunk's
+    own teacher logits or a new [k, V_t] block, and each row's index into them, and the log-normaliser at the
+    temperature of each row they index), or None: see `continue_targets`. The previous group's first student
+    token is usually a paired row of the same chunk, whose teacher logits are reused (nothing is copied); the
+    teacher head runs on the rest."""
     c: Continuation = batch.continuation
     nodes = c.nodes[rows].to(served.device)
     mix = ((nodes >= 0) & served).nonzero().squeeze(1)
@@ -130,19 +132,46 @@ def previous_rows(teacher_logits: torch.Tensor, served: torch.Tensor, batch, row
     wanted = c.previous_rows[rows].to(served.device)[mix]
     at = torch.searchsorted(own_rows, wanted).clamp(max=own_rows.numel() - 1)
     found = own_rows[at] == wanted
-    previous = teacher_logits.new_empty(mix.numel(), teacher_logits.shape[1])
-    previous[found] = teacher_logits[at[found]]
+    where = torch.where(found, at, -1)
+    normalisers = torch.empty(mix.numel(), dtype=torch.float32, device=served.device)
+    if bool(found.any()):
+        normalisers[found] = _log_normaliser(teacher_logits, at[found], temperature)
+    blocks = [teacher_logits]
     if not bool(found.all()):
         index = c.index[rows].to(served.device)[mix][~found]
-        previous[~found] = batch.teacher_logits_of(c.hidden[index.to(c.hidden.device)]).to(previous.device)
-    return mix, previous
+        block = batch.teacher_logits_of(c.hidden[index.to(c.hidden.device)]).to(teacher_logits.device)
+        normalisers[~found] = _log_normaliser(block, torch.arange(block.shape[0], device=block.device), temperature)
+        where[~found] = teacher_logits.shape[0] + torch.arange(block.shape[0], device=where.device)
+        blocks.append(block)
+    return mix, blocks, where, normalisers
+
+
+def _log_normaliser(logits: torch.Tensor, index: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logsumexp of logits[index] / T, 256 rows at a time (no copy of more rows than that)."""
+    return torch.cat([torch.logsumexp(scaled(logits[part], temperature), dim=-1) for part in index.split(256)])
+
+
+def _probabilities(blocks: list, where: torch.Tensor, normalisers: torch.Tensor, rows: torch.Tensor,
+                   columns: torch.Tensor, temperature: float) -> torch.Tensor:
+    """p'(columns) [len(rows)] at the continued rows `rows` (indices into `where` and `normalisers`): each row's
+    logits are row where[r] of the chunk's own block followed by the new one."""
+    at = where[rows]
+    out = torch.empty(rows.shape, dtype=torch.float32, device=where.device)
+    start = 0
+    for block in blocks:
+        part = (at >= start) & (at < start + block.shape[0])
+        if bool(part.any()):
+            z = block[at[part] - start, columns[part]]
+            out[part] = torch.exp(scaled(z, temperature) - normalisers[rows[part]])
+        start += block.shape[0]
+    return out
 
 
 @torch.no_grad()
-def continue_targets(target: torch.Tensor, mix: torch.Tensor, previous: torch.Tensor, batch, rows: slice,
-                     projection: Projection, temperature: float) -> None:
+def continue_targets(target: torch.Tensor, previous, batch, rows: slice, projection: Projection,
+                     temperature: float) -> None:
     """--distillation_config.projected_continuation, in place on the targets [n, V_s] of a chunk's paired `rows`
-    (`mix`, `previous`: from `previous_rows`; `previous` is overwritten).
+    (`previous`: from `previous_rows`).
 
     At a student token that starts group g + 1, the plain target is the teacher's row after g's teacher tokens
     t_1..t_k, projected: it takes for granted that the teacher wrote them, and that its text ends where g ends.
@@ -153,23 +182,25 @@ def continue_targets(target: torch.Tensor, mix: torch.Tensor, previous: torch.Te
         w = p'(t_1) p(t_2 | t_1) ... p(t_k | t_1..t_k-1), the teacher's probability of writing g as it did,
 
     so a student that stops (EOS) or breaks off inside a word the teacher would have continued ("b" of "brown":
-    the teacher's "Ġb", or "bl" as "Ġb" "l") is told so, as the teacher's own rows before say."""
+    the teacher's "Ġb", or "bl" as "Ġb" "l") is told so, as the teacher's own rows before say. Only the pairs'
+    probabilities are gathered: no [m, V] copy of the previous rows."""
     c: Continuation = batch.continuation
-    p = previous[:, :projection.teacher_vocab_size]  # softmax at the temperature, in place
-    if temperature != 1:
-        p.div_(temperature)
-    p.sub_(p.max(dim=1, keepdim=True).values).exp_()
-    p.div_(p.sum(dim=1, keepdim=True))
-    pair_rows, teacher_ids, student_ids = projection.on(p.device).map.pairs(c.nodes[rows].to(p.device)[mix])
-    inside = (teacher_ids < p.shape[1]) & (student_ids < target.shape[1])
+    mix, blocks, where, normalisers = previous
+    device = target.device
+    pair_rows, teacher_ids, student_ids = projection.on(device).map.pairs(c.nodes[rows].to(device)[mix])
+    inside = (teacher_ids < projection.teacher_vocab_size) & (student_ids < target.shape[1])
     pair_rows, teacher_ids, student_ids = pair_rows[inside], teacher_ids[inside], student_ids[inside]
-    longer = torch.zeros_like(target[mix])
-    longer.index_put_((pair_rows, student_ids), p[pair_rows, teacher_ids], accumulate=True)
-    wrote = p.gather(1, c.previous_ids[rows].to(p.device)[mix][:, None])
-    wrote *= _later_tokens_probability(batch, rows, mix, temperature).to(wrote.device)[:, None]
-    total = longer.sum(dim=1, keepdim=True) + wrote
-    target[mix] = torch.where(total > 0, (longer + wrote * target[mix]) / total.clamp_min(torch.finfo(p.dtype).tiny),
-                              target[mix])
+    longer = _probabilities(blocks, where, normalisers, pair_rows, teacher_ids, temperature)
+    local = torch.arange(mix.numel(), device=device)
+    wrote = _probabilities(blocks, where, normalisers, local, c.previous_ids[rows].to(device)[mix], temperature)
+    wrote = wrote * _later_tokens_probability(batch, rows, mix, temperature).to(device)
+    total = torch.zeros(mix.numel(), device=device).index_add_(0, pair_rows, longer) + wrote
+    keep = ~(total <= 0)  # NaN stays NaN: a broken teacher row must show in the loss, never be skipped
+    scale = torch.where(keep, wrote / total.clamp_min(torch.finfo(total.dtype).tiny), 1.0)
+    target[mix] = target[mix].mul_(scale[:, None])
+    add = keep[pair_rows]
+    target.index_put_((mix[pair_rows[add]], student_ids[add]),
+                      longer[add] / total[pair_rows[add]].clamp_min(torch.finfo(total.dtype).tiny), accumulate=True)
 
 
 def _later_tokens_probability(batch, rows: slice, mix: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -183,11 +214,11 @@ def _later_tokens_probability(batch, rows: slice, mix: torch.Tensor, temperature
     owner = local[(units - rows.start).clamp(0, local.numel() - 1)]
     take = (inside & (owner >= 0)).nonzero().squeeze(1)
     log_sum = torch.zeros(mix.numel(), device=mix.device)
-    if take.numel():
-        logits = batch.teacher_logits_of(c.inner_hidden[take.to(c.inner_hidden.device)]).to(mix.device)
-        log_p = torch.log_softmax(scaled(logits, temperature), dim=-1)
-        picked = log_p.gather(1, c.inner_ids.to(mix.device)[take][:, None]).squeeze(1)
-        log_sum.index_add_(0, owner[take], picked)
+    for part in take.split(256):  # the head's [rows, V_t] block at a time
+        logits = batch.teacher_logits_of(c.inner_hidden[part.to(c.inner_hidden.device)]).to(mix.device)
+        picked = scaled(logits.gather(1, c.inner_ids.to(mix.device)[part][:, None]).squeeze(1), temperature)
+        lse = _log_normaliser(logits, torch.arange(logits.shape[0], device=logits.device), temperature)
+        log_sum.index_add_(0, owner[part], picked - lse)
     return log_sum.exp()
 
 
@@ -238,10 +269,11 @@ class ProjectedFamily(Family):
             rows = slice(chunk.start, chunk.start + chunk.paired)
             t_logits = batch.teacher_logits(chunk)
             target, served = projected_target(t_logits, batch.nodes[rows], opts.projection, opts.temperature, vocab_s)
-            previous = previous_rows(t_logits, served, batch, rows) if batch.continuation is not None else None
-            del t_logits
+            previous = previous_rows(t_logits, served, batch, rows, opts.temperature) \
+                if batch.continuation is not None else None
+            del t_logits  # kept by `previous` only where continued rows read it
             if previous is not None:
-                continue_targets(target, *previous, batch, rows, opts.projection, opts.temperature)
+                continue_targets(target, previous, batch, rows, opts.projection, opts.temperature)
             return target.log_().mul_(opts.temperature), served
 
         plan = batch.plans.pop(chunk.start, None)  # (log target, served), from a checkpointed chunk's first pass

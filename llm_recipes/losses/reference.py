@@ -309,7 +309,7 @@ def continued_target(target, previous_probs, previous_id, node, projection_map, 
         longer[u] += previous_probs[v]
     wrote = previous_probs[previous_id] * later
     total = longer.sum() + wrote
-    return (longer + wrote * target) / total if total > 0 else target
+    return (longer + wrote * target) / total if not total <= 0 else target  # NaN stays NaN
 
 
 def projected(student_logits, student_labels, teacher_logits, teacher_labels, student_groups, teacher_groups,
