@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -100,13 +101,26 @@ def in_parallel(jobs: int, calls: list) -> list:
         return list(pool.map(lambda call: call(), calls))
 
 
+def finished(run_dir: Path, log: Optional[Path] = None) -> bool:
+    """Whether the run in run_dir ran to its end: its best/ holds a model and its log (default run_dir/log.txt;
+    a run made elsewhere may have none) ends with the trainer's "done:" line. A run stopped by SIGTERM also
+    points best/ at the checkpoint it saved, and a killed one leaves the last it saved: neither is finished."""
+    log = log if log is not None else run_dir / "log.txt"
+    if not (run_dir / "best" / "config.json").exists():
+        return False
+    return not log.exists() or any(line.startswith("done: ") for line in log.read_text(errors="replace").splitlines())
+
+
 def finetune(values: dict, run_dir: Path, log: Path) -> None:
     """`finetuning.py` with these flags into run_dir; a run of an earlier demo stopped there continues
-    from its last checkpoint, or starts over when it saved none."""
+    from its last checkpoint (bit for bit what an unbroken run gives), or starts over when it saved none. Scores
+    of the stopped run's weights (subfolders with a scores.json) are removed first."""
     values = {**values, "output_dir": run_dir}
     if holds_a_run(str(run_dir)):
         has_checkpoint = bool(saved_checkpoints(run_dir))
         values["resume_from" if has_checkpoint else "overwrite_output_dir"] = run_dir if has_checkpoint else True
+        for stale in run_dir.glob("*/scores.json"):
+            shutil.rmtree(stale.parent)
     run([sys.executable, "finetuning.py", *command_flags(values)], log)
 
 

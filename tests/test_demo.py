@@ -125,3 +125,16 @@ def test_on_policy_rows_are_scored_with_their_final_weights(tmp_path):
     assert on.on_policy and not off.on_policy
     assert on.scored(tmp_path, "test") == (tmp_path / "last", tmp_path / "test-last")
     assert off.scored(tmp_path, "validation") == (tmp_path / "best", tmp_path / "validation")
+
+
+def test_a_stopped_run_is_not_finished(tmp_path):
+    """A run stopped by SIGTERM points best/ at the checkpoint it saved: only the trainer's "done:" line in its log
+    makes it finished (its scores were of half-trained weights in the first tables)."""
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "config.json").write_text("{}")
+    assert harness.finished(tmp_path)  # no log: a run made elsewhere
+    (tmp_path / "log.txt").write_text("epoch 1/1:  44%\ninterrupted: stopped by SIGTERM at step 24: checkpoint ...\n")
+    assert not harness.finished(tmp_path)
+    (tmp_path / "log.txt").write_text("...\ndone: 54 optimizer steps\nmodel saved to ...\n")
+    assert harness.finished(tmp_path)
+    assert not harness.finished(tmp_path / "missing")

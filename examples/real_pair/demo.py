@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Optional
 
 from configs.paths import REPO_ROOT
-from examples.harness import (STAGES, STARTED, Row, command_flags, cost, finetune, in_parallel, machine_info,
+from examples.harness import (STAGES, STARTED, Row, command_flags, cost, finetune, finished, in_parallel, machine_info,
                               mean_cost, on_policy_answers, run, score, stage, step, write_report)
 from llm_recipes import flags
 from llm_recipes.errors import UserError
@@ -178,7 +178,7 @@ def fine_tuned_teacher(plan: Plan, setup_cache: Path, out: Path, data: Path, qui
     """Gemma 3 270M fine-tuned on the task's gold answers, made once per cache folder (the quick mode
     makes a throwaway one in its output folder)."""
     run_dir = out / "teacher" if quick else setup_cache / plan.teacher_folder
-    if (run_dir / "best" / "config.json").is_file():
+    if finished(run_dir, out / "logs" / "teacher.txt"):
         return run_dir / "best"
     values = {**TEACHER_TRAINING, "model_name": setup_cache / TEACHER_BASE, "dataset.file": plan.loader,
               "dataset.source": data if quick else out / "teacher-data"}
@@ -233,7 +233,7 @@ def f1_by_kind(scored: Path, data: Path, split: str) -> dict:
 def train_row(setup: Setup, row: Row, seed: int, lr: float) -> Path:
     """One student run (reused when finished; a stopped one is resumed or started over)."""
     run_dir = setup.out / "runs" / f"{row.slug}-lr{lr:g}-seed{seed}"
-    if (run_dir / "best" / "config.json").exists():
+    if finished(run_dir):
         return run_dir
     values = {**STUDENT_TRAINING, "lr": lr, "model_name": setup.student, "dataset.file": setup.plan.loader,
               "dataset.source": setup.answers, "dataset.answer_column": "answers_generated", "seed": seed,

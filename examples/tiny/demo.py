@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Optional
 
 from configs.paths import TINY_ASSETS, TINY_QA_DATA, TINY_QA_LOADER, TINY_TEACHER
-from examples.harness import (STARTED, Row, command_flags, finetune, in_parallel, machine_info, on_policy_answers,
+from examples.harness import (STARTED, Row, finetune, finished, in_parallel, machine_info, on_policy_answers,
                               read_metrics, run, score, step, write_report)
 from llm_recipes import flags
 from llm_recipes.errors import UserError
@@ -145,11 +145,11 @@ def student_init(setup: Setup, student: str, regime: str, seed: int) -> Path:
     if regime == "random":
         return untrained
     run_dir = setup.out / "inits" / f"{student}-pretrained-seed{seed}"
-    if not (run_dir / "best" / "config.json").exists():
+    if not finished(run_dir):
         values = assets.pretraining_flags(str(untrained), str(setup.pretrain), str(run_dir), seed=seed)
         if setup.quick:
             values["num_epochs"] = 1
-        run([sys.executable, "finetuning.py", *command_flags(values)], run_dir / "log.txt")
+        finetune(values, run_dir, run_dir / "log.txt")
     return run_dir / "best"
 
 
@@ -168,14 +168,14 @@ def prepare(args) -> Setup:
     if args.train_teacher or worked and not args.teacher:  # the shipped teacher writes short answers only
         step("training the teacher (assets/tiny's recipe)")
         run_dir = out / "teacher"
-        if not (run_dir / "best" / "config.json").exists():
+        if not finished(run_dir):
             from transformers import AutoTokenizer
 
             init = out / "inits" / "teacher"
             assets.save_untrained("teacher", AutoTokenizer.from_pretrained(TINY_TEACHER), init)
             teacher_data = source / "teacher" if worked else assets.write_teacher_data(out / "teacher-data")
             values = assets.teacher_training_flags(init, teacher_data, run_dir, settings.loader)
-            run([sys.executable, "finetuning.py", *command_flags(values)], run_dir / "log.txt")
+            finetune(values, run_dir, run_dir / "log.txt")
         teacher = run_dir / "best"
     answers = out / "answers"
     if not (answers / "summary.json").exists():
@@ -200,7 +200,7 @@ def prepare(args) -> Setup:
 def train_row(setup: Setup, row: Row, regime: str, seed: int, lr: float) -> Path:
     """One student run (reused when finished); returns its folder."""
     run_dir = setup.out / "runs" / regime / f"{row.slug}-lr{lr:g}-seed{seed}"
-    if (run_dir / "best" / "config.json").exists():
+    if finished(run_dir):
         return run_dir
     values = {**STUDENT_TRAINING, "lr": lr, "model_name": student_init(setup, row.student, regime, seed),
               "dataset.file": setup.loader, "dataset.source": setup.answers,
