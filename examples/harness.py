@@ -113,12 +113,14 @@ def finished(run_dir: Path, log: Optional[Path] = None) -> bool:
 
 def finetune(values: dict, run_dir: Path, log: Path) -> None:
     """`finetuning.py` with these flags into run_dir; a run of an earlier demo stopped there continues
-    from its last checkpoint (bit for bit what an unbroken run gives), or starts over when it saved none. Scores
-    of the stopped run's weights (subfolders with a scores.json) are removed first."""
+    from its last checkpoint (bit for bit what an unbroken run gives) when that holds the optimizer state, or
+    starts over (the demos save no optimizer state: a checkpoint per run would cost a GB on the real pair).
+    Scores of the stopped run's weights (subfolders with a scores.json) are removed first."""
     values = {**values, "output_dir": run_dir}
     if holds_a_run(str(run_dir)):
-        has_checkpoint = bool(saved_checkpoints(run_dir))
-        values["resume_from" if has_checkpoint else "overwrite_output_dir"] = run_dir if has_checkpoint else True
+        checkpoints = saved_checkpoints(run_dir)
+        resumable = bool(checkpoints) and (checkpoints[-1] / "optimizer.pt").is_file()
+        values["resume_from" if resumable else "overwrite_output_dir"] = run_dir if resumable else True
         for stale in run_dir.glob("*/scores.json"):
             shutil.rmtree(stale.parent)
     run([sys.executable, "finetuning.py", *command_flags(values)], log)

@@ -138,3 +138,22 @@ def test_a_stopped_run_is_not_finished(tmp_path):
     (tmp_path / "log.txt").write_text("...\ndone: 54 optimizer steps\nmodel saved to ...\n")
     assert harness.finished(tmp_path)
     assert not harness.finished(tmp_path / "missing")
+
+
+
+def test_a_stopped_run_without_optimizer_state_starts_over(tmp_path, monkeypatch):
+    """The demos save no optimizer state, so a stopped run cannot resume: it starts over, its stale scores gone."""
+    commands = []
+    monkeypatch.setattr(harness, "run", lambda command, log: commands.append(command))
+    step = tmp_path / "checkpoints" / "step-0000024"
+    step.mkdir(parents=True)
+    (step / "trainer_state.json").write_text("{}")
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "scores.json").write_text("{}")
+    harness.finetune({"lr": 1e-3}, tmp_path, tmp_path / "log.txt")
+    assert "--overwrite_output_dir" in commands[-1] and "--resume_from" not in commands[-1]
+    assert not (tmp_path / "test").exists()
+    (step / "optimizer.pt").write_bytes(b"")
+    harness.finetune({"lr": 1e-3}, tmp_path, tmp_path / "log.txt")
+    assert "--resume_from" in commands[-1]
