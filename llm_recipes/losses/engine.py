@@ -192,9 +192,10 @@ def _continuation(pairing: Pairing, teacher_hidden: Optional[torch.Tensor]) -> O
         hidden = flat.index_select(0, pairing.previous_teacher_rows[mix].to(flat.device))
         inner = flat.index_select(0, pairing.previous_inner_rows.to(flat.device))
     index = torch.where(mix, mix.long().cumsum(0) - 1, -1)
-    return Continuation(pairing.continuation_nodes, pairing.previous_teacher_ids, pairing.previous_teacher_rows,
-                        pairing.teacher_rows, hidden, index, inner, pairing.previous_inner_ids,
-                        pairing.previous_inner_units)
+    return Continuation(nodes=pairing.continuation_nodes, previous_ids=pairing.previous_teacher_ids,
+                        previous_rows=pairing.previous_teacher_rows, teacher_row_ids=pairing.teacher_rows,
+                        hidden=hidden, index=index, inner_hidden=inner, inner_ids=pairing.previous_inner_ids,
+                        inner_units=pairing.previous_inner_units)
 
 
 def distillation_terms(
