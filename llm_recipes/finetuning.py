@@ -522,7 +522,8 @@ def save_checkpoint(state: TrainState, result: Optional[dict]) -> None:
     if not t.save_model:
         return
     name = checkpoint.checkpoint_name(progress.global_step)
-    if result is not None and (progress.best_eval_loss is None or result["eval_loss"] < progress.best_eval_loss):
+    if result is not None and best_candidate(state) and (
+            progress.best_eval_loss is None or result["eval_loss"] < progress.best_eval_loss):
         progress.best_eval_loss, progress.best_checkpoint = result["eval_loss"], name
     progress.last_checkpoint = name
     if state.scaler.is_enabled():
@@ -540,6 +541,13 @@ def save_checkpoint(state: TrainState, result: Optional[dict]) -> None:
             checkpoint.prune(t.output_dir, {progress.best_checkpoint, progress.last_checkpoint} - {None})
         checkpoint.point(t.output_dir, "last", progress.last_checkpoint)
         checkpoint.point(t.output_dir, "best", progress.best_checkpoint or progress.last_checkpoint)
+
+
+def best_candidate(state: TrainState) -> bool:
+    """Whether this step's evaluation may become best/. With --distillation_config.on_policy_start, only those after
+    the first on-policy step: a run asked to end on-policy must not hand back, as its best, weights that never
+    trained on-policy (the eval loss, on the data set's answers, is lowest there in every tiny run we made)."""
+    return state.on_policy is None or state.progress.global_step > state.on_policy.sampling.first_step
 
 
 def save_model(models_: Models, path: Path, info: distributed.DistInfo) -> None:

@@ -2,6 +2,7 @@
 flags, resume; on the shipped tiny pair (the student with its own tokenizer, and the one with the teacher's)."""
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -253,6 +254,32 @@ def test_on_policy_start_keeps_the_first_steps_off_policy(tmp_path, capsys):
     assert "on-policy with probability 1 from step 4 (the steps before train on" in capsys.readouterr().out
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [line["on_policy"] for line in lines if line["type"] == "train"] == [0.0, 0.0, 0.0, 1.0, 1.0]
+
+
+def test_best_of_a_run_that_starts_on_policy_later_is_an_on_policy_checkpoint(tmp_path, capsys):
+    """best/ is the lowest eval loss on the data set's answers, which the off-policy steps train and the on-policy
+    ones do not: without the rule, the demos' then-on-policy runs handed back an off-policy checkpoint as best."""
+    train(parse_flags(flags(tmp_path, max_train_step=6, save_step=1, save_all=True,
+                            **{"distillation_config.on_policy_start": 0.5})))
+    assert "best/ is chosen among the evaluations after it" in capsys.readouterr().out
+    evals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["type"] == "eval"]
+    after = [line for line in evals if line["step"] > 3]  # steps 1-3 off-policy, 4-6 on-policy
+    best = min(after, key=lambda line: line["eval_loss"])
+    assert os.readlink(tmp_path / "best") == os.path.join("checkpoints", f"step-{best['step']:07d}")
+
+
+def test_best_candidate_follows_the_first_on_policy_step():
+    from types import SimpleNamespace
+
+    from llm_recipes.finetuning import best_candidate
+
+    def at(step, first_step=None):
+        sampling = None if first_step is None else SimpleNamespace(sampling=SimpleNamespace(first_step=first_step))
+        return SimpleNamespace(on_policy=sampling, progress=SimpleNamespace(global_step=step))
+
+    assert best_candidate(at(1)) and best_candidate(at(1, 0))
+    assert not best_candidate(at(3, 3)) and best_candidate(at(4, 3))
 
 
 def test_on_policy_with_lora_and_gradient_accumulation(tmp_path):
