@@ -306,3 +306,16 @@ def test_bad_on_policy_flags_are_refused_in_one_line(tmp_path, extra, message):
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")) as error:
         parse_flags(flags(tmp_path, **extra))
     assert "\n" not in str(error.value)
+
+
+def test_the_on_policy_targets_benchmark_reads_the_trainers_own_targets(tmp_path):
+    from benchmarks import on_policy_targets
+    from llm_recipes.losses import kl, projection, token_terms
+
+    train(parse_flags(flags(tmp_path, max_train_step=2, run_validation=False)))
+    result = on_policy_targets.measure(tmp_path, "last", batches=1)
+    assert result["data eos"]["tokens"] == 4  # one EOS unit per answer of the batch (distill_eos is on at lmbda 1)
+    assert result["data eos"]["target"] == pytest.approx(result["data eos"]["target_eos"])
+    for key in ("sampled text", "data text", "data eos"):
+        assert result[key]["tokens"] > 0 and all(0 <= result[key][k] <= 1 for k in ("target", "student"))
+    assert projection.token_terms_sum is token_terms.token_terms_sum is kl.token_terms_sum  # the wrap is undone

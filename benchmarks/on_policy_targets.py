@@ -1,0 +1,152 @@
+"""What an on-policy run trains on: the trainer's own targets on a student's sampled answers, against the same
+targets on the data set's answers.
+
+    python -m benchmarks.on_policy_targets --run RUN_DIR [--run RUN_DIR2 ...] [--weights last] [--batches 12] \
+        [--max_new_tokens N]
+
+Each RUN_DIR is a finished run of finetuning.py with a logit term (an off-policy run is fine: it is rebuilt with
+--distillation_config.lmbda 1). Its own flags (run_config.json) set up the trainer around its `--weights` folder;
+on the first --batches training micro-batches, the student samples answers (seed 0) as an on-policy step does,
+and the loss term runs on them and on the data set's answers. The targets are read where the trainer uses them
+(the family's `token_terms_sum`, wrapped for the run: continuation, EOS and chunking as in training). Per kind of
+answer token (the student's EOS, or text):
+- target: the target's probability of the token the student wrote (sampled) or the data set holds;
+- student: the student's own probability of it;
+- eos: the target's / the student's probability of the student's EOS there.
+
+A student that fits the teacher on its own answers (target close to student on "sampled") while it drifts from
+it on the teacher's (student far below target on "data") has learnt what on-policy steps ask, and lost what the
+data set's answers held. With the run's validation predictions (validation/ or validation-last/), it also
+reports the share of answers found verbatim in their prompt (tiny_qa's answers are spans of the context).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def setup_for(run_dir: Path, weights: str, batches: int, max_new_tokens: int = 0):
+    from llm_recipes.config import parse_flags
+    from llm_recipes.finetuning import epoch_micro_batches, setup
+
+    given = json.loads((run_dir / "run_config.json").read_text())["flags_given"]
+    flags = {**given, "model_name": str(run_dir / weights), "distillation_config.lmbda": 1.0,
+             "distillation_config.on_policy_start": 0.0, "run_validation": False, "save_model": False,
+             "seed": 0, "output_dir": tempfile.mkdtemp(prefix="on_policy_targets_")}
+    if max_new_tokens:
+        flags["distillation_config.on_policy_max_new_tokens"] = max_new_tokens
+    state = setup(parse_flags(flags))
+    micro = epoch_micro_batches(state, 0)
+    return state, [next(micro) for _ in range(batches)]
+
+
+def read_targets(state, batch: dict) -> list:
+    """[(student logits [P, V], tokens [P], target [P, V], weights [P])] of every chunk of the batch's loss term."""
+    from llm_recipes import objective
+    from llm_recipes.data import move
+    from llm_recipes.losses import kl, projection
+
+    seen, wrapped = [], {}
+
+    def spy(original):
+        def call(z, targets, zt=None, weights=None, *args, **kwargs):
+            if zt is not None:  # the projected family's zt is T log q*, the KL family's the teacher's logits
+                paired, temperature = zt.shape[0], args[1] if len(args) > 1 else kwargs.get("temperature", 1.0)
+                seen.append((z[:paired, :zt.shape[1]].detach().float() / temperature, targets[:paired].clone(),
+                             torch.softmax(zt.detach().float() / temperature, -1), weights.detach().clone()))
+            return original(z, targets, zt, weights, *args, **kwargs)
+        return call
+
+    for module in (kl, projection):  # the families whose term is token_terms_sum over teacher logits or targets
+        wrapped[module] = module.token_terms_sum
+        module.token_terms_sum = spy(module.token_terms_sum)
+    try:
+        with torch.no_grad():
+            objective.compute_terms(state.objective, state.models, move(batch, state.info.device), state.info.device,
+                                    with_ce=False)
+    finally:
+        for module, original in wrapped.items():
+            module.token_terms_sum = original
+    return seen
+
+
+def in_prompt_share(run_dir: Path, weights: str):
+    """Share of the run's validation answers found verbatim in their prompt (None without predictions)."""
+    for folder in (f"validation-{weights}", "validation"):
+        path = run_dir / folder / "predictions.jsonl"
+        if path.exists():
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            return sum(r["prediction"].strip().lower() in r["prompt"].lower() for r in rows if r["prediction"].strip()) \
+                / max(len(rows), 1)
+    return None
+
+
+def measure(run_dir: Path, weights: str, batches: int, max_new_tokens: int = 0) -> dict:
+    from llm_recipes.on_policy import Stats
+
+    state, micro_batches = setup_for(run_dir, weights, batches, max_new_tokens)
+    if state.on_policy is None:
+        raise SystemExit(f"{run_dir}: no on-policy set-up (an SFT run has no teacher term to read)")
+    state.models.student.eval()
+    state.on_policy.stats = Stats()
+    eos = state.student_tokenizer.eos_token_id
+    sums = collections.defaultdict(collections.Counter)
+    torch.manual_seed(0)
+    for batch in micro_batches:
+        (sampled,) = state.on_policy.batches(state.models.student_inner, [batch], state.pad_ids, state.info.device,
+                                             False, lambda: torch.autocast("cpu", enabled=False))
+        for source, rebuilt in (("sampled", sampled), ("data", batch)):
+            for z, tokens, target, weights_ in read_targets(state, rebuilt):
+                q = torch.softmax(z, -1)
+                keep = weights_ > 0
+                rows = keep.nonzero().squeeze(1)
+                at = tokens[rows]
+                for kind, mask in (("eos", at == eos), ("text", at != eos)):
+                    r, t = rows[mask], at[mask]
+                    figures = sums[(source, kind)]
+                    figures["n"] += int(r.numel())
+                    figures["target"] += float(target[r, t].sum())
+                    figures["student"] += float(q[r, t].sum())
+                    figures["target_eos"] += float(target[r, eos].sum())
+                    figures["student_eos"] += float(q[r, eos].sum())
+    out = {"run": str(run_dir), "sampled_tokens": state.on_policy.stats.tokens / max(state.on_policy.stats.answers, 1),
+           "answers_in_prompt": in_prompt_share(run_dir, weights)}
+    for (source, kind), figures in sorted(sums.items()):
+        n = max(figures["n"], 1)
+        out[f"{source} {kind}"] = {"tokens": figures["n"], **{k: figures[k] / n for k in
+                                                             ("target", "student", "target_eos", "student_eos")}}
+    return out
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", action="append", required=True, type=Path)
+    parser.add_argument("--weights", default="last", help="the run's folder to load: last or best")
+    parser.add_argument("--batches", type=int, default=12)
+    parser.add_argument("--max_new_tokens", type=int, default=0,
+                        help="the longest sampled answer (0: the run's own --distillation_config.on_policy_max_new_tokens)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    results = [measure(run, args.weights, args.batches, args.max_new_tokens) for run in args.run]
+    print("| run | answers | tokens | target p(token) | student p(token) | target p(EOS) | student p(EOS) |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for result in results:
+        name = Path(result["run"]).name
+        for key, figures in result.items():
+            if isinstance(figures, dict):
+                print(f"| {name} | {key} | {figures['tokens']} | {figures['target']:.3f} | {figures['student']:.3f} | "
+                      f"{figures['target_eos']:.3f} | {figures['student_eos']:.3f} |")
+        share = result["answers_in_prompt"]
+        print(f"| {name} | mean sampled length {result['sampled_tokens']:.2f} tokens; validation answers found in "
+              f"their prompt: {'-' if share is None else f'{share:.3f}'} | | | | | |")
+    return results
+
+
+if __name__ == "__main__":
+    main()
