@@ -6,7 +6,8 @@
 Each mode trains through the trainer's own `setup` and `train_step` on the same batches (the same seed):
 - sft: the student's CE on the data set's answers (no teacher);
 - off-policy: CE + the projected teacher on the data set's answers (the teacher's forward live);
-- on-policy: --distillation_config.lmbda 1, every step on the student's own sampled answers.
+- on-policy: --distillation_config.lmbda 1, every step on the student's own sampled answers;
+- on-policy, no continuation: the same without --distillation_config.projected_continuation (its cost).
 A step is split (wall clock) into the student's generation (llm_recipes.on_policy.sample_answers), rebuilding
 the batch (the teacher's tokenization of the answers, their text alignment), the teacher's forward
 (objective.teacher_forward), and the rest: the student's forward and backward, the loss (including the teacher's
@@ -25,7 +26,10 @@ import torch
 
 MODES = {"sft": {"distillation_config.distil_factor": 0},
          "off-policy": {"distillation_config.loss": "projected"},
-         "on-policy": {"distillation_config.loss": "projected", "distillation_config.lmbda": 1.0}}
+         "on-policy": {"distillation_config.loss": "projected", "distillation_config.lmbda": 1.0},
+         # what --distillation_config.projected_continuation (on by default when lmbda > 0) costs
+         "on-policy, no continuation": {"distillation_config.loss": "projected", "distillation_config.lmbda": 1.0,
+                                        "distillation_config.projected_continuation": False}}
 
 
 class Clock:
@@ -83,7 +87,7 @@ def measure(mode: str, args) -> dict:
 
     flags = {"distillation": True, "output_dir": tempfile.mkdtemp(prefix=f"bench_{mode}_"), "run_validation": False,
              "save_model": False, "lr": 1e-4, "scheduler": "constant", "seed": 0, **pair_flags(args), **MODES[mode]}
-    if mode != "on-policy":
+    if "lmbda" not in MODES[mode]:
         flags.pop("distillation_config.on_policy_max_new_tokens")
     state = setup(parse_flags(flags))
     clock = Clock()
@@ -135,11 +139,13 @@ def main(argv=None) -> str:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--modes", nargs="+", choices=tuple(MODES), default=tuple(MODES),
+                        help="the steps to time (default: all; the ratio column needs off-policy)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = {mode: measure(mode, args) for mode in MODES}
+    results = {mode: measure(mode, args) for mode in args.modes}
     text = table(results, args)
     print(text)
     return text
