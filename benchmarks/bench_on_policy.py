@@ -87,7 +87,7 @@ def measure(mode: str, args) -> dict:
 
     flags = {"distillation": True, "output_dir": tempfile.mkdtemp(prefix=f"bench_{mode}_"), "run_validation": False,
              "save_model": False, "lr": 1e-4, "scheduler": "constant", "seed": 0, **pair_flags(args), **MODES[mode]}
-    if "lmbda" not in MODES[mode]:
+    if "distillation_config.lmbda" not in MODES[mode]:
         flags.pop("distillation_config.on_policy_max_new_tokens")
     state = setup(parse_flags(flags))
     clock = Clock()
