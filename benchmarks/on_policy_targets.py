@@ -9,7 +9,7 @@ Each RUN_DIR is a finished run of finetuning.py with a logit term (an off-policy
 on the first --batches training micro-batches, the student samples answers (seed 0) as an on-policy step does,
 and the loss term runs on them and on the data set's answers. The targets are read where the trainer uses them
 (the family's `token_terms_sum`, wrapped for the run: continuation, EOS and chunking as in training). Per kind of
-answer token (the student's EOS, or text):
+answer token (the student's EOS, a digit, or other text):
 - target: the target's probability of the token the student wrote (sampled) or the data set holds;
 - student: the student's own probability of it;
 - eos: the target's / the student's probability of the student's EOS there.
@@ -82,12 +82,19 @@ def in_prompt_share(run_dir: Path, weights: str):
         path = run_dir / folder / "predictions.jsonl"
         if path.exists():
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            return sum(r["prediction"].strip().lower() in r["prompt"].lower() for r in rows if r["prediction"].strip()) \
-                / max(len(rows), 1)
+            found = sum(r["prediction"].strip().lower() in r["prompt"].lower() for r in rows if r["prediction"].strip())
+            return found / max(len(rows), 1)
     return None
 
 
+def digit_tokens(tokenizer) -> torch.Tensor:
+    """[V] bool: the student tokens whose text is digits (a space marker aside): where a worked sum goes wrong."""
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return torch.tensor([bool(p) and p.lstrip("Ġ▁ ").isdigit() for p in pieces])
+
+
 def measure(run_dir: Path, weights: str, batches: int, max_new_tokens: int = 0) -> dict:
+    from llm_recipes import objective
     from llm_recipes.on_policy import Stats
 
     state, micro_batches = setup_for(run_dir, weights, batches, max_new_tokens)
@@ -95,19 +102,24 @@ def measure(run_dir: Path, weights: str, batches: int, max_new_tokens: int = 0) 
         raise SystemExit(f"{run_dir}: no on-policy set-up (an SFT run has no teacher term to read)")
     state.models.student.eval()
     state.on_policy.stats = Stats()
+    train = state.run.train
+    precision = lambda: objective.autocast(state.info.device, train.mixed_precision, train.use_fp16)
     eos = state.student_tokenizer.eos_token_id
+    digit = digit_tokens(state.student_tokenizer)
     sums = collections.defaultdict(collections.Counter)
     torch.manual_seed(0)
     for batch in micro_batches:
         (sampled,) = state.on_policy.batches(state.models.student_inner, [batch], state.pad_ids, state.info.device,
-                                             False, lambda: torch.autocast("cpu", enabled=False))
+                                             False, precision)  # sampled at the run's precision, as it trained
         for source, rebuilt in (("sampled", sampled), ("data", batch)):
             for z, tokens, target, weights_ in read_targets(state, rebuilt):
                 q = torch.softmax(z, -1)
                 keep = weights_ > 0
                 rows = keep.nonzero().squeeze(1)
                 at = tokens[rows]
-                for kind, mask in (("eos", at == eos), ("text", at != eos)):
+                is_digit = digit[at.clamp(0, digit.numel() - 1)]
+                text = at != eos
+                for kind, mask in (("eos", ~text), ("digit", text & is_digit), ("text", text & ~is_digit)):
                     r, t = rows[mask], at[mask]
                     figures = sums[(source, kind)]
                     figures["n"] += int(r.numel())
@@ -130,7 +142,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--weights", default="last", help="the run's folder to load: last or best")
     parser.add_argument("--batches", type=int, default=12)
     parser.add_argument("--max_new_tokens", type=int, default=0,
-                        help="the longest sampled answer (0: the run's own --distillation_config.on_policy_max_new_tokens)")
+                        help="the longest sampled answer (0: the run's own on_policy_max_new_tokens)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     results = [measure(run, args.weights, args.batches, args.max_new_tokens) for run in args.run]
