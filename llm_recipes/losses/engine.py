@@ -96,6 +96,8 @@ def count_units(spec: LossSpec, student_labels: torch.Tensor, teacher_labels: Op
 
     Sum them over the micro-batches of an optimizer step and over ranks, and divide the summed
     terms of `distillation_terms` by those totals."""
+    if alignment is not None and alignment.get("student_continuations") is not None:
+        alignment = {**alignment, "student_continuations": None}  # the mixed targets add no units: not built here
     pairing = _pairing(spec, student_labels, teacher_labels, alignment)
     kept = _kept(spec, pairing)
     if kept is None:
