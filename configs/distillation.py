@@ -94,7 +94,7 @@ class distillation_config:
     on_policy_start: float = _distillation(
         0.0, "on-policy: the share of the run's optimizer steps trained on the data set's answers before the first "
              "on-policy step (0.5: the first half; GKD starts from a student already fine-tuned on the task); best/ is "
-             "chosen among the evaluations after it")
+             "chosen among the evaluations from then on")
     distill_eos: Optional[bool] = _distillation(
         None, "distil the end of the answer: the teacher's answers end with its EOS, the two EOS rows pair, and the "
               "projected teacher's EOS probability goes to the student's EOS; None: on with lmbda > 0 (a sampled "

@@ -51,6 +51,11 @@ def checkpoint_name(global_step: int) -> str:
     return f"step-{global_step:07d}"
 
 
+def checkpoint_step(name: str) -> int:
+    """The optimizer step of a checkpoint folder's name (`checkpoint_name`'s inverse)."""
+    return int(name.rsplit("-", 1)[-1])
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():

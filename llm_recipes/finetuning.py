@@ -360,6 +360,11 @@ def restore(state: TrainState, resume: dict) -> None:
     state.scheduler.load_state_dict(resume["scheduler"])
     checkpoint.set_rng_state(resume["rng"])
     state.progress = Progress(**{k: saved[k] for k in Progress.__dataclass_fields__ if k in saved})
+    best = state.progress.best_checkpoint
+    if state.on_policy is not None and best is not None and \
+            checkpoint.checkpoint_step(best) <= state.on_policy.sampling.first_step:
+        # saved before best_candidate's rule, or under another on_policy_start: not a best this run may keep
+        state.progress.best_eval_loss = state.progress.best_checkpoint = None
     if state.progress.grad_scaler is not None:
         state.scaler.load_state_dict(state.progress.grad_scaler)
 
@@ -545,8 +550,9 @@ def save_checkpoint(state: TrainState, result: Optional[dict]) -> None:
 
 def best_candidate(state: TrainState) -> bool:
     """Whether this step's evaluation may become best/. With --distillation_config.on_policy_start, only those after
-    the first on-policy step: a run asked to end on-policy must not hand back, as its best, weights that never
-    trained on-policy (the eval loss, on the data set's answers, is lowest there in every tiny run we made)."""
+    the step where on-policy steps may begin (`Sampling.first_step`): a run asked to end on-policy must not hand
+    back, as its best, weights that never trained on-policy (the eval loss, on the data set's answers, was lowest
+    there in every tiny run we made). `restore` drops a resumed best from before that step."""
     return state.on_policy is None or state.progress.global_step > state.on_policy.sampling.first_step
 
 

@@ -58,7 +58,7 @@ class Sampling:
 
     def describe(self) -> str:
         start = (f" from step {self.first_step + 1} (the steps before train on the data set's answers; best/ is "
-                 "chosen among the evaluations after it)") if self.first_step else ""
+                 "chosen among the evaluations from then on)") if self.first_step else ""
         return (f"on-policy with probability {self.lmbda:g}{start}: the student answers the prompts itself "
                 f"(temperature {self.temperature:g}, top-p {self.top_p:g}, at most {self.max_new_tokens} tokens) and "
                 "the teacher scores its answers; the CE is skipped on sampled answers")

@@ -256,17 +256,29 @@ def test_on_policy_start_keeps_the_first_steps_off_policy(tmp_path, capsys):
     assert [line["on_policy"] for line in lines if line["type"] == "train"] == [0.0, 0.0, 0.0, 1.0, 1.0]
 
 
-def test_best_of_a_run_that_starts_on_policy_later_is_an_on_policy_checkpoint(tmp_path, capsys):
+def test_best_of_a_run_that_starts_on_policy_later_is_an_on_policy_checkpoint(tmp_path, capsys, monkeypatch):
     """best/ is the lowest eval loss on the data set's answers, which the off-policy steps train and the on-policy
-    ones do not: without the rule, the demos' then-on-policy runs handed back an off-policy checkpoint as best."""
-    train(parse_flags(flags(tmp_path, max_train_step=6, save_step=1, save_all=True,
-                            **{"distillation_config.on_policy_start": 0.5})))
-    assert "best/ is chosen among the evaluations after it" in capsys.readouterr().out
-    evals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
-             if json.loads(line)["type"] == "eval"]
-    after = [line for line in evals if line["step"] > 3]  # steps 1-3 off-policy, 4-6 on-policy
-    best = min(after, key=lambda line: line["eval_loss"])
-    assert os.readlink(tmp_path / "best") == os.path.join("checkpoints", f"step-{best['step']:07d}")
+    ones do not: without the rule, the demos' then-on-policy runs handed back an off-policy checkpoint as best.
+    The eval loss is made lowest at step 2 (off-policy), then lowest among the later ones at step 5."""
+    from llm_recipes import finetuning
+
+    losses = {1: 3.0, 2: 1.0, 3: 2.0, 4: 2.5, 5: 1.5, 6: 2.2}
+    monkeypatch.setattr(finetuning, "evaluate", lambda state: {
+        "eval_ce": 1.0, "eval_ppl": 2.7, "eval_loss": losses[state.progress.global_step]})
+    common = flags(tmp_path, max_train_step=6, save_step=1, save_all=True,
+                   **{"distillation_config.on_policy_start": 0.5})
+    train(parse_flags({**common, "output_dir": str(tmp_path / "a")}))
+    assert "best/ is chosen among the evaluations from then on" in capsys.readouterr().out
+    assert os.readlink(tmp_path / "a" / "best") == os.path.join("checkpoints", "step-0000005")
+
+    # a checkpoint whose saved best is off-policy (saved before the rule, or under another on_policy_start):
+    # resuming from it drops that best
+    state_file = tmp_path / "a" / "checkpoints" / "step-0000004" / "trainer_state.json"
+    saved = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**saved, "best_eval_loss": 0.0, "best_checkpoint": "step-0000002"}))
+    train(parse_flags({**common, "output_dir": str(tmp_path / "b"),
+                       "resume_from": str(tmp_path / "a" / "checkpoints" / "step-0000004")}))
+    assert os.readlink(tmp_path / "b" / "best") == os.path.join("checkpoints", "step-0000005")
 
 
 def test_best_candidate_follows_the_first_on_policy_step():
