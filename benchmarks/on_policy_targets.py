@@ -4,8 +4,10 @@ targets on the data set's answers.
     python -m benchmarks.on_policy_targets --run RUN_DIR [--run RUN_DIR2 ...] [--weights last] [--batches 12] \
         [--max_new_tokens N]
 
-Each RUN_DIR is a finished run of finetuning.py with a logit term (an off-policy run is fine: it is rebuilt with
---distillation_config.lmbda 1). Its own flags (run_config.json) set up the trainer around its `--weights` folder;
+Each RUN_DIR is a finished run of finetuning.py with a logit term. Its own flags (run_config.json) set up the
+trainer around its `--weights` folder as an on-policy run (--distillation_config.lmbda 1, and with it the defaults
+of distill_eos and projected_continuation: an off-policy run is measured on the targets an on-policy step would
+train it on, not on those it trained with);
 on the first --batches training micro-batches, the student samples answers (seed 0) as an on-policy step does,
 and the loss term runs on them and on the data set's answers. The targets are read where the trainer uses them
 (the family's `token_terms_sum`, wrapped for the run: continuation, EOS and chunking as in training). Per kind of
@@ -36,6 +38,7 @@ def setup_for(run_dir: Path, weights: str, batches: int, max_new_tokens: int = 0
     from llm_recipes.finetuning import epoch_micro_batches, setup
 
     given = json.loads((run_dir / "run_config.json").read_text())["flags_given"]
+    given.pop("resume_from", None)  # the run's weights are loaded as a new run's model
     flags = {**given, "model_name": str(run_dir / weights), "distillation_config.lmbda": 1.0,
              "distillation_config.on_policy_start": 0.0, "run_validation": False, "save_model": False,
              "seed": 0, "output_dir": tempfile.mkdtemp(prefix="on_policy_targets_")}
@@ -105,7 +108,7 @@ def measure(run_dir: Path, weights: str, batches: int, max_new_tokens: int = 0) 
     train = state.run.train
     precision = lambda: objective.autocast(state.info.device, train.mixed_precision, train.use_fp16)
     eos = state.student_tokenizer.eos_token_id
-    digit = digit_tokens(state.student_tokenizer)
+    digit = digit_tokens(state.student_tokenizer).to(state.info.device)
     sums = collections.defaultdict(collections.Counter)
     torch.manual_seed(0)
     for batch in micro_batches:
