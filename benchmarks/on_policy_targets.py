@@ -13,7 +13,8 @@ and the loss term runs on them and on the data set's answers. The targets are re
 (the family's `token_terms_sum`, wrapped for the run: continuation, EOS and chunking as in training). Per kind of
 answer token (the student's EOS, a digit, or other text):
 - target: the target's probability of the token the student wrote (sampled) or the data set holds;
-- student: the student's own probability of it;
+- student: the student's own probability of it, and whether it is the student's most likely token (on the
+  data set's answers: what greedy decoding would write, given a right prefix);
 - eos: the target's / the student's probability of the student's EOS there.
 
 A student that fits the teacher on its own answers (target close to student on "sampled") while it drifts from
@@ -128,6 +129,7 @@ def measure(run_dir: Path, weights: str, batches: int, max_new_tokens: int = 0) 
                     figures["n"] += int(r.numel())
                     figures["target"] += float(target[r, t].sum())
                     figures["student"] += float(q[r, t].sum())
+                    figures["student_top"] += int((q[r].argmax(-1) == t).sum())
                     figures["target_eos"] += float(target[r, eos].sum())
                     figures["student_eos"] += float(q[r, eos].sum())
     out = {"run": str(run_dir), "sampled_tokens": state.on_policy.stats.tokens / max(state.on_policy.stats.answers, 1),
@@ -135,7 +137,8 @@ def measure(run_dir: Path, weights: str, batches: int, max_new_tokens: int = 0) 
     for (source, kind), figures in sorted(sums.items()):
         n = max(figures["n"], 1)
         out[f"{source} {kind}"] = {"tokens": figures["n"], **{k: figures[k] / n for k in
-                                                             ("target", "student", "target_eos", "student_eos")}}
+                                                             ("target", "student", "student_top", "target_eos",
+                                                              "student_eos")}}
     return out
 
 
@@ -149,17 +152,18 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     results = [measure(run, args.weights, args.batches, args.max_new_tokens) for run in args.run]
-    print("| run | answers | tokens | target p(token) | student p(token) | target p(EOS) | student p(EOS) |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| run | answers | tokens | target p(token) | student p(token) | student's top is the token | target p(EOS) "
+          "| student p(EOS) |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for result in results:
         name = Path(result["run"]).name
         for key, figures in result.items():
             if isinstance(figures, dict):
                 print(f"| {name} | {key} | {figures['tokens']} | {figures['target']:.3f} | {figures['student']:.3f} | "
-                      f"{figures['target_eos']:.3f} | {figures['student_eos']:.3f} |")
+                      f"{figures['student_top']:.3f} | {figures['target_eos']:.3f} | {figures['student_eos']:.3f} |")
         share = result["answers_in_prompt"]
         print(f"| {name} | mean sampled length {result['sampled_tokens']:.2f} tokens; validation answers found in "
-              f"their prompt: {'-' if share is None else f'{share:.3f}'} | | | | | |")
+              f"their prompt: {'-' if share is None else f'{share:.3f}'} | | | | | | |")
     return results
 
 

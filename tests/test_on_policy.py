@@ -329,5 +329,5 @@ def test_the_on_policy_targets_benchmark_reads_the_trainers_own_targets(tmp_path
     assert result["data eos"]["tokens"] == 4  # one EOS unit per answer of the batch (distill_eos is on at lmbda 1)
     assert result["data eos"]["target"] == pytest.approx(result["data eos"]["target_eos"])
     for key in ("sampled text", "data text", "data eos"):
-        assert result[key]["tokens"] > 0 and all(0 <= result[key][k] <= 1 for k in ("target", "student"))
+        assert result[key]["tokens"] > 0 and all(0 <= result[key][k] <= 1 for k in ("target", "student", "student_top"))
     assert projection.token_terms_sum is token_terms.token_terms_sum is kl.token_terms_sum  # the wrap is undone
