@@ -28,6 +28,7 @@ import argparse
 import collections
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -139,6 +140,7 @@ def measure(run_dir: Path, weights: str, batches: int, max_new_tokens: int = 0) 
         out[f"{source} {kind}"] = {"tokens": figures["n"], **{k: figures[k] / n for k in
                                                              ("target", "student", "student_top", "target_eos",
                                                               "student_eos")}}
+    shutil.rmtree(state.run.train.output_dir, ignore_errors=True)  # the set-up's scratch folder
     return out
 
 
