@@ -361,8 +361,7 @@ def restore(state: TrainState, resume: dict) -> None:
     checkpoint.set_rng_state(resume["rng"])
     state.progress = Progress(**{k: saved[k] for k in Progress.__dataclass_fields__ if k in saved})
     best = state.progress.best_checkpoint
-    if state.on_policy is not None and best is not None and \
-            checkpoint.checkpoint_step(best) <= state.on_policy.sampling.first_step:
+    if best is not None and not best_candidate(state, checkpoint.checkpoint_step(best)):
         # saved before best_candidate's rule, or under another on_policy_start: not a best this run may keep
         state.progress.best_eval_loss = state.progress.best_checkpoint = None
     if state.progress.grad_scaler is not None:
@@ -548,12 +547,14 @@ def save_checkpoint(state: TrainState, result: Optional[dict]) -> None:
         checkpoint.point(t.output_dir, "best", progress.best_checkpoint or progress.last_checkpoint)
 
 
-def best_candidate(state: TrainState) -> bool:
-    """Whether this step's evaluation may become best/. With --distillation_config.on_policy_start, only those after
-    the step where on-policy steps may begin (`Sampling.first_step`): a run asked to end on-policy must not hand
-    back, as its best, weights that never trained on-policy (the eval loss, on the data set's answers, was lowest
-    there in every tiny run we made). `restore` drops a resumed best from before that step."""
-    return state.on_policy is None or state.progress.global_step > state.on_policy.sampling.first_step
+def best_candidate(state: TrainState, step: Optional[int] = None) -> bool:
+    """Whether the evaluation after `step` (default: this one) may become best/. With
+    --distillation_config.on_policy_start, only those after the step where on-policy steps may begin
+    (`Sampling.first_step`): a run asked to end on-policy must not hand back, as its best, weights that never
+    trained on-policy (the eval loss, on the data set's answers, was lowest there in every tiny run we made).
+    `restore` drops a resumed best from before that step."""
+    step = state.progress.global_step if step is None else step
+    return state.on_policy is None or step > state.on_policy.sampling.first_step
 
 
 def save_model(models_: Models, path: Path, info: distributed.DistInfo) -> None:
