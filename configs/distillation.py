@@ -95,6 +95,10 @@ class distillation_config:
         0.0, "on-policy: the share of the run's optimizer steps trained on the data set's answers before the first "
              "on-policy step (0.5: the first half; GKD starts from a student already fine-tuned on the task); best/ is "
              "chosen among the evaluations from then on")
+    on_policy_ce: bool = _distillation(
+        False, "on-policy: an on-policy step also trains the CE of the data set's answers to the same prompts "
+               "(weighted by cross_entropy_factor; MiniLLM's language-modelling term beside the on-policy one): one "
+               "more student forward and backward per micro-batch, no teacher")
     distill_eos: Optional[bool] = _distillation(
         None, "distil the end of the answer: the teacher's answers end with its EOS, the two EOS rows pair, and the "
               "projected teacher's EOS probability goes to the student's EOS; None: on with lmbda > 0 (a sampled "

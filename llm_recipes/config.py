@@ -223,6 +223,7 @@ METHOD_SWITCHES = {
     "on_policy_temperature": ("--distillation_config.lmbda > 0", lambda d: d.lmbda > 0),
     "on_policy_top_p": ("--distillation_config.lmbda > 0", lambda d: d.lmbda > 0),
     "on_policy_start": ("--distillation_config.lmbda > 0", lambda d: d.lmbda > 0),
+    "on_policy_ce": ("--distillation_config.lmbda > 0", lambda d: d.lmbda > 0),
 }
 
 
@@ -280,6 +281,10 @@ def validate_on_policy(run: RunConfig) -> None:
     if not 0 <= d.on_policy_start < 1:
         raise UserError(f"--distillation_config.on_policy_start is a share of the run's steps: it must be in [0, 1), "
                         f"got {d.on_policy_start}")
+    if d.on_policy_ce and not d.cross_entropy_factor > 0:
+        raise UserError("--distillation_config.on_policy_ce keeps the CE on on-policy steps, which "
+                        "--distillation_config.cross_entropy_factor 0 turns off: raise cross_entropy_factor or drop "
+                        "on_policy_ce")
     if d.teacher_cache is not None:
         raise UserError("--distillation_config.lmbda > 0 trains on the student's own answers, which a teacher cache "
                         "(written for the data set's answers) holds no rows for: drop --distillation_config."

@@ -21,7 +21,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -408,22 +408,26 @@ def train_step(state: TrainState, micro_batches: list[dict]) -> dict:
     objective_, info, progress = state.objective, state.info, state.progress
     sampled = state.on_policy is not None and on_policy.is_on_policy_step(
         state.on_policy.sampling, state.run.train.seed, progress.global_step, info.device)
+    passes = [Pass(batch) for batch in micro_batches]
     if sampled:
-        micro_batches = sample_answers(state, micro_batches)
-    counts = [objective.count_units(objective_, batch, with_ce=not sampled) for batch in micro_batches]
+        passes = [Pass(batch, with_ce=False) for batch in sample_answers(state, micro_batches)]
+        if state.on_policy.sampling.keep_ce:  # --on_policy_ce: the data set's answers, CE only
+            passes += [Pass(batch, ce_only=True) for batch in micro_batches]
+    with_ce = any(p.with_ce for p in passes)
+    counts = [objective.count_units(objective_, p.batch, p.with_ce, p.ce_only) for p in passes]
     totals = Counts(*distributed.all_reduce_sum([sum(column) for column in zip(*counts)], info.device))
     where = f"step {progress.global_step + 1} (epoch {progress.epoch + 1})"
     metrics = {"tokens": 0}
     if not any(totals):
         warnings.warn(f"skipping {where}: its batches have no answer tokens (all labels are -100)")
     else:
-        sums = accumulate_gradients(state, micro_batches, counts, totals, where, with_ce=not sampled)
+        sums = accumulate_gradients(state, passes, counts, totals, where)
         metrics["tokens"] = sums.pop("tokens")
         optimizer_step(state, where)
         reduced = dict(zip(sums, distributed.all_reduce_sum(list(sums.values()), info.device)))
         metrics.update({"loss": reduced["loss"], "candidates": reduced["candidates"], "kept": reduced["kept"]})
         metrics.update({name: reduced[name] / max(getattr(totals, name), 1.0) for name in objective_.active
-                        if not (sampled and name == "ce")})
+                        if with_ce or name != "ce"})
     if state.on_policy is not None:
         metrics["on_policy"] = sampled
         state.on_policy.stats.steps += 1
@@ -443,20 +447,28 @@ def sample_answers(state: TrainState, micro_batches: list[dict]) -> list[dict]:
                                    lambda: objective.autocast(info.device, t.mixed_precision, t.use_fp16))
 
 
-def accumulate_gradients(state: TrainState, micro_batches: list[dict], counts: list[Counts], totals: Counts,
-                         where: str, with_ce: bool = True) -> dict:
-    """Forward and backward of each micro-batch with its share of the step's loss; the summed terms (and
-    this process's `tokens`). `with_ce=False`: sampled answers, no CE."""
+class Pass(NamedTuple):
+    """One forward and backward of a step: a micro-batch and the terms it trains."""
+
+    batch: dict
+    with_ce: bool = True  # False: the student's sampled answers (no labels)
+    ce_only: bool = False  # the data set's answers of an on-policy step (--on_policy_ce): no teacher
+
+
+def accumulate_gradients(state: TrainState, passes: list[Pass], counts: list[Counts], totals: Counts,
+                         where: str) -> dict:
+    """Forward and backward of each pass with its share of the step's loss; the summed terms (and this
+    process's `tokens`)."""
     objective_, info = state.objective, state.info
     sums = dict.fromkeys(["loss", *objective_.active, "candidates", "kept"], 0.0)
     sums["tokens"] = 0
-    for i, batch in enumerate(micro_batches):
+    for i, (batch, with_ce, ce_only) in enumerate(passes):
         if info.world_size == 1 and not any(counts[i]):
             warnings.warn(f"skipping a micro-batch of {where}: all its labels are -100")
             continue
         batch = data.move(batch, info.device)
-        with distributed.no_sync(state.models.student, i < len(micro_batches) - 1):
-            terms = objective.compute_terms(objective_, state.models, batch, info.device, with_ce=with_ce)
+        with distributed.no_sync(state.models.student, i < len(passes) - 1):
+            terms = objective.compute_terms(objective_, state.models, batch, info.device, with_ce, ce_only)
             loss = objective.combine(objective_, terms, totals)
             check_terms_finite(loss, terms, where, info.device)
             state.scaler.scale(loss * info.world_size).backward()
@@ -583,12 +595,12 @@ class LogWindow:
     def __init__(self, active: tuple):
         self.active, self.steps, self.time, self.tokens, self.lr = active, 0, 0.0, 0, 0.0
         self.sums = dict.fromkeys(["loss", *active, "candidates", "kept"], 0.0)
-        self.sampled_steps = 0  # on-policy steps: no CE
+        self.ce_steps = 0  # steps with a CE (not on-policy ones, unless --on_policy_ce)
 
     def add(self, metrics: dict, seconds: float) -> None:
         self.steps, self.time, self.tokens, self.lr = self.steps + 1, self.time + seconds, \
             self.tokens + metrics["tokens"], metrics["lr"]
-        self.sampled_steps += bool(metrics.get("on_policy"))
+        self.ce_steps += "ce" in metrics
         for key in self.sums:
             self.sums[key] += metrics.get(key, 0.0)
 
@@ -598,9 +610,8 @@ class LogWindow:
         tokens = distributed.all_reduce_sum([self.tokens], state.info.device)[0]
         line = {"type": "train", "step": progress.global_step, "epoch": progress.epoch + 1,
                 "loss": self.sums["loss"] / steps}
-        labelled = steps - self.sampled_steps  # the CE's mean is over the steps that had labels (not on-policy)
-        line.update({name: self.sums[name] / (labelled if name == "ce" else steps) for name in self.active
-                     if name != "ce" or labelled > 0})
+        line.update({name: self.sums[name] / (self.ce_steps if name == "ce" else steps) for name in self.active
+                     if name != "ce" or self.ce_steps > 0})  # the CE's mean: over the steps that had one
         if state.on_policy is not None:
             line.update(state.on_policy.metrics(state.info.device))
         if state.objective.spec.selects_tokens:  # fraction of paired answer positions the logit term used

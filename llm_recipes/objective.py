@@ -103,9 +103,12 @@ def _row_counts(objective: Objective, rows: int) -> tuple[int, int]:
             rows if "feature" in objective.active and rows >= 2 else 0)  # correlations need 2 rows
 
 
-def count_units(objective: Objective, batch: dict, with_ce: bool = True) -> Counts:
+def count_units(objective: Objective, batch: dict, with_ce: bool = True, ce_only: bool = False) -> Counts:
     """Units of every term, from labels and masks only (before any forward). `with_ce=False` (the student's
-    sampled answers, llm_recipes.on_policy): no CE units, the answers are not labels."""
+    sampled answers, llm_recipes.on_policy): no CE units, the answers are not labels. `ce_only`: the CE's
+    units alone (the data set's answers of an on-policy step, --distillation_config.on_policy_ce)."""
+    if ce_only:
+        return Counts(int(count_logit_units(objective.spec, batch["student"]["labels"])[0]))
     teacher_labels = batch["teacher"]["labels"] if objective.uses_teacher else None
     ce, units = count_logit_units(objective.spec, batch["student"]["labels"], teacher_labels, batch_alignment(batch))
     rows = row_pairs(objective, batch).count if objective.layers is not None else 0
@@ -131,9 +134,12 @@ class CachedPass(NamedTuple):
 
 
 def compute_terms(objective: Objective, models_: Models, batch: dict, device: torch.device,
-                  with_ce: bool = True) -> Terms:
+                  with_ce: bool = True, ce_only: bool = False) -> Terms:
     """Every active term of one micro-batch (on `device`), each summed over its units; `with_ce=False`: the CE
-    is not computed (a zero that still reaches the student) and has no units."""
+    is not computed (a zero that still reaches the student) and has no units; `ce_only`: the CE alone, no
+    teacher forward (every other term a zero without units)."""
+    if ce_only:
+        return _ce_terms(objective, models_, batch, device)
     t, layers = objective.train, objective.layers
     teacher, teacher_head = None, None
     if objective.cached_teacher_head is not None and objective.uses_teacher:  # rows of the cache, no forward
@@ -162,6 +168,19 @@ def compute_terms(objective: Objective, models_: Models, batch: dict, device: to
             sums.update(_intermediate_sums(objective, models_, states, teacher, pairs))
     counts = Counts(logit.ce_count if with_ce else 0, logit.distill_count, *_row_counts(objective, rows))
     return Terms(sums, counts, logit.candidate_positions, logit.kept_positions)
+
+
+def _ce_terms(objective: Objective, models_: Models, batch: dict, device: torch.device) -> Terms:
+    """The student's CE on the batch's labels alone (the logit engine without teacher rows)."""
+    t = objective.train
+    with autocast(device, t.mixed_precision, t.use_fp16):
+        student_hidden = models.forward_hidden(models_.student, batch["student"], t.encoder_decoder,
+                                               inner=models_.student_inner)
+        logit = distillation_terms(objective.spec, student_hidden, batch["student"]["labels"],
+                                   models.output_head(models_.student_inner))
+    zero = logit.ce_sum.new_zeros(())
+    sums = {name: logit.ce_sum if name == "ce" else zero for name in objective.active}
+    return Terms(sums, Counts(logit.ce_count))  # no paired positions: the logit term's selection is not here
 
 
 def _intermediate_sums(objective: Objective, models_: Models, states, teacher, pairs: RowPairs) -> dict:

@@ -17,7 +17,11 @@ would build an example whose answer is that text (`on_policy_batch`):
 The loss term is then computed on the student's answer positions by the run's loss family, live teacher
 only (a teacher cache holds rows for the data set's answers, not for sampled ones: refused before any
 model loads). The CE applies where there is a label, i.e. on off-policy steps; on sampled answers it is
-skipped (its units are 0), so an on-policy step trains the distillation term alone. Answers that give
+skipped (its units are 0), so an on-policy step trains the distillation term alone, unless
+`--distillation_config.on_policy_ce` keeps the CE of the data set's answers to the same prompts (MiniLLM keeps
+a language-modelling loss beside its on-policy term: one more student forward and backward per micro-batch,
+no teacher; the step's loss is then the CE over the data set's answer tokens plus the term over the sampled
+answers' units, each with its weight). Answers that give
 the term nothing (an EOS at once, or a text the teacher's tokenizer does not reproduce byte for byte)
 are counted and logged, never NaN (`Stats`).
 
@@ -49,19 +53,22 @@ class Sampling:
     temperature: float = 1.0
     top_p: float = 1.0
     first_step: int = 0  # the first optimizer step (0-based) that may be on-policy (--on_policy_start)
+    keep_ce: bool = False  # on-policy steps also train the CE of the data set's answers (--on_policy_ce)
 
     @classmethod
     def from_config(cls, distillation_config, total_steps: int = 0) -> "Sampling":
         d = distillation_config
         return cls(float(d.lmbda), int(d.on_policy_max_new_tokens), float(d.on_policy_temperature),
-                   float(d.on_policy_top_p), math.ceil(float(d.on_policy_start) * total_steps))
+                   float(d.on_policy_top_p), math.ceil(float(d.on_policy_start) * total_steps),
+                   bool(d.on_policy_ce))
 
     def describe(self) -> str:
         start = (f" from step {self.first_step + 1} (the steps before train on the data set's answers; best/ is "
                  "chosen among the evaluations from then on)") if self.first_step else ""
         return (f"on-policy with probability {self.lmbda:g}{start}: the student answers the prompts itself "
                 f"(temperature {self.temperature:g}, top-p {self.top_p:g}, at most {self.max_new_tokens} tokens) and "
-                "the teacher scores its answers; the CE is skipped on sampled answers")
+                "the teacher scores its answers; the CE is skipped on sampled answers" +
+                ("; on-policy steps keep the CE of the data set's answers to the same prompts" if self.keep_ce else ""))
 
 
 def is_on_policy_step(sampling: Sampling, seed: int, step: int, device: torch.device) -> bool:

@@ -294,6 +294,53 @@ def test_best_candidate_follows_the_first_on_policy_step():
     assert not best_candidate(at(3, 3)) and best_candidate(at(4, 3))
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")  # the optimizer step is replaced
+def test_on_policy_ce_adds_the_data_sets_ce_to_the_on_policy_gradient(tmp_path, monkeypatch):
+    """--on_policy_ce: an on-policy step's gradient is the distillation term's on the sampled answers (as without
+    the flag) plus cross_entropy_factor x the mean CE of the data set's answers to the same prompts, over the
+    step's two micro-batches; the CE here is a plain float64 one from the model's logits."""
+    from llm_recipes import finetuning
+
+    answers = {}  # a fixed 'sample' per micro-batch: the data set's answers in reverse row order
+    monkeypatch.setattr(finetuning, "sample_answers", lambda state, batches: [
+        state.on_policy.rebuild(b, answers.setdefault(i, on_policy.answers_of(b["student"])[::-1]), state.pad_ids)
+        for i, b in enumerate(batches)])
+
+    def step_gradient(**extra):
+        state = setup(parse_flags(flags(tmp_path / str(len(extra)), gradient_accumulation_steps=2, **{
+            "distillation_config.loss": "projected", "distillation_config.cross_entropy_factor": 0.3, **extra})))
+        state.models.student.eval()  # no dropout: the three gradients see one function
+        batches = epoch_micro_batches(state, 0)
+        step = [next(batches), next(batches)]
+        found = {}
+        monkeypatch.setattr(finetuning, "optimizer_step", lambda state, where: found.update(
+            {n: p.grad.clone() for n, p in state.models.student.named_parameters() if p.grad is not None}))
+        return state, step, train_step(state, step), found
+
+    state, step, metrics, with_ce = step_gradient(**{"distillation_config.on_policy_ce": True})
+    _, _, alone, without = step_gradient()
+    assert metrics["on_policy"] and "ce" in metrics and "ce" not in alone
+    assert metrics["distill"] == pytest.approx(alone["distill"], rel=1e-6)
+
+    model = state.models.student_inner
+    model.zero_grad(set_to_none=True)
+    ce_sum, tokens = 0.0, 0
+    for batch in step:
+        side = batch["student"]
+        logits = model(input_ids=side["input_ids"], attention_mask=side["attention_mask"]).logits[:, :-1]
+        labels = side["labels"][:, 1:]
+        ce_sum = ce_sum + torch.nn.functional.cross_entropy(
+            logits.double().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+        tokens += int((labels != -100).sum())
+    (ce_sum / tokens).backward()
+    assert metrics["ce"] == pytest.approx(float(ce_sum.detach()) / tokens, rel=1e-5)
+    assert with_ce.keys() == without.keys()
+    for name, parameter in model.named_parameters():
+        expected = without[name] + 0.3 * parameter.grad
+        assert torch.allclose(with_ce[name], expected, rtol=1e-4, atol=1e-7), name
+    assert any(not torch.allclose(with_ce[n], without[n], rtol=1e-3, atol=1e-6) for n in without)  # the CE counts
+
+
 def test_on_policy_with_lora_and_gradient_accumulation(tmp_path):
     result = train(parse_flags(flags(tmp_path, model_name=SAME, use_peft=True, gradient_accumulation_steps=2,
                                      max_train_step=3, run_validation=False, **{"lora_config.r": 4})))
@@ -311,6 +358,10 @@ def test_on_policy_with_lora_and_gradient_accumulation(tmp_path):
     ({"distillation_config.lmbda": 0.0, "distillation_config.on_policy_start": 0.5},
      "has no effect without --distillation_config.lmbda > 0"),
     ({"distillation_config.distil_factor": 0}, "which --distillation_config.distil_factor 0 turns off"),
+    ({"distillation_config.lmbda": 0.0, "distillation_config.on_policy_ce": True},
+     "has no effect without --distillation_config.lmbda > 0"),
+    ({"distillation_config.on_policy_ce": True, "distillation_config.cross_entropy_factor": 0},
+     "which --distillation_config.cross_entropy_factor 0 turns off"),
     ({"distillation_config.teacher_cache": "somewhere"}, "on-policy needs the live teacher"),
     ({"encoder_decoder": True}, "needs a causal student and teacher"),
 ])
