@@ -7,7 +7,8 @@ Each mode trains through the trainer's own `setup` and `train_step` on the same 
 - sft: the student's CE on the data set's answers (no teacher);
 - off-policy: CE + the projected teacher on the data set's answers (the teacher's forward live);
 - on-policy: --distillation_config.lmbda 1, every step on the student's own sampled answers;
-- on-policy, no continuation: the same without --distillation_config.projected_continuation (its cost).
+- on-policy, no continuation: the same without --distillation_config.projected_continuation (its cost);
+- on-policy + CE: with --distillation_config.on_policy_ce (the data set's CE on the same prompts kept).
 A step is split (wall clock) into the student's generation (llm_recipes.on_policy.sample_answers), rebuilding
 the batch (the teacher's tokenization of the answers, their text alignment), the teacher's forward
 (objective.teacher_forward), and the rest: the student's forward and backward, the loss (including the teacher's
@@ -29,7 +30,10 @@ MODES = {"sft": {"distillation_config.distil_factor": 0},
          "on-policy": {"distillation_config.loss": "projected", "distillation_config.lmbda": 1.0},
          # what --distillation_config.projected_continuation (on by default when lmbda > 0) costs
          "on-policy, no continuation": {"distillation_config.loss": "projected", "distillation_config.lmbda": 1.0,
-                                        "distillation_config.projected_continuation": False}}
+                                        "distillation_config.projected_continuation": False},
+         # --distillation_config.on_policy_ce: the data set's CE kept (one more student pass per micro-batch)
+         "on-policy + CE": {"distillation_config.loss": "projected", "distillation_config.lmbda": 1.0,
+                            "distillation_config.on_policy_ce": True}}
 
 
 class Clock:
