@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -52,7 +53,7 @@ class Row:
 
     @property
     def slug(self) -> str:
-        return "".join(c if c.isalnum() else "-" for c in self.name.lower()).strip("-").replace("--", "-")
+        return re.sub("-+", "-", "".join(c if c.isalnum() else "-" for c in self.name.lower())).strip("-")
 
 
 # ------------------------------------------------------------------------------------ running commands

@@ -106,11 +106,13 @@ def test_the_row_sets_and_the_rate_seed():
     on_policy = [row.name for row in demo.selected_rows("on_policy")]
     assert on_policy == ["SFT", "projected", "SFT (same tokenizer)", "KL (same tokenizer)", "projected on-policy 0.5",
                          "projected on-policy 1.0", "KL on-policy 0.5 (same tokenizer)",
-                         "KL on-policy 1.0 (same tokenizer)", "projected then on-policy 1.0"]
+                         "KL on-policy 1.0 (same tokenizer)", "projected then on-policy 1.0",
+                         "projected on-policy 1.0 + CE"]
     assert [row.name for row in demo.selected_rows("hybrid")] == ["SFT", "hybrid", "SFT (same tokenizer)"]
     assert len({row.slug for row in demo.ALL_ROWS}) == len(demo.ALL_ROWS)
-    assert demo.ALL_ROWS[-1].flags["distillation_config.lmbda"] == 1.0
-    assert demo.ALL_ROWS[-1].flags["distillation_config.on_policy_start"] == 0.5
+    then = {row.name: row for row in demo.ALL_ROWS}["projected then on-policy 1.0"]
+    assert then.flags["distillation_config.lmbda"] == 1.0 and then.flags["distillation_config.on_policy_start"] == 0.5
+    assert demo.ALL_ROWS[-1].flags["distillation_config.on_policy_ce"] is True
     with pytest.raises(UserError, match="unknown row nope"):
         demo.selected_rows("nope")
     with pytest.raises(UserError, match="--rate_seed 3 is one of the test seeds"):

@@ -114,6 +114,11 @@ PLANS = {
         Row("projected on-policy 0.5", "student", "projected", "text", _on_policy(0.5)),
         Row("projected on-policy 1.0", "student", "projected", "text", _on_policy(1.0)),
         Row("projected then on-policy 1.0", "student", "projected", "text", _on_policy(1.0, start=0.5)),
+        # added after the rows above had test results, on the table's own seeds (0..4, rate seed 100): every step
+        # trains the CE of the teacher's answers (as SFT and projected do) plus the projected term on the
+        # student's own answers instead of the teacher's (--distillation_config.on_policy_ce, MiniLLM's recipe)
+        Row("projected on-policy 1.0 + CE", "student", "projected", "text",
+            {**_on_policy(1.0), "distillation_config.on_policy_ce": True}),
     ), {"max_new_tokens": WORKED_TOKENS, "batch_size": 25, "bf16": True, "progress": False},
         "gemma-3-270m-people-qa-worked", "output/real_pair_worked", teacher_cache=False),
 }
