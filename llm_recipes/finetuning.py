@@ -404,12 +404,14 @@ def train_step(state: TrainState, micro_batches: list[dict]) -> dict:
     """One optimizer step over this process's micro-batches (one per accumulation step; on CPU or the
     device). Returns the step's metrics: `loss` and each active term (means over the step's units, all
     processes), `candidates` / `kept` positions, this process's `tokens`, and the `lr` it used; only
-    `tokens` and `lr` when no process had an answer token."""
+    `tokens` and `lr` when no process had an answer token; with on-policy steps possible, `on_policy` and
+    `without_ce` (an on-policy step without --on_policy_ce)."""
     objective_, info, progress = state.objective, state.info, state.progress
     sampled = state.on_policy is not None and on_policy.is_on_policy_step(
         state.on_policy.sampling, state.run.train.seed, progress.global_step, info.device)
-    passes = [Pass(batch) for batch in micro_batches]
-    if sampled:
+    if not sampled:
+        passes = [Pass(batch) for batch in micro_batches]
+    else:
         passes = [Pass(batch, with_ce=False) for batch in sample_answers(state, micro_batches)]
         if state.on_policy.sampling.keep_ce:  # --on_policy_ce: the data set's answers, CE only
             passes += [Pass(batch, ce_only=True) for batch in micro_batches]
@@ -429,7 +431,7 @@ def train_step(state: TrainState, micro_batches: list[dict]) -> dict:
         metrics.update({name: reduced[name] / max(getattr(totals, name), 1.0) for name in objective_.active
                         if with_ce or name != "ce"})
     if state.on_policy is not None:
-        metrics["on_policy"] = sampled
+        metrics["on_policy"], metrics["without_ce"] = sampled, not with_ce
         state.on_policy.stats.steps += 1
         state.on_policy.stats.on_policy_steps += sampled
     state.optimizer.zero_grad(set_to_none=True)
@@ -458,7 +460,7 @@ class Pass(NamedTuple):
 def accumulate_gradients(state: TrainState, passes: list[Pass], counts: list[Counts], totals: Counts,
                          where: str) -> dict:
     """Forward and backward of each pass with its share of the step's loss; the summed terms (and this
-    process's `tokens`)."""
+    process's `tokens`: every pass's, so an on_policy_ce step counts its prompts twice, as it runs them twice)."""
     objective_, info = state.objective, state.info
     sums = dict.fromkeys(["loss", *objective_.active, "candidates", "kept"], 0.0)
     sums["tokens"] = 0
@@ -595,12 +597,12 @@ class LogWindow:
     def __init__(self, active: tuple):
         self.active, self.steps, self.time, self.tokens, self.lr = active, 0, 0.0, 0, 0.0
         self.sums = dict.fromkeys(["loss", *active, "candidates", "kept"], 0.0)
-        self.ce_steps = 0  # steps with a CE (not on-policy ones, unless --on_policy_ce)
+        self.without_ce = 0  # on-policy steps that train no CE (all of them, unless --on_policy_ce)
 
     def add(self, metrics: dict, seconds: float) -> None:
         self.steps, self.time, self.tokens, self.lr = self.steps + 1, self.time + seconds, \
             self.tokens + metrics["tokens"], metrics["lr"]
-        self.ce_steps += "ce" in metrics
+        self.without_ce += bool(metrics.get("without_ce"))
         for key in self.sums:
             self.sums[key] += metrics.get(key, 0.0)
 
@@ -610,8 +612,9 @@ class LogWindow:
         tokens = distributed.all_reduce_sum([self.tokens], state.info.device)[0]
         line = {"type": "train", "step": progress.global_step, "epoch": progress.epoch + 1,
                 "loss": self.sums["loss"] / steps}
-        line.update({name: self.sums[name] / (self.ce_steps if name == "ce" else steps) for name in self.active
-                     if name != "ce" or self.ce_steps > 0})  # the CE's mean: over the steps that had one
+        labelled = steps - self.without_ce  # the CE's mean is over the steps that train it
+        line.update({name: self.sums[name] / (labelled if name == "ce" else steps) for name in self.active
+                     if name != "ce" or labelled > 0})
         if state.on_policy is not None:
             line.update(state.on_policy.metrics(state.info.device))
         if state.objective.spec.selects_tokens:  # fraction of paired answer positions the logit term used

@@ -86,9 +86,13 @@ BF16 = {"mixed_precision_fsdp", "pure_bf16_fsdp"}
 # agree on which steps are on-policy, and keep the student synchronized
 ON_POLICY_FLAGS = {"distillation_config.lmbda": 0.5, "distillation_config.on_policy_max_new_tokens": 6}
 ON_POLICY = {
-    "ddp_on_policy": {**ON_POLICY_FLAGS, "distillation_config.lmbda": 1.0, "distillation_config.on_policy_ce": True},
+    "ddp_on_policy": {**ON_POLICY_FLAGS, "distillation_config.lmbda": 1.0},
+    "ddp_on_policy_ce": {**ON_POLICY_FLAGS, "distillation_config.lmbda": 1.0, "distillation_config.on_policy_ce": True},
     "fsdp_on_policy_projected": {**FSDP_TEACHER, **ON_POLICY_FLAGS, "model_name": "OTHER",
                                  "distillation_config.loss": "projected", "max_train_step": 4},
+    "fsdp_on_policy_ce": {**FSDP_TEACHER, **ON_POLICY_FLAGS, "model_name": "OTHER", "distillation_config.lmbda": 1.0,
+                          "distillation_config.loss": "projected", "distillation_config.on_policy_ce": True,
+                          "max_train_step": 3},
 }
 RESUMED = ("adamw_fsdp", "lora_fsdp", "fsdp_methods", "fsdp_projected_text")  # resumed from their step-3 checkpoints, in the same launch
 
@@ -202,7 +206,7 @@ def runs(tiny, tied_student, tmp_path_factory):
     two.append({"flags": flags(tiny, tied_student, root / "unsynchronized", 2, {"run_validation": False}),
                 "dump": True, "unsynchronized": True})
     for name, extra in ON_POLICY.items():
-        two.append({"flags": flags(tiny, tied_student, root / name, 2, extra), "dump": name == "ddp_on_policy"})
+        two.append({"flags": flags(tiny, tied_student, root / name, 2, extra), "dump": name.startswith("ddp_")})
     two.append({"sample": {"model": other_student(tiny), "seed": 7, "max_new_tokens": 9,
                            "out": str(root / "fsdp_sampling")}})
     one = [{"flags": flags(tiny, tied_student, root / f"one_{name}", 4, extra)} for name, extra in ONE_PROCESS.items()]
@@ -497,9 +501,9 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tiny, tmp_path):
 
 @pytest.mark.slow  # 2-process launches (the `runs` fixture)
 def test_on_policy_under_ddp_and_fsdp(runs):
-    """Sampled answers under DDP (every step, with the data set's CE kept: two passes per micro-batch) and FSDP2
-    (the student and the teacher sharded, lmbda 0.5): the runs finish, log their answers, and the DDP student
-    stays identical on both ranks."""
+    """Sampled answers under DDP (every step, with and without the data set's CE kept: two passes per micro-batch
+    with it) and FSDP2 (the student and the teacher sharded; lmbda 0.5, and 1 with the CE kept): the runs
+    finish, log their answers, and the DDP students stay identical on both ranks."""
     for name in ON_POLICY:
         lines = [json.loads(line) for line in (runs / name / "metrics.jsonl").read_text().splitlines()]
         train_lines = [line for line in lines if line["type"] == "train"]
@@ -507,8 +511,9 @@ def test_on_policy_under_ddp_and_fsdp(runs):
         sampled = [line for line in train_lines if line["on_policy"]]
         keeps_ce = ON_POLICY[name].get("distillation_config.on_policy_ce", False)
         assert sampled and all(1 <= line["sampled_tokens"] <= 6 and ("ce" in line) == keeps_ce for line in sampled)
-    rank0, rank1 = (torch.load(runs / "ddp_on_policy" / f"rank{r}.pt") for r in (0, 1))
-    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    for name in ("ddp_on_policy", "ddp_on_policy_ce"):
+        rank0, rank1 = (torch.load(runs / name / f"rank{r}.pt") for r in (0, 1))
+        assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), name
 
 
 @pytest.mark.slow  # 2-process launches (the `runs` fixture)

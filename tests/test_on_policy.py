@@ -298,13 +298,17 @@ def test_best_candidate_follows_the_first_on_policy_step():
 def test_on_policy_ce_adds_the_data_sets_ce_to_the_on_policy_gradient(tmp_path, monkeypatch):
     """--on_policy_ce: an on-policy step's gradient is the distillation term's on the sampled answers (as without
     the flag) plus cross_entropy_factor x the mean CE of the data set's answers to the same prompts, over the
-    step's two micro-batches; the CE here is a plain float64 one from the model's logits."""
+    step's two micro-batches; the CE here is a plain float64 one from the model's logits. The teacher runs on
+    the sampled answers only."""
     from llm_recipes import finetuning
 
-    answers = {}  # a fixed 'sample' per micro-batch: the data set's answers in reverse row order
-    monkeypatch.setattr(finetuning, "sample_answers", lambda state, batches: [
-        state.on_policy.rebuild(b, answers.setdefault(i, on_policy.answers_of(b["student"])[::-1]), state.pad_ids)
+    answers = {}  # a fixed 'sample' per micro-batch: the data set's answers in reverse row order, cut at 2 tokens
+    monkeypatch.setattr(finetuning, "sample_answers", lambda state, batches: [state.on_policy.rebuild(
+        b, answers.setdefault(i, [a[:2] for a in on_policy.answers_of(b["student"])[::-1]]), state.pad_ids)
         for i, b in enumerate(batches)])
+    teacher_passes = []
+    teacher_forward = objective.teacher_forward
+    monkeypatch.setattr(objective, "teacher_forward", lambda *args: teacher_passes.append(1) or teacher_forward(*args))
 
     def step_gradient(**extra):
         state = setup(parse_flags(flags(tmp_path / str(len(extra)), gradient_accumulation_steps=2, **{
@@ -318,9 +322,15 @@ def test_on_policy_ce_adds_the_data_sets_ce_to_the_on_policy_gradient(tmp_path, 
         return state, step, train_step(state, step), found
 
     state, step, metrics, with_ce = step_gradient(**{"distillation_config.on_policy_ce": True})
+    assert len(teacher_passes) == 2  # one per sampled micro-batch, none for the data set's answers
     _, _, alone, without = step_gradient()
     assert metrics["on_policy"] and "ce" in metrics and "ce" not in alone
+    assert not metrics["without_ce"] and alone["without_ce"]
     assert metrics["distill"] == pytest.approx(alone["distill"], rel=1e-6)
+    assert metrics["loss"] == pytest.approx(0.3 * metrics["ce"] + state.objective.weights["distill"] * metrics["distill"],
+                                            rel=1e-5)
+    sampled_labels = sum(len(a) for answer in answers.values() for a in answer)
+    assert sampled_labels < sum(len(a) for b in step for a in on_policy.answers_of(b["student"]))  # other units
 
     model = state.models.student_inner
     model.zero_grad(set_to_none=True)
@@ -339,6 +349,15 @@ def test_on_policy_ce_adds_the_data_sets_ce_to_the_on_policy_gradient(tmp_path, 
         expected = without[name] + 0.3 * parameter.grad
         assert torch.allclose(with_ce[name], expected, rtol=1e-4, atol=1e-7), name
     assert any(not torch.allclose(with_ce[n], without[n], rtol=1e-3, atol=1e-6) for n in without)  # the CE counts
+
+
+def test_every_step_of_an_on_policy_ce_run_logs_its_ce(tmp_path):
+    train(parse_flags(flags(tmp_path, max_train_step=6, run_validation=False, **{
+        "distillation_config.lmbda": 0.5, "distillation_config.on_policy_ce": True})))
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [line for line in lines if line["type"] == "train"]
+    assert 0 < sum(line["on_policy"] for line in train_lines) < len(train_lines)
+    assert all(math.isfinite(line["ce"]) and line["ce"] > 0 for line in train_lines)
 
 
 def test_on_policy_with_lora_and_gradient_accumulation(tmp_path):
