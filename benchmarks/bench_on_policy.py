@@ -17,6 +17,7 @@ output layer at the answer rows) and the optimizer step. Median over --steps ste
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import tempfile
@@ -36,6 +37,12 @@ MODES = {"sft": {"distillation_config.distil_factor": 0},
                             "distillation_config.on_policy_ce": True}}
 
 
+def synchronize() -> None:
+    """Wall clock on CUDA measures finished kernels, not queued ones."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 class Clock:
     """Seconds spent inside the wrapped functions during one step."""
 
@@ -44,10 +51,12 @@ class Clock:
 
     @contextmanager
     def timing(self, name: str):
+        synchronize()
         start = time.perf_counter()
         try:
             yield
         finally:
+            synchronize()
             self.spent[name] = self.spent.get(name, 0.0) + time.perf_counter() - start
 
     def wrap(self, module, attribute: str, name: str) -> None:
@@ -102,8 +111,10 @@ def measure(mode: str, args) -> dict:
     rows = []
     for i in range(args.warmup + args.steps):
         clock.spent = {}
+        synchronize()
         start = time.perf_counter()
         train_step(state, [next(batches)])
+        synchronize()
         total = time.perf_counter() - start
         if i >= args.warmup:
             rows.append({"total": total, **clock.spent})
@@ -120,9 +131,10 @@ def table(results: dict, args) -> str:
     import platform
 
     off = results.get("off-policy", {}).get("total")
-    lines = [f"{args.pair} pair; torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-             f"{torch.get_num_threads()} threads; median of {args.steps} steps after {args.warmup} warm-up "
-             "(wall clock)",
+    where = torch.cuda.get_device_name(0) if args.device == "cuda" else \
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    lines = [f"{args.pair} pair; torch {torch.__version__}, {where}; median of {args.steps} steps after "
+             f"{args.warmup} warm-up (wall clock)",
              "| step | s / step | generation | rebuild (tokenize, align) | teacher forward | student forward, "
              "backward, loss, optimizer | time / off-policy | sampled tokens (mean) |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -145,13 +157,24 @@ def main(argv=None) -> str:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--modes", nargs="+", choices=tuple(MODES), default=tuple(MODES),
                         help="the steps to time (default: all; the ratio column needs off-policy)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the trainer runs (it takes CUDA whenever there is one)")
+    parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
+    if (args.device == "cuda") != torch.cuda.is_available():
+        parser.error(f"--device {args.device}: the trainer runs on CUDA exactly when there is a device; "
+                     "hide it with CUDA_VISIBLE_DEVICES= for a CPU run" if args.device == "cpu" else
+                     "--device cuda: no CUDA device here")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
         torch.set_num_threads(args.threads)
     results = {mode: measure(mode, args) for mode in args.modes}
     text = table(results, args)
     print(text)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"pair": args.pair, "device": args.device, "steps": args.steps, "warmup": args.warmup,
+                       "torch": torch.__version__, "modes": results}, handle, indent=1)
     return text
 
 

@@ -1,4 +1,4 @@
-"""The GPU path in one command: tests, training in every precision, FSDP2 on NCCL, resume, timings.
+"""The GPU path in one command: tests, training in every precision, FSDP2 on NCCL, resume, on-policy, timings.
 
     bash scripts/gpu_check.sh                 # on a machine with a CUDA GPU: at most ~8 minutes
     bash scripts/gpu_check.sh --dry-run       # anywhere: one line per part, what it would run
@@ -271,6 +271,10 @@ PARTS = (
                        "steps at 152k vocabularies)",
          bench("benchmarks.bench_train_step", ["--quick"], 90, ["--quick", "--vocab-pairs", "4000:3000", "--seq", "128",
                                                                  "--answer", "32"])),
+    Part("on_policy", "python -m benchmarks.bench_on_policy --device cuda (the tiny pair): SFT, off-policy and "
+                      "on-policy steps (the student's sampling on CUDA), split into generation / teacher / student",
+         bench("benchmarks.bench_on_policy", ["--steps", "5"], 120,
+               ["--steps", "1", "--warmup", "0", "--modes", "off-policy", "on-policy + CE"])),
     Part("real_pair", f"{REAL_PAIR_STEPS} steps of SFT, projected (live, cached) and ULD on Gemma 3 270M -> "
                       "SmolLM2-135M (only if scripts/real_pair.sh converted them)", real_pair),
 )

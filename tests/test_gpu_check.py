@@ -77,3 +77,15 @@ def test_the_resume_part_rehearsed_on_the_cpu(tmp_path, capsys):
     assert part["status"] == "ok", part
     assert part["figures"] == {"stopped_by_sigterm": True, "max_abs_diff_resumed_vs_unbroken": 0.0,
                                "max_abs_diff_two_unbroken_runs": 0.0}
+
+
+@pytest.mark.slow
+def test_the_on_policy_part_rehearsed_on_the_cpu(tmp_path):
+    """The on-policy timing part, run on the CPU (rehearsal): its table and JSON figures come back."""
+    gpu_check.main(rehearsal=True, only="on_policy", out=str(tmp_path), budget_s=300)
+    (part,) = json.loads((tmp_path / "summary.json").read_text())["parts"]
+    assert part["status"] == "ok", part
+    assert "| on-policy + CE |" in part["table"] and "| off-policy |" in part["table"]
+    figures = json.loads((tmp_path / "bench_on_policy.json").read_text())
+    assert figures["device"] == "cpu" and set(figures["modes"]) == {"off-policy", "on-policy + CE"}
+    assert figures["modes"]["on-policy + CE"]["generation"] > 0 and figures["modes"]["off-policy"]["generation"] == 0
