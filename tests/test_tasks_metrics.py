@@ -99,3 +99,16 @@ def test_bertscore_passes_every_reference_and_scales(monkeypatch):
     means, rows = metrics.score_predictions(["a", "b"], [["a", "c"], []], bertscore=True, progress=False)
     assert calls["refs"] == [["a", "c"], [""]] and calls["rescale_with_baseline"] and calls["lang"] == "en"
     assert [r["bertscore"] for r in rows] == [50.0, 25.0] and means["bertscore"] == pytest.approx(37.5)
+
+
+def test_worked_steps_reads_the_fact_and_whether_the_answer_follows_it():
+    from benchmarks.worked_steps import shares
+
+    gold = "The question is about Ada.\nThe fact: Ada plays the drums.\nAnswer: drums"
+    rows = [{"prediction": gold, "references": [gold]},
+            {"prediction": "The question is about Ada.\nThe fact: Ada plays the harp.\nAnswer: harp", "references": [gold]},
+            {"prediction": "The question is about Ada.\nThe fact: Ada plays the harp.\nAnswer: piano", "references": [gold]},
+            {"prediction": "The quest Ada.\nAnswer: Ada", "references": [gold]}]
+    found = shares(rows)
+    assert found["both_lines"] == 0.75 and found["fact_right"] == 0.25 and found["answer_right"] == 0.25
+    assert found["answer_follows_fact"] == 2 / 3
