@@ -12,16 +12,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
-STEPS = re.compile(r"The fact: (.*)\n\s*Answer: (.*)")
+from examples.tiny.worked import FINAL
+from llm_distillation.metrics import final_answer, worked_part
+
+FACT = "The fact:"  # the step line of examples.tiny.worked.worked_answer
 
 
 def worked_steps(text: str):
-    """(fact, answer) of a worked answer, or None when it lacks either line."""
-    found = STEPS.search(text)
-    return (found.group(1).strip(), found.group(2).strip()) if found else None
+    """(fact, answer) of a worked answer (the answer read as the benchmark reads it), or None when it lacks either
+    line."""
+    steps = [line.strip() for line in worked_part(text, FINAL).splitlines()]
+    fact = next((line[len(FACT):].strip() for line in steps if line.startswith(FACT)), None)
+    if fact is None or not any(line.strip().startswith(FINAL) for line in text.splitlines()):
+        return None
+    return fact, final_answer(text, FINAL)
 
 
 def shares(predictions: list[dict]) -> dict:
