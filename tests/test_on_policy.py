@@ -399,5 +399,24 @@ def test_the_on_policy_targets_benchmark_reads_the_trainers_own_targets(tmp_path
     assert result["data eos"]["tokens"] == 4  # one EOS unit per answer of the batch (distill_eos is on at lmbda 1)
     assert result["data eos"]["target"] == pytest.approx(result["data eos"]["target_eos"])
     for key in ("sampled text", "data text", "data eos"):
-        assert result[key]["tokens"] > 0 and all(0 <= result[key][k] <= 1 for k in ("target", "student", "student_top"))
+        assert result[key]["tokens"] > 0 and all(0 <= result[key][k] <= 1
+                                                  for k in ("target", "student", "student_top", "target_top"))
+        assert 0 < result[key]["kl"] < math.inf  # two steps do not make the student its teacher
+    assert 0 <= result["sampled_f1"] <= 100 and 0 <= result["sampled_cut"] <= 1 and result["sampled_tokens"] >= 1
     assert projection.token_terms_sum is token_terms.token_terms_sum is kl.token_terms_sum  # the wrap is undone
+
+
+def test_the_on_policy_targets_benchmark_reads_an_sft_run_through_the_term_it_is_given(tmp_path):
+    from benchmarks import on_policy_targets
+
+    sft = {**flags(tmp_path, max_train_step=1, run_validation=False), "distillation_config.lmbda": 0.0,
+           "distillation_config.distil_factor": 0.0}
+    sft.pop("distillation_config.on_policy_max_new_tokens")
+    train(parse_flags(sft))
+    with pytest.raises(UserError, match="distil_factor 0 turns off"):
+        on_policy_targets.measure(tmp_path, "last", batches=1)
+    term = dict(on_policy_targets.flag_value(item) for item in ["distillation_config.distil_factor=1",
+                                                                 "distillation_config.loss=projected"])
+    assert term == {"distillation_config.distil_factor": 1, "distillation_config.loss": "projected"}
+    result = on_policy_targets.measure(tmp_path, "last", batches=1, overrides=term)
+    assert result["data text"]["tokens"] > 0 and result["sampled text"]["tokens"] > 0
