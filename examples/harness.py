@@ -194,12 +194,15 @@ def paired(values: list[float], baseline: list[float]) -> dict:
 
 
 def regime_table(regime: dict) -> list[dict]:
-    """Per row: mean F1, paired difference to its SFT, share of the same-tokenizer KL gain."""
+    """Per row: mean F1, paired difference to its SFT, share of the same-tokenizer KL gain (where that gain's
+    interval is above 0)."""
     rows = {row["name"]: row for row in regime["rows"]}
     sft = {"different": rows["SFT"]["f1"], "same": rows.get("SFT (same tokenizer)", {}).get("f1")}
     kl_gain = None  # only where the table has the same-tokenizer rows (the real pair has no such student)
     if sft["same"] is not None and "KL (same tokenizer)" in rows:
-        kl_gain = statistics.mean(rows["KL (same tokenizer)"]["f1"]) - statistics.mean(sft["same"])
+        gain = paired(rows["KL (same tokenizer)"]["f1"], sft["same"])
+        # a share of a gain that may be nothing is noise (+0.2 F1 would make -10 F1 "-5000%"): only above 0
+        kl_gain = gain["mean"] if gain["low"] is None or gain["low"] > 0 else None
     lines = []
     for row in regime["rows"]:
         diff = paired(row["f1"], sft[row["tokenizers"]]) if row["loss"] != "none" else None

@@ -48,6 +48,16 @@ def test_table_pairs_rows_with_their_own_sft_and_shares_the_kl_gain():
     assert lines["KL (same tokenizer)"]["share_of_kl_gain"] is None  # it is the gain
 
 
+def test_no_share_of_a_kl_gain_whose_interval_holds_zero():
+    table = _results()["tables"][0]
+    for row in table["rows"]:
+        if row["name"] == "KL (same tokenizer)":
+            row["f1"] = [50.5, 51, 49.5, 52, 50]  # +0.2 over SFT (same tokenizer), the interval across 0
+    lines = {line["name"]: line for line in harness.regime_table(table)}
+    assert lines["KL (same tokenizer)"]["diff"]["low"] < 0 < lines["KL (same tokenizer)"]["diff"]["high"]
+    assert lines["projected"]["diff"]["mean"] == pytest.approx(3.8) and lines["projected"]["share_of_kl_gain"] is None
+
+
 def test_markdown_and_files(tmp_path):
     text = harness.write_report(_results(), _details(), tmp_path)
     assert (tmp_path / "results.md").read_text() == text
