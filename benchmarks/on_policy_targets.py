@@ -151,9 +151,9 @@ def measure(run_dir: Path, weights: str, batches: int, max_new_tokens: int = 0,
         f1s += answer_f1(state.student_tokenizer, marker, sampled, batch)
         for source, rebuilt in (("sampled", sampled), ("data", batch)):
             for z, tokens, target, weights_ in read_targets(state, rebuilt):
-                q = torch.softmax(z, -1)
-                kl = torch.where(target > 0, target * (target.clamp_min(1e-30).log() - torch.log_softmax(z, -1)),
-                                 0.0).sum(-1)
+                log_q = torch.log_softmax(z, -1)
+                q = log_q.exp()
+                kl = torch.where(target > 0, target * (target.clamp_min(1e-30).log() - log_q), 0.0).sum(-1)
                 keep = weights_ > 0
                 rows = keep.nonzero().squeeze(1)
                 at = tokens[rows]
