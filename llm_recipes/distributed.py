@@ -84,6 +84,16 @@ def setup(fsdp: bool = False, timeout_minutes: Optional[float] = None) -> DistIn
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
+def finish() -> None:
+    """Wait, on a run's normal end (every process gets here), until every process's collectives are done.
+
+    gloo's barrier first waits for all of this process's work in flight, then for every process; destroying
+    the group with an asynchronous collective still held by gloo's worker threads can abort a process at exit
+    after a finished run (SIGABRT, "terminate called without an active exception"). Not for error paths: a
+    barrier there would wait for processes that may never come."""
+    barrier()
+
+
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

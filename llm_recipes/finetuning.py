@@ -671,6 +671,7 @@ def train(run: RunConfig) -> dict:
     state.log.close()
     if state.info.is_main:
         report(state)
+    distributed.finish()
     return {"state": {**state.identity, **vars(progress)}, "eval": state.last_eval}
 
 
@@ -688,6 +689,7 @@ def stop(state: TrainState, window: LogWindow, signal_name: str) -> None:
         saved = (f"checkpoint {Path(t.output_dir) / checkpoint.CHECKPOINTS_DIR / progress.last_checkpoint}; "
                  f"continue with --resume_from {t.output_dir}")
     state.log.close()
+    distributed.finish()  # every process stops at this step (any_rank above)
     raise RunInterrupted(f"stopped by {signal_name} at {where}: {saved}", getattr(signal, signal_name))
 
 

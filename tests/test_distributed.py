@@ -524,3 +524,31 @@ def test_fsdp_sampling_equals_the_unsharded_models(runs):
     for rank in found:
         assert rank["sharded"] == rank["plain"] and all(rank["plain"])
     assert max(map(len, found[0]["plain"])) < max(map(len, found[1]["plain"]))  # 9 and 13 tokens at most
+
+
+FINISH_SCRIPT = """
+import time, torch, torch.distributed as dist
+from llm_recipes import distributed
+info = distributed.setup()
+tensor = torch.ones(1000)
+if info.rank == 1:
+    time.sleep(1.0)  # rank 0's collective cannot complete before rank 1 joins it
+work = dist.all_reduce(tensor, async_op=True)
+distributed.finish()
+print(f"rank {info.rank} completed {work.is_completed()} sum {tensor[0].item()}", flush=True)
+distributed.teardown()
+"""
+
+
+def test_finish_waits_for_collectives_in_flight_before_the_group_is_destroyed(tmp_path):
+    """A run's end: no asynchronous collective still held by gloo when the group goes (a process exiting with one
+    can abort after a finished run). Without the barrier, rank 0 reads its all-reduce as not completed."""
+    script = tmp_path / "finish.py"
+    script.write_text(FINISH_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), str(script)]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "rank 0 completed True sum 2.0" in result.stdout
+    assert "rank 1 completed True sum 2.0" in result.stdout
