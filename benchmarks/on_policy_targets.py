@@ -81,7 +81,7 @@ def read_targets(state, batch: dict) -> list:
     try:
         with torch.no_grad():
             objective.compute_terms(state.objective, state.models, move(batch, state.info.device), state.info.device,
-                                    with_ce=False)
+                                    objective.Answers.SAMPLED)
     finally:
         for module, original in wrapped.items():
             module.token_terms_sum = original

@@ -32,7 +32,7 @@ from llm_recipes.config import TRAINER, RunConfig, RunPlan, run_config
 from llm_recipes.errors import RunInterrupted, UserError
 from llm_recipes.losses.family import PairArtifacts
 from llm_recipes.metrics_log import MetricsLog, peak_memory_gb
-from llm_recipes.objective import Counts, Models, Objective
+from llm_recipes.objective import Answers, Counts, Models, Objective
 from llm_recipes.optim import build_optimizer, build_scheduler
 
 # ------------------------------------------------------------------------------------------- state
@@ -412,11 +412,11 @@ def train_step(state: TrainState, micro_batches: list[dict]) -> dict:
     if not sampled:
         passes = [Pass(batch) for batch in micro_batches]
     else:
-        passes = [Pass(batch, with_ce=False) for batch in sample_answers(state, micro_batches)]
+        passes = [Pass(batch, Answers.SAMPLED) for batch in sample_answers(state, micro_batches)]
         if state.on_policy.sampling.keep_ce:  # --on_policy_ce: the data set's answers, CE only
-            passes += [Pass(batch, ce_only=True) for batch in micro_batches]
-    with_ce = any(p.with_ce for p in passes)
-    counts = [objective.count_units(objective_, p.batch, p.with_ce, p.ce_only) for p in passes]
+            passes += [Pass(batch, Answers.CE_ONLY) for batch in micro_batches]
+    with_ce = any(p.answers is not Answers.SAMPLED for p in passes)
+    counts = [objective.count_units(objective_, p.batch, p.answers) for p in passes]
     totals = Counts(*distributed.all_reduce_sum([sum(column) for column in zip(*counts)], info.device))
     where = f"step {progress.global_step + 1} (epoch {progress.epoch + 1})"
     metrics = {"tokens": 0}
@@ -453,8 +453,7 @@ class Pass(NamedTuple):
     """One forward and backward of a step: a micro-batch and the terms it trains."""
 
     batch: dict
-    with_ce: bool = True  # False: the student's sampled answers (no labels)
-    ce_only: bool = False  # the data set's answers of an on-policy step (--on_policy_ce): no teacher
+    answers: Answers = Answers.DATA  # the data set's, the student's sampled ones, or the data set's for the CE alone
 
 
 def accumulate_gradients(state: TrainState, passes: list[Pass], counts: list[Counts], totals: Counts,
@@ -464,13 +463,13 @@ def accumulate_gradients(state: TrainState, passes: list[Pass], counts: list[Cou
     objective_, info = state.objective, state.info
     sums = dict.fromkeys(["loss", *objective_.active, "candidates", "kept"], 0.0)
     sums["tokens"] = 0
-    for i, (batch, with_ce, ce_only) in enumerate(passes):
+    for i, (batch, answers) in enumerate(passes):
         if info.world_size == 1 and not any(counts[i]):
             warnings.warn(f"skipping a micro-batch of {where}: all its labels are -100")
             continue
         batch = data.move(batch, info.device)
         with distributed.no_sync(state.models.student, i < len(passes) - 1):
-            terms = objective.compute_terms(objective_, state.models, batch, info.device, with_ce, ce_only)
+            terms = objective.compute_terms(objective_, state.models, batch, info.device, answers)
             loss = objective.combine(objective_, terms, totals)
             check_terms_finite(loss, terms, where, info.device)
             state.scaler.scale(loss * info.world_size).backward()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
+from enum import Enum
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -23,6 +24,14 @@ from llm_recipes.data import batch_alignment
 from llm_recipes.losses import LossSpec, count_units as count_logit_units, distillation_terms
 from llm_recipes.losses.hidden import RowPairs, hidden_row_pairs, hidden_states_sum
 from llm_recipes.losses.selection import feature_selection_sum, top_units
+
+
+class Answers(Enum):
+    """Whose answers a micro-batch holds, which decides the terms it trains."""
+
+    DATA = "data"  # the data set's answers: every active term
+    SAMPLED = "sampled"  # the student's own answers (on-policy, llm_recipes.on_policy): no CE, they are not labels
+    CE_ONLY = "ce_only"  # the data set's answers of an on-policy step (--on_policy_ce): the CE alone, no teacher
 
 
 class Counts(NamedTuple):
@@ -103,16 +112,15 @@ def _row_counts(objective: Objective, rows: int) -> tuple[int, int]:
             rows if "feature" in objective.active and rows >= 2 else 0)  # correlations need 2 rows
 
 
-def count_units(objective: Objective, batch: dict, with_ce: bool = True, ce_only: bool = False) -> Counts:
-    """Units of every term, from labels and masks only (before any forward). `with_ce=False` (the student's
-    sampled answers, llm_recipes.on_policy): no CE units, the answers are not labels. `ce_only`: the CE's
-    units alone (the data set's answers of an on-policy step, --distillation_config.on_policy_ce)."""
-    if ce_only:
+def count_units(objective: Objective, batch: dict, answers: Answers = Answers.DATA) -> Counts:
+    """Units of every term, from labels and masks only (before any forward); sampled answers have no CE
+    units, a CE_ONLY batch only those."""
+    if answers is Answers.CE_ONLY:
         return Counts(int(count_logit_units(objective.spec, batch["student"]["labels"])[0]))
     teacher_labels = batch["teacher"]["labels"] if objective.uses_teacher else None
     ce, units = count_logit_units(objective.spec, batch["student"]["labels"], teacher_labels, batch_alignment(batch))
     rows = row_pairs(objective, batch).count if objective.layers is not None else 0
-    return Counts(int(ce) if with_ce else 0, int(units), *_row_counts(objective, rows))
+    return Counts(int(ce) if answers is Answers.DATA else 0, int(units), *_row_counts(objective, rows))
 
 
 def teacher_forward(objective: Objective, teacher: nn.Module, batch: dict, device: torch.device):
@@ -134,12 +142,13 @@ class CachedPass(NamedTuple):
 
 
 def compute_terms(objective: Objective, models_: Models, batch: dict, device: torch.device,
-                  with_ce: bool = True, ce_only: bool = False) -> Terms:
-    """Every active term of one micro-batch (on `device`), each summed over its units; `with_ce=False`: the CE
-    is not computed (a zero that still reaches the student) and has no units; `ce_only`: the CE alone, no
+                  answers: Answers = Answers.DATA) -> Terms:
+    """Every active term of one micro-batch (on `device`), each summed over its units. SAMPLED answers: the CE
+    is not computed (a zero that still reaches the student) and has no units; CE_ONLY: the CE alone, no
     teacher forward (every other term a zero without units)."""
-    if ce_only:
+    if answers is Answers.CE_ONLY:
         return _ce_terms(objective, models_, batch, device)
+    with_ce = answers is Answers.DATA
     t, layers = objective.train, objective.layers
     teacher, teacher_head = None, None
     if objective.cached_teacher_head is not None and objective.uses_teacher:  # rows of the cache, no forward

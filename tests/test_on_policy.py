@@ -91,8 +91,9 @@ def test_the_on_policy_term_of_an_answer_equals_the_off_policy_term_of_the_same_
             assert torch.equal(rebuilt[side][key], batch[side][key]), (side, key)
     state.models.student.eval()
     device = state.info.device
-    off = objective.compute_terms(state.objective, state.models, move(batch, device), device, with_ce=False)
-    on = objective.compute_terms(state.objective, state.models, move(rebuilt, device), device, with_ce=False)
+    sampled_answers = objective.Answers.SAMPLED
+    off = objective.compute_terms(state.objective, state.models, move(batch, device), device, sampled_answers)
+    on = objective.compute_terms(state.objective, state.models, move(rebuilt, device), device, sampled_answers)
     assert on.counts == off.counts and on.counts.ce == 0 and on.counts.distill > 0
     assert torch.equal(on.sums["distill"], off.sums["distill"]) and float(on.sums["ce"].detach()) == 0.0
 
@@ -114,7 +115,8 @@ def test_bad_answers_are_counted_and_give_no_nan(tmp_path):
                                         end=state.on_policy.end)
     assert (stats.answers, stats.empty, stats.cut, stats.unaligned) == (4, 1, 1, 0)  # <unk> has no text: aligned
     assert stats.tokens == sum(len(s) for s in sampled)
-    terms = objective.compute_terms(state.objective, state.models, rebuilt, state.info.device, with_ce=False)
+    terms = objective.compute_terms(state.objective, state.models, rebuilt, state.info.device,
+                                    objective.Answers.SAMPLED)
     assert math.isfinite(float(terms.sums["distill"].detach())) and terms.counts.distill > 0
     line = stats.line()
     assert (line["sampled_empty"], line["sampled_cut"], line["sampled_unaligned"]) == (1, 1, 0)
